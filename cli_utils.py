@@ -1,0 +1,170 @@
+"""Shared command-line plumbing: clear errors, seeding, atomic output files.
+
+Every script at the repository root follows the same shape::
+
+    def get_args_parser() -> argparse.ArgumentParser: ...
+    def main(args) -> None: ...
+    if __name__ == "__main__":
+        cli_utils.run(main, get_args_parser())
+
+Bad input raises :class:`UserError`; :func:`run` turns it into a one-line
+``error: ...`` message on stderr and exit status 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error caused by the user's input; the message is shown as-is."""
+
+
+def run(main: Callable, parser, argv=None) -> None:
+    """Parse arguments and call ``main(args)``, turning UserError into a clean exit."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def warn(message: str) -> None:
+    """Print a warning on stderr (kept separate from results printed on stdout)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:  # the data stage does not need torch
+        return
+    torch.manual_seed(seed)
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a Path, or raise UserError if it is not an existing file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise UserError(f"{what} is not a file: {p}")
+    return p
+
+
+def check_output_path(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
+    """Refuse to clobber an existing output unless ``force`` is set."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise UserError(f"{what} already exists: {p} (use --force to overwrite)")
+    if p.exists() and p.is_dir():
+        raise UserError(f"{what} is a directory: {p}")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place on success.
+
+    A crash or an exception leaves any existing ``path`` untouched and removes
+    the partial temporary file (the timm ``CheckpointSaver`` pattern).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise _arg_error(f"expected a positive integer, got {value!r}")
+    if n < 1:
+        raise _arg_error(f"expected a positive integer, got {n}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise _arg_error(f"expected a non-negative integer, got {value!r}")
+    if n < 0:
+        raise _arg_error(f"expected a non-negative integer, got {n}")
+    return n
+
+
+def positive_float(value: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise _arg_error(f"expected a positive number, got {value!r}")
+    if not (x > 0 and np.isfinite(x)):
+        raise _arg_error(f"expected a positive number, got {value}")
+    return x
+
+
+def fraction(value: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise _arg_error(f"expected a fraction in [0, 1), got {value!r}")
+    if not (0.0 <= x < 1.0):
+        raise _arg_error(f"expected a fraction in [0, 1), got {value}")
+    return x
+
+
+def _arg_error(message: str):
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def pick_device(name: str = "auto"):
+    """Resolve ``auto`` to CUDA when available, else CPU; validate explicit names."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    return device

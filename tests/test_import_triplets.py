@@ -1,0 +1,455 @@
+"""import_triplets.py against a local HTTP server (127.0.0.1 only) serving generated images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import image_data
+import import_triplets
+from cli_utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def image_bytes(seed: int, fmt: str = "PNG", size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+class Resp:
+    def __init__(self, body=b"", status=200, ctype="image/png", delay=0.0, send_length=True, length=None):
+        self.body, self.status, self.ctype, self.delay, self.send_length = body, status, ctype, delay, send_length
+        self.length = len(body) if length is None else length  # a larger value: the connection drops mid-body
+
+
+class LocalServer:
+    """Threaded HTTP server on 127.0.0.1:<free port>; ``routes[path]`` is a Resp or a list served in turn
+    (the last one repeats). ``counts`` counts requests per path."""
+
+    def __init__(self):
+        self.routes: dict[str, Resp | list[Resp]] = {}
+        self.counts: Counter = Counter()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                with server.lock:
+                    n = server.counts[self.path]
+                    server.counts[self.path] += 1
+                route = server.routes.get(self.path, Resp(b"not found", 404, "text/plain"))
+                if isinstance(route, list):
+                    route = route[min(n, len(route) - 1)]
+                time.sleep(route.delay)
+                try:
+                    self.send_response(route.status)
+                    self.send_header("Content-Type", route.ctype)
+                    if route.send_length:
+                        self.send_header("Content-Length", str(route.length))
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, size limit)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    """No proxy, and any connection to a host other than 127.0.0.1 fails the test."""
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    real = socket.create_connection
+
+    def guarded(address, *args, **kwargs):
+        assert address[0] == "127.0.0.1", f"test tried to reach {address}"
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", guarded)
+
+
+@pytest.fixture
+def server():
+    s = LocalServer()
+    for i in range(12):
+        s.routes[f"/img{i}.png"] = Resp(image_bytes(i))
+    s.routes["/photo.jpg"] = Resp(image_bytes(100, "JPEG"), ctype="image/jpeg")
+    yield s
+    s.close()
+
+
+def run_import(input_path, out_dir, *extra):
+    """main() with fast network settings; returns nothing (raises UserError on bad input)."""
+    args = import_triplets.get_args_parser().parse_args(
+        [str(input_path), "--output-dir", str(out_dir), "--timeout", "2", "--retries", "1",
+         "--backoff", "0.01", "--workers", "4", "--no-progress", *map(str, extra)])
+    import_triplets.main(args)
+
+
+def four_line(records) -> str:
+    """4-line records (text, query, positive, negative) separated by blank lines."""
+    return "\n\n".join(f"query {i} text, with a comma\n{q}\n{p}\n{n}" for i, (q, p, n) in enumerate(records)) + "\n"
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def images_of(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "images").iterdir())
+
+
+def test_four_line_format_dedup_and_csv_output(tmp_path, server, capsys):
+    u = server.url
+    triplets = [(u("/img0.png"), u("/img1.png"), u("/img2.png")),
+                (u("/img0.png"), u("/img3.png"), u("/photo.jpg")),
+                (u("/img4.png"), u("/img1.png"), u("/img0.png"))]
+    src = tmp_path / "query_and_triplets.txt"
+    src.write_text(four_line(triplets))
+    out = tmp_path / "out"
+    run_import(src, out)
+
+    # Each distinct URL requested exactly once although img0/img1 repeat.
+    assert server.counts == Counter({"/img0.png": 1, "/img1.png": 1, "/img2.png": 1, "/img3.png": 1,
+                                     "/photo.jpg": 1, "/img4.png": 1})
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+    assert len(q) == 3
+    # Input order kept; file names are sha1(url)[:16] + extension from the content.
+    stem = import_triplets.image_stem
+    assert Path(q[0]).name == stem(u("/img0.png")) + ".png"
+    assert Path(n[1]).name == stem(u("/photo.jpg")) + ".jpg"
+    assert q[0] == q[1] == n[2] and Path(q[2]).name == stem(u("/img4.png")) + ".png"
+    # Downloaded bytes are the served bytes; paths in the CSV are relative to its folder.
+    assert Path(p[0]).read_bytes() == image_bytes(1)
+    assert (out / "triplets.csv").read_text().splitlines()[1].startswith("images/")
+    assert len(images_of(out)) == 6
+    manifest = read_rows(out / "manifest.csv")
+    assert {r["status"] for r in manifest} == {"ok"} and len(manifest) == 6
+    assert read_rows(out / "failures.csv") == []
+    assert "3 triplets written" in capsys.readouterr().out
+
+
+def test_failures_are_reported_and_their_triplets_dropped(tmp_path, server, capsys):
+    truncated = image_bytes(7, "JPEG", size=64)
+    server.routes.update({
+        "/slow.png": Resp(image_bytes(20), delay=1.0),
+        "/page.jpg": Resp(b"<html>soft 404</html>", ctype="text/html"),
+        "/big.png": Resp(image_bytes(21, size=64)),  # Content-Length above --max-bytes
+        "/big-stream.png": Resp(image_bytes(22, size=64), send_length=False),  # no length: stream aborted
+        "/trunc.jpg": Resp(truncated[: len(truncated) // 2], ctype="image/jpeg"),
+        "/flaky.png": [Resp(b"oops", 500, "text/plain"), Resp(image_bytes(23))],
+        # The connection drops half-way through the body: retried, then reported; no half file kept.
+        "/dropped.jpg": Resp(truncated[: len(truncated) // 2], ctype="image/jpeg", length=len(truncated)),
+    })
+    assert len(image_bytes(21, size=64)) > 5000 and len(image_bytes(0)) < 5000
+    u = server.url
+    bad = ["/missing.png", "/slow.png", "/page.jpg", "/big.png", "/big-stream.png", "/trunc.jpg", "/dropped.jpg"]
+    triplets = [(u("/img0.png"), u("/img1.png"), u("/flaky.png"))]
+    triplets += [(u("/img0.png"), u(path), u("/img2.png")) for path in bad]
+    src = tmp_path / "list.txt"
+    src.write_text(four_line(triplets))
+    out = tmp_path / "out"
+    start = time.monotonic()
+    run_import(src, out, "--timeout", "0.3", "--retries", "1", "--max-bytes", "5000")
+    assert time.monotonic() - start < 8
+
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+    assert len(q) == 1 and Path(n[0]).read_bytes() == image_bytes(23)  # 500 then 200: the retry succeeded
+    assert server.counts["/flaky.png"] == 2
+    assert server.counts["/missing.png"] == 1  # 404 is not retried
+    assert server.counts["/slow.png"] == 2  # timed out, retried once, then given up
+    assert server.counts["/page.jpg"] == 1 and server.counts["/trunc.jpg"] == 1
+
+    reasons = {r["url"]: r["reason"] for r in read_rows(out / "failures.csv")}
+    assert set(reasons) == {u(path) for path in bad}
+    assert "404" in reasons[u("/missing.png")]
+    assert "timed out" in reasons[u("/slow.png")] and "2 attempts" in reasons[u("/slow.png")]
+    assert "text/html" in reasons[u("/page.jpg")]
+    assert "Content-Length" in reasons[u("/big.png")]
+    assert "max-bytes" in reasons[u("/big-stream.png")]
+    assert "not a readable image" in reasons[u("/trunc.jpg")]
+    assert "connection closed after" in reasons[u("/dropped.jpg")] and server.counts["/dropped.jpg"] == 2
+    # Nothing half-written remains: only the 4 good images, no temporary files.
+    assert len(images_of(out)) == 4
+    status = {r["url"]: r["status"] for r in read_rows(out / "manifest.csv")}
+    assert status[u("/slow.png")] == "transient" and status[u("/missing.png")] == "failed"
+    captured = capsys.readouterr()
+    assert "1 triplets written" in captured.out and "7 dropped" in captured.out and "7 images failed" in captured.out
+    assert "7 image(s) failed" in captured.err
+
+
+def test_plain_csv_with_local_files_and_tsv(tmp_path, server):
+    data = tmp_path / "data"
+    (data / "pics").mkdir(parents=True)
+    (data / "pics" / "a.png").write_bytes(image_bytes(30))
+    (data / "pics" / "b.jpg").write_bytes(image_bytes(31, "JPEG"))
+    (data / "pics" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    src = data / "triplets.csv"
+    src.write_text("query,positive,negative\n"
+                   f"pics/a.png,pics/b.jpg,{server.url('/img5.png')}\n"
+                   f"{data / 'pics' / 'b.jpg'},pics/a.png,pics/broken.jpg\n")
+    out = tmp_path / "out"
+    run_import(src, out)
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+    assert len(q) == 1
+    assert Path(q[0]).read_bytes() == image_bytes(30)  # copied (relative to the input's folder)
+    assert Path(q[0]).parent == (out / "images").resolve()
+    failures = read_rows(out / "failures.csv")
+    assert [r["url"] for r in failures] == [str((data / "pics" / "broken.jpg").resolve())]
+
+    # Same content as TSV without header, into a fresh folder.
+    tsv = data / "triplets.tsv"
+    tsv.write_text(f"pics/a.png\tpics/b.jpg\t{server.url('/img5.png')}\n")
+    run_import(tsv, tmp_path / "out_tsv")
+    assert len(image_data.read_triplet_csv(tmp_path / "out_tsv" / "triplets.csv")[0]) == 1
+
+
+def test_malformed_records_reported_with_line_numbers(tmp_path, server, capsys):
+    u = server.url
+    good = four_line([(u("/img0.png"), u("/img1.png"), u("/img2.png"))])
+    # line 6-9: a record whose positive is not a URL; line 11-13: a record missing its negative;
+    # line 15-16: an incomplete record at end of file.
+    src = tmp_path / "list.txt"
+    src.write_text(good + "\nsecond\n" + u("/img3.png") + "\nftp://example.org/x.jpg\n" + u("/img4.png") + "\n"
+                   + "\nthird\n" + u("/img5.png") + "\n" + u("/img6.png") + "\n"
+                   + "\nlast\n" + u("/img7.png") + "\n")
+    out = tmp_path / "out"
+    run_import(src, out)
+    assert len(image_data.read_triplet_csv(out / "triplets.csv")[0]) == 1
+    malformed = read_rows(out / "malformed.csv")
+    assert [int(r["line"]) for r in malformed] == [8, 11, 15]
+    assert "not an http(s) URL" in malformed[0]["reason"]
+    assert "2 image line(s)" in malformed[1]["reason"] and "1 image line(s)" in malformed[2]["reason"]
+    err = capsys.readouterr().err
+    assert "line 8" in err and "line 11" in err and "line 15" in err
+    assert server.counts["/img3.png"] == 0  # dropped records are not fetched
+
+    # CSV: a 2-column row and a cell that is neither URL nor existing file.
+    src_csv = tmp_path / "t.csv"
+    src_csv.write_text(f"query,positive,negative\n{u('/img0.png')},{u('/img1.png')}\n"
+                       f"{u('/img0.png')},nope.jpg,{u('/img2.png')}\n{u('/img3.png')},{u('/img1.png')},{u('/img2.png')}\n")
+    run_import(src_csv, tmp_path / "out2")
+    malformed = read_rows(tmp_path / "out2" / "malformed.csv")
+    assert [(int(r["line"]), r["reason"]) for r in malformed] == [
+        (2, "expected 3 columns (query, positive, negative), found 2"),
+        (3, "positive: neither an http(s) URL nor an existing file: nope.jpg")]
+    assert len(image_data.read_triplet_csv(tmp_path / "out2" / "triplets.csv")[0]) == 1
+
+
+def test_resume_fetches_only_missing_images(tmp_path, server):
+    u = server.url
+    triplets = [(u(f"/img{i}.png"), u(f"/img{i + 1}.png"), u(f"/img{i + 2}.png")) for i in range(0, 9, 3)]
+    src = tmp_path / "list.txt"
+    src.write_text(four_line(triplets))
+    out = tmp_path / "out"
+    # Run 1: the server is "down" (503) for two images.
+    server.routes["/img4.png"] = Resp(b"busy", 503, "text/plain")
+    server.routes["/img8.png"] = Resp(b"busy", 503, "text/plain")
+    run_import(src, out)
+    assert len(image_data.read_triplet_csv(out / "triplets.csv")[0]) == 1
+    first_files = {name: (out / "images" / name).stat().st_mtime_ns for name in images_of(out)}
+    assert len(first_files) == 7
+
+    # Run 2: the server is back; only the two missing URLs are requested.
+    server.routes["/img4.png"] = Resp(image_bytes(4))
+    server.routes["/img8.png"] = Resp(image_bytes(8))
+    server.counts.clear()
+    run_import(src, out)
+    assert server.counts == Counter({"/img4.png": 1, "/img8.png": 1})
+    assert len(image_data.read_triplet_csv(out / "triplets.csv")[0]) == 3
+    assert all((out / "images" / n).stat().st_mtime_ns == t for n, t in first_files.items())
+
+    # Run 3: one image and its manifest entry deleted (as after an interrupted run): only it is fetched.
+    victim = import_triplets.image_stem(u("/img6.png")) + ".png"
+    (out / "images" / victim).unlink()
+    rows = [r for r in read_rows(out / "manifest.csv") if r["url"] != u("/img6.png")]
+    import_triplets.write_rows_csv(out / "manifest.csv", ("url", "file", "status", "reason"),
+                                   [tuple(r.values()) for r in rows])
+    server.counts.clear()
+    run_import(src, out)
+    assert server.counts == Counter({"/img6.png": 1})
+    assert len(read_rows(out / "manifest.csv")) == 9
+
+    # A damaged file under a final name (not written by us) is detected and replaced.
+    (out / "images" / victim).write_bytes(b"garbage")
+    server.counts.clear()
+    run_import(src, out)
+    assert server.counts == Counter({"/img6.png": 1})
+    assert (out / "images" / victim).read_bytes() == image_bytes(6)
+
+
+def test_permanent_failures_not_requested_again_unless_asked(tmp_path, server):
+    u = server.url
+    src = tmp_path / "list.txt"
+    src.write_text(four_line([(u("/img0.png"), u("/img1.png"), u("/img2.png")),
+                              (u("/img0.png"), u("/gone.png"), u("/img2.png"))]))
+    out = tmp_path / "out"
+    run_import(src, out)
+    run_import(src, out)
+    assert server.counts["/gone.png"] == 1
+    assert "retry-failed" in read_rows(out / "failures.csv")[0]["reason"]
+    server.routes["/gone.png"] = Resp(image_bytes(40))
+    run_import(src, out, "--retry-failed")
+    assert server.counts["/gone.png"] == 2
+    assert len(image_data.read_triplet_csv(out / "triplets.csv")[0]) == 2
+
+
+def test_existing_output_dir_is_continued_not_clobbered(tmp_path, server):
+    u = server.url
+    out = tmp_path / "out"
+    first = tmp_path / "a.txt"
+    first.write_text(four_line([(u("/img0.png"), u("/img1.png"), u("/img2.png"))]))
+    run_import(first, out)
+    (out / "notes.txt").write_text("mine")
+    kept = out / "images" / (import_triplets.image_stem(u("/img0.png")) + ".png")
+    inode = kept.stat().st_ino
+
+    second = tmp_path / "b.txt"
+    second.write_text(four_line([(u("/img0.png"), u("/img3.png"), u("/img4.png"))]))
+    server.counts.clear()
+    run_import(second, out)
+    assert server.counts == Counter({"/img3.png": 1, "/img4.png": 1})
+    assert (out / "notes.txt").read_text() == "mine"
+    assert kept.stat().st_ino == inode
+    assert len(images_of(out)) == 5  # images of the first input are kept
+    manifest_urls = {r["url"] for r in read_rows(out / "manifest.csv")}
+    assert manifest_urls == {u(f"/img{i}.png") for i in range(5)}  # earlier entries kept
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")  # the CSV describes the latest input
+    assert len(q) == 1 and Path(p[0]).name == import_triplets.image_stem(u("/img3.png")) + ".png"
+
+
+def test_val_fraction_splits_by_query(tmp_path, server):
+    u = server.url
+    # 6 query images, each used by 2 triplets.
+    triplets = [(u(f"/img{q}.png"), u(f"/img{(q + k + 1) % 12}.png"), u(f"/img{(q + 6) % 12}.png"))
+                for q in range(6) for k in range(2)]
+    src = tmp_path / "list.txt"
+    src.write_text(four_line(triplets))
+    out = tmp_path / "out"
+    run_import(src, out, "--val-fraction", "0.4", "--seed", "3")
+    train_q = image_data.read_triplet_csv(out / "triplets.csv")[0]
+    val_q = image_data.read_triplet_csv(out / "triplets_val.csv")[0]
+    assert len(train_q) + len(val_q) == 12 and len(val_q) > 0 and len(train_q) > 0
+    assert not set(train_q) & set(val_q)
+    assert len(val_q) % 2 == 0  # whole queries move, with all their triplets
+
+    # Deterministic for a seed (a second output folder gives the same split).
+    run_import(src, tmp_path / "out2", "--val-fraction", "0.4", "--seed", "3")
+    assert (tmp_path / "out2" / "triplets_val.csv").read_text() == (out / "triplets_val.csv").read_text()
+    assert import_triplets.split_by_query(list("abcdefghij"), 0.5, 0) != import_triplets.split_by_query(
+        list("abcdefghij"), 0.5, 1)
+
+
+def test_no_valid_record_exits_2_and_creates_nothing(tmp_path):
+    src = tmp_path / "bad.txt"
+    src.write_text("some text\nnot-a-url\n\nmore text\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    res = subprocess.run([sys.executable, str(REPO / "import_triplets.py"), str(src), "--output-dir", str(out)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 2
+    assert "no valid triplet record" in res.stderr and "line 1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("query,positive,negative\n")
+    with pytest.raises(UserError, match="holds no records"):
+        run_import(empty, out)
+
+
+def test_missing_input_and_bad_output_dir(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    res = subprocess.run([sys.executable, str(REPO / "import_triplets.py"), str(tmp_path / "nope.txt"),
+                          "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 2 and "triplet list not found" in res.stderr
+    src = tmp_path / "a.csv"
+    src.write_text("x\n")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="not a folder"):
+        run_import(src, tmp_path / "file")
+    with pytest.raises(UserError, match="file name"):
+        run_import(src, tmp_path / "out", "--csv", "sub/t.csv")
+
+
+def test_all_images_failed_exits_2_without_csv(tmp_path, server):
+    src = tmp_path / "list.txt"
+    src.write_text(four_line([(server.url("/x.png"), server.url("/y.png"), server.url("/z.png"))]))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="none of the 1 triplet"):
+        run_import(src, out)
+    assert not (out / "triplets.csv").exists()
+    assert len(read_rows(out / "failures.csv")) == 3
+
+
+def test_format_detection(tmp_path):
+    base = tmp_path
+    detect = import_triplets.detect_format
+    assert detect(["query,positive,negative", "a,b,c"], base) == "csv"
+    assert detect(["http://h/a.jpg,http://h/b.jpg,http://h/c.jpg"], base) == "csv"
+    assert detect(["a.jpg\tb.jpg\tc.jpg"], base) == "tsv"
+    assert detect(["", "red shoes, for women", "http://h/a.jpg"], base) == "lines"
+    assert detect(["http://h/a.jpg", "http://h/b.jpg"], base) == "lines"
+
+
+def test_backoff_is_exponential_seeded_and_not_used_for_404(monkeypatch):
+    calls = []
+
+    def failing(url, tmp, opts):
+        calls.append(url)
+        raise import_triplets.FetchError("HTTP 503", transient=True)
+
+    monkeypatch.setattr(import_triplets, "_download_once", failing)
+    opts = import_triplets.FetchOptions(retries=3, backoff=1.0, seed=5)
+    delays = []
+    with pytest.raises(import_triplets.FetchError, match="after 4 attempts"):
+        import_triplets.download("http://127.0.0.1/x", Path("unused"), opts, sleep=delays.append)
+    assert len(calls) == 4 and len(delays) == 3
+    assert all(2**i <= d < 2 ** (i + 1) for i, d in enumerate(delays))
+    again = []
+    with pytest.raises(import_triplets.FetchError):
+        import_triplets.download("http://127.0.0.1/x", Path("unused"), opts, sleep=again.append)
+    assert again == delays
+
+    def gone(url, tmp, opts):
+        calls.append(url)
+        raise import_triplets.FetchError("HTTP 404")
+
+    calls.clear()
+    monkeypatch.setattr(import_triplets, "_download_once", gone)
+    with pytest.raises(import_triplets.FetchError):
+        import_triplets.download("http://127.0.0.1/x", Path("unused"), opts, sleep=delays.append)
+    assert len(calls) == 1

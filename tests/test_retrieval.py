@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+import retrieval
+from cli_utils import UserError
+
+
+def brute_force(q, db, k, exclude_self=False, largest=False):
+    d = torch.cdist(torch.tensor(q, dtype=torch.float64), torch.tensor(db, dtype=torch.float64)).numpy()
+    if exclude_self:
+        np.fill_diagonal(d, -np.inf if largest else np.inf)
+    key = -d if largest else d
+    idx = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+def test_knn_on_a_line_by_hand():
+    db = np.array([[0.0], [1.0], [3.0], [7.0]])
+    q = np.array([[2.0], [6.0]])
+    dist, idx = retrieval.knn_search(q, db, k=3)
+    # From 2: 1 (d=1) and 3 (d=1) tie -> lower index first, then 0 (d=2).
+    assert idx.tolist() == [[1, 2, 0], [3, 2, 1]]
+    np.testing.assert_allclose(dist, [[1, 1, 2], [1, 3, 5]])
+    far_d, far_i = retrieval.knn_search(q, db, k=2, largest=True)
+    assert far_i.tolist() == [[3, 0], [0, 1]]
+    np.testing.assert_allclose(far_d, [[5, 2], [6, 5]])
+
+
+def test_exclude_self_never_returns_the_query():
+    db = np.array([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    dist, idx = retrieval.knn_search(db, db, k=2, exclude_self=True)
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 0]]
+    assert dist[0, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_equals_brute_force(chunk):
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(60, 5)).astype(np.float32)
+    q = rng.normal(size=(23, 5)).astype(np.float32)
+    dist, idx = retrieval.knn_search(q, db, k=10, chunk_size=chunk)
+    ref_d, ref_i = brute_force(q, db, 10)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-5)
+    dist, idx = retrieval.knn_search(db, db, k=5, chunk_size=chunk, exclude_self=True)
+    np.testing.assert_array_equal(idx, brute_force(db, db, 5, exclude_self=True)[1])
+
+
+def test_k_too_large_is_a_clear_error():
+    db = np.zeros((3, 2))
+    with pytest.raises(UserError, match="k=3"):
+        retrieval.knn_search(db, db, k=3, exclude_self=True)
+
+
+def test_metrics_by_hand():
+    qlab = ["a", "b"]
+    nb = np.array([["a", "b", "a", "a"], ["a", "a", "a", "b"]])
+    assert retrieval.precision_at_k(qlab, nb, 2) == pytest.approx((1 / 2 + 0) / 2)
+    assert retrieval.precision_at_k(qlab, nb, 4) == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert retrieval.hit_at_k(qlab, nb, 2) == 0.5
+    assert retrieval.hit_at_k(qlab, nb, 4) == 1.0
+    assert retrieval.recall_at_1(qlab, nb) == 0.5
+    assert retrieval.precision_at_k_curve(qlab, nb, [1, 2, 4]) == pytest.approx([0.5, 0.25, 0.5])
+    # MAP@R: query a has R=3: relevant at 1 and 3 -> (1/1 + 2/3)/3; query b R=1: 0.
+    assert retrieval.map_at_r(qlab, nb, [3, 1]) == pytest.approx(((1 + 2 / 3) / 3 + 0) / 2)
+    table = retrieval.per_class_precision(qlab, nb, 4)
+    assert table["class"].tolist() == ["a", "b"]
+    assert table["precision_at_k"].tolist() == pytest.approx([0.75, 0.25])
+
+
+def test_triplet_accuracy_by_hand():
+    q = [[0, 0], [0, 0]]
+    p = [[1, 0], [3, 0]]
+    n = [[2, 0], [0, 1]]
+    assert retrieval.triplet_accuracy(q, p, n) == 0.5

@@ -40,6 +40,15 @@ def run_train(*extra, check=True):
     return proc
 
 
+def run_inprocess(capsys, *argv):
+    """Run train_net's CLI in this process (fast for error cases); returns (exit code, stderr)."""
+    import cli_utils
+
+    with pytest.raises(SystemExit) as exc:
+        cli_utils.run(train_net.main, train_net.get_args_parser(), [str(a) for a in argv])
+    return exc.value.code, capsys.readouterr().err
+
+
 def test_hinge_loss_exact_values():
     q = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     p = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # D = 5, 1
@@ -150,12 +159,12 @@ def test_label_free_csv_refuses_mining_but_trains_plain(tmp_path):
     (["--arch", "vgg16"], "invalid choice"),
     (["--optim", "foo"], "invalid choice"),
 ])
-def test_bad_flags(csvs, tmp_path, extra, message):
-    proc = run_train("--triplets", csvs[0], "--output-dir", tmp_path, *TINY, *extra, check=False)
-    assert proc.returncode == 2 and message in proc.stderr
+def test_bad_flags(csvs, tmp_path, capsys, extra, message):
+    code, err = run_inprocess(capsys, "--triplets", csvs[0], "--output-dir", tmp_path, *TINY, *extra)
+    assert code == 2 and message in err
 
 
-def test_bad_files(csvs, tmp_path):
+def test_bad_files(csvs, tmp_path, capsys):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     bad = tmp_path / "bad.csv"
@@ -173,6 +182,6 @@ def test_bad_files(csvs, tmp_path):
         (["--triplets", csvs[0], "--resume", truncated], "trunc.model"),
     ]
     for extra, message in cases:
-        proc = run_train(*extra, "--output-dir", tmp_path / "o", *TINY, check=False)
-        assert proc.returncode == 2, (extra, proc.stderr)
-        assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
+        code, err = run_inprocess(capsys, *extra, "--output-dir", tmp_path / "o", *TINY)
+        assert code == 2, (extra, err)
+        assert message in err and "Traceback" not in err, (extra, err)

@@ -186,6 +186,14 @@ def _relative_to_csv(path: str, csv_dir: Path) -> str:
         return str(Path(path).resolve())
 
 
+def _relative_paths(paths: Sequence[str], csv_dir: Path) -> np.ndarray:
+    """object [N]: ``_relative_to_csv`` of each path, computed once per folder (relpath is slow)."""
+    split = [os.path.split(os.path.abspath(p)) for p in paths]
+    rel_dirs = {d: _relative_to_csv(d, csv_dir) for d in {d for d, _ in split}}
+    return np.array([name if rel_dirs[d] == "." else os.path.join(rel_dirs[d], name)
+                     for d, name in split], dtype=object)
+
+
 def write_triplet_csv(
     csv_path: str | os.PathLike,
     query: Sequence[str],
@@ -197,23 +205,39 @@ def write_triplet_csv(
     ``query``/``positive``/``negative`` are equal-length sequences of paths
     (absolute, or relative to the current directory). Returns the row count.
     """
-    from cli_utils import atomic_path
-
     if not (len(query) == len(positive) == len(negative)):
         raise ValueError("query, positive and negative must have the same length")
-    csv_path = Path(csv_path)
-    csv_dir = csv_path.resolve().parent
     # Map each distinct path once (a query repeats num_pos * num_neg times).
     uniq, inverse = np.unique(
         np.concatenate([np.asarray(query, dtype=object), np.asarray(positive, dtype=object),
                         np.asarray(negative, dtype=object)]).astype(str),
         return_inverse=True,
     )
-    rel = np.array([_relative_to_csv(os.path.abspath(p), csv_dir) for p in uniq], dtype=object)
+    return write_triplet_rows(csv_path, uniq, *inverse.reshape(3, len(query)))
+
+
+def write_triplet_rows(
+    csv_path: str | os.PathLike,
+    paths: Sequence[str],
+    query: np.ndarray,
+    positive: np.ndarray,
+    negative: np.ndarray,
+) -> int:
+    """Like write_triplet_csv, with rows given as int indices [R] into ``paths`` [N].
+
+    Each path is made relative to the CSV's folder once, however many rows
+    use it (the sampler's fast path). Returns the row count R.
+    """
+    from cli_utils import atomic_path
+
+    idx = np.stack([np.asarray(query), np.asarray(positive), np.asarray(negative)]).astype(np.int64)  # [3, R]
+    csv_dir = Path(csv_path).resolve().parent
+    used, inverse = np.unique(idx, return_inverse=True)
+    rel = _relative_paths([paths[i] for i in used], csv_dir)
     if any("," in r or '"' in r or "\n" in r for r in rel):
         raise UserError("image paths containing commas, quotes or newlines are not supported in triplet CSVs")
-    n = len(query)
-    cols = rel[inverse].reshape(3, n)
+    n = idx.shape[1]
+    cols = rel[inverse.reshape(3, n)]
     lines = map(",".join, zip(cols[0], cols[1], cols[2]))
     with atomic_path(csv_path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:

@@ -1,0 +1,176 @@
+"""image_cache: decoded-image cache keyed by file list, sizes and mtimes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import image_cache
+import image_data
+from conftest import class_image, write_class_folder
+from image_data import UnreadableImageError
+
+
+@pytest.fixture
+def images(tmp_path) -> list[str]:
+    root = write_class_folder(tmp_path / "imgs", n_classes=2, per_class=5, size=32, ext=".png")
+    return image_data.list_class_folder(root).paths
+
+
+def direct(path: str, size: int) -> np.ndarray:
+    im = image_data.load_rgb(path)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im)
+
+
+def cache_files(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in cache_dir.iterdir())
+
+
+def test_round_trip_equals_direct_decode(images, tmp_path):
+    cache = tmp_path / "c"
+    arr = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    assert isinstance(arr, np.memmap)
+    assert arr.shape == (len(images), 32, 32, 3) and arr.dtype == np.uint8
+    assert not arr.flags.writeable
+    for i, p in enumerate(images):
+        np.testing.assert_array_equal(arr[i], direct(p, 32))
+    # PNG is lossless: the cached pixels are exactly the generated ones.
+    np.testing.assert_array_equal(arr[0], class_image(0, 0, 32))
+    names = cache_files(cache)
+    assert len(names) == 2 and {Path(n).suffix for n in names} == {".u8", ".json"}
+
+
+def test_second_call_hits_cache(images, tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    first = np.array(image_cache.cache_images(images, 32, cache_dir=cache, progress=False))
+
+    def boom(path):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(image_data, "load_rgb", boom)
+    second = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(second, first)
+    # A different size is a different entry (and so decodes).
+    with pytest.raises(AssertionError, match="decoded"):
+        image_cache.cache_images(images, 16, cache_dir=cache, progress=False)
+
+
+def test_env_var_selects_cache_dir(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEP_RANK_CACHE_DIR", str(tmp_path / "from-env"))
+    image_cache.cache_images(images[:3], 32, progress=False)
+    assert len(cache_files(tmp_path / "from-env")) == 2
+
+
+def test_modified_file_changes_key(images, tmp_path):
+    cache = tmp_path / "c"
+    arr = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    key_before, _ = image_cache.cache_key(images, 32)
+    # Same byte size, new content and mtime: must not be served from the old entry.
+    Image.fromarray(255 - class_image(0, 0, 32)).save(images[0])
+    st = os.stat(images[0])
+    os.utime(images[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    key_after, _ = image_cache.cache_key(images, 32)
+    assert key_after != key_before
+    new = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(new[0], 255 - class_image(0, 0, 32))
+    np.testing.assert_array_equal(new[1:], arr[1:])
+    # A different file list (order) is also a different key.
+    assert image_cache.cache_key(images[::-1], 32)[0] != key_after
+
+
+def test_incomplete_entry_is_rebuilt(images, tmp_path):
+    cache = tmp_path / "c"
+    image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    key, _ = image_cache.cache_key(images, 32)
+    (cache / f"{key}.json").unlink()            # as after a crash before the header
+    (cache / f"{key}.u8").write_bytes(b"junk")
+    arr = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(arr[2], direct(images[2], 32))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16"])
+def test_other_modes_come_out_rgb(tmp_path, mode):
+    rgb = Image.fromarray(class_image(1, 0, 20))
+    if mode == "P":
+        im = rgb.convert("P", palette=Image.ADAPTIVE)
+    elif mode == "I;16":
+        im = rgb.convert("L").convert("I;16")
+    else:
+        im = rgb.convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
+    im.save(path)
+    arr = image_cache.cache_images([str(path)], 20, cache_dir=tmp_path / "c", progress=False)
+    assert arr.shape == (1, 20, 20, 3)
+    if mode in ("L", "LA"):
+        # Grey replicated into three equal channels.
+        assert (arr[0, ..., 0] == arr[0, ..., 1]).all() and (arr[0, ..., 1] == arr[0, ..., 2]).all()
+        np.testing.assert_array_equal(arr[0, ..., 0], np.asarray(rgb.convert("L")))
+    elif mode == "RGBA":
+        np.testing.assert_array_equal(arr[0], np.asarray(rgb))
+
+
+def test_corrupt_and_missing_files_named(images, tmp_path):
+    corrupt = Path(images[3])
+    corrupt.write_bytes(corrupt.read_bytes()[:40])       # truncated PNG
+    missing = str(Path(images[0]).with_name("gone.png"))
+    paths = images + [missing]
+    cache = tmp_path / "c"
+    with pytest.raises(UnreadableImageError) as info:
+        image_cache.cache_images(paths, 32, cache_dir=cache, progress=False)
+    msg = str(info.value)
+    assert msg.startswith("2 of 11 images cannot be read")
+    assert str(corrupt) in msg and missing in msg
+    # Nothing was left in the cache: no entry, no temporary file.
+    assert not cache.exists() or cache_files(cache) == []
+
+
+def test_error_lists_at_most_ten(tmp_path):
+    paths = [str(tmp_path / f"missing{i:02d}.jpg") for i in range(13)]
+    with pytest.raises(UnreadableImageError) as info:
+        image_cache.cache_images(paths, 8, cache_dir=tmp_path / "c", progress=False)
+    msg = str(info.value)
+    assert msg.startswith("13 of 13 images")
+    assert "missing09.jpg" in msg and "missing10.jpg" not in msg and "and 3 more" in msg
+
+
+def test_non_square_inputs_resized(tmp_path):
+    arr_in = np.zeros((20, 40, 3), np.uint8)
+    arr_in[:, :20] = (255, 0, 0)
+    arr_in[:, 20:] = (0, 0, 255)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(arr_in).save(wide)
+    tall = tmp_path / "tall.png"
+    Image.fromarray(np.full((50, 10, 3), 7, np.uint8)).save(tall)
+    arr = image_cache.cache_images([str(wide), str(tall)], 16, cache_dir=tmp_path / "c",
+                                   progress=False)
+    assert arr.shape == (2, 16, 16, 3)
+    # Stretched, not cropped: left half red, right half blue.
+    assert (arr[0, :, :6] == (255, 0, 0)).all() and (arr[0, :, 10:] == (0, 0, 255)).all()
+    assert (arr[1] == 7).all()
+    np.testing.assert_array_equal(arr[0], direct(str(wide), 16))
+
+
+def test_choose_cache_size(tmp_path):
+    same = write_class_folder(tmp_path / "a", n_classes=2, per_class=3, size=24)
+    paths = image_data.list_class_folder(same).paths
+    assert image_cache.choose_cache_size(paths, 64) == 24      # already square and small
+    assert image_cache.choose_cache_size(paths, 16) == 16      # larger than the model input
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((24, 30, 3), np.uint8)).save(odd)
+    assert image_cache.choose_cache_size(paths + [str(odd)], 64) == 64   # non-square
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(other)
+    assert image_cache.choose_cache_size(paths + [str(other)], 64) == 64  # mixed sizes
+    assert image_cache.choose_cache_size(paths + [str(tmp_path / "nope.png")], 64) == 64
+    assert image_cache.choose_cache_size([], 48) == 48
+
+
+def test_empty_list(tmp_path):
+    arr = image_cache.cache_images([], 8, cache_dir=tmp_path / "c", progress=False)
+    assert arr.shape == (0, 8, 8, 3)

@@ -1,0 +1,316 @@
+"""DeepRankNet: shapes at any size, frozen stages, weights, checkpoints, preprocess, embedding."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import deep_rank_net as drn
+from cli_utils import UserError
+from image_data import UnreadableImageError
+
+DIM = 32
+
+
+def small_model(multiscale=True, train_from="layer4", **kw) -> drn.DeepRankNet:
+    torch.manual_seed(0)
+    return drn.DeepRankNet("resnet18", DIM, multiscale=multiscale, train_from=train_from, **kw)
+
+
+def uint8_images(n=5, size=40, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("multiscale", [True, False])
+def test_output_unit_norm_at_any_size(multiscale):
+    model = small_model(multiscale).eval()
+    assert model.config == {"arch": "resnet18", "embedding_dim": DIM, "multiscale": multiscale, "train_from": "layer4"}
+    with torch.no_grad():
+        for size in (32, 64, 224):
+            out = model(torch.randn(2, 3, size, size))
+            assert out.shape == (2, DIM)
+            torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+    assert hasattr(model, "fuse") == multiscale
+
+
+def test_multiscale_paths_change_output():
+    """The shallow paths feed the output: zeroing a shallow conv changes the embedding."""
+    model = small_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.shallow2.weight.zero_()
+        model.shallow2.bias.fill_(1.0)
+        after = model(x)
+    assert not torch.allclose(before, after)
+    assert model.fuse.in_features == DIM + 2 * 1536
+
+
+def test_resnet101_default_constructs_and_runs():
+    model = drn.DeepRankNet("resnet101", 4096, weights="none").eval()
+    assert model.embed.in_features == 2048
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 4096)
+    assert abs(out.norm().item() - 1) < 1e-4
+
+
+def test_bad_arch_and_stage_are_user_errors():
+    with pytest.raises(UserError, match="unknown architecture"):
+        drn.DeepRankNet("vgg16", DIM)
+    with pytest.raises(UserError, match="train_from"):
+        drn.DeepRankNet("resnet18", DIM, train_from="layer9")
+
+
+def test_frozen_stages_get_no_grad_and_keep_bn_stats():
+    model = small_model(train_from="layer4")
+    model.train()
+    assert not model.backbone.bn1.training and not model.backbone.layer3[0].bn1.training
+    assert model.backbone.layer4[0].bn1.training
+    frozen_bn = model.backbone.layer2[0].bn1.running_mean.clone()
+    frozen_w = model.backbone.layer1[0].conv1.weight.clone()
+    layer4_w = model.backbone.layer4[0].conv1.weight.clone()
+    layer4_bn = model.backbone.layer4[0].bn1.running_mean.clone()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    loss = model(torch.randn(4, 3, 32, 32) * 3 + 1).sum() * 10
+    loss.backward()
+    opt.step()
+    assert model.backbone.layer1[0].conv1.weight.grad is None
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, frozen_w)
+    assert torch.equal(model.backbone.layer2[0].bn1.running_mean, frozen_bn)
+    assert not torch.equal(model.backbone.layer4[0].conv1.weight, layer4_w)
+    assert not torch.equal(model.backbone.layer4[0].bn1.running_mean, layer4_bn)
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert id(model.fuse.weight) in trainable and id(model.shallow1.weight) in trainable
+    assert id(model.backbone.conv1.weight) not in trainable
+
+
+def test_train_from_conv1_and_head():
+    everything = small_model(train_from="conv1")
+    assert all(p.requires_grad for p in everything.parameters())
+    head = small_model(train_from="head").train()
+    assert not any(p.requires_grad for p in head.backbone.parameters())
+    assert not head.backbone.layer4[1].bn2.training
+    assert head.embed.weight.requires_grad
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_local_state_dict_weights(tmp_path):
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(weights=None)
+    plain = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), plain)
+    wrapped = tmp_path / "r18_wrapped.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, wrapped)
+    for path in (plain, wrapped):
+        model = drn.DeepRankNet("resnet18", DIM, weights=str(path))
+        assert torch.equal(model.backbone.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
+        assert torch.equal(model.backbone.bn1.running_var, ref.bn1.running_var)
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(UserError, match="weights file not found"):
+        drn.DeepRankNet("resnet18", DIM, weights=str(tmp_path / "nope.pth"))
+    r50 = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
+    with pytest.raises(UserError, match="resnet50 weights, but the model is resnet18"):
+        drn.DeepRankNet("resnet18", DIM, weights=str(r50))
+    partial = tmp_path / "partial.pth"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer2.0.conv1.weight"]
+    torch.save(state, partial)
+    with pytest.raises(UserError, match="missing key.*layer2.0.conv1.weight"):
+        drn.DeepRankNet("resnet18", DIM, weights=str(partial))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        drn.DeepRankNet("resnet18", DIM, weights=str(garbage))
+
+
+def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert drn.expected_weights_file("resnet18") == expected
+    with pytest.raises(UserError) as err:
+        drn.DeepRankNet("resnet18", DIM, weights="imagenet")
+    message = str(err.value)
+    assert str(expected) in message and "--weights none" in message and "--weights PATH" in message
+    assert "\n" not in message
+    # A corrupt cached file fails the hash check: the message says to delete it.
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    expected.write_bytes(b"partial download")
+    with pytest.raises(UserError, match="corrupt.*delete"):
+        drn.DeepRankNet("resnet18", DIM, weights="imagenet")
+
+
+def test_imagenet_weights_are_the_best_torchvision_offers():
+    assert drn.imagenet_weights("resnet101") == torchvision.models.ResNet101_Weights.IMAGENET1K_V2
+    assert drn.imagenet_weights("resnet18") == torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small_model()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    path = tmp_path / "run" / "net.model"
+    args = {"output": Path("/tmp/x"), "lr": 0.01, "device": torch.device("cpu")}
+    drn.save_checkpoint(path, model, opt, epoch=3, step=17, image_size=48, args=args,
+                        rng=drn.capture_rng_state(), extra={"best_loss": np.float32(0.5)})
+    raw = torch.load(path, weights_only=True)  # the documented format, no pickled objects
+    assert raw["format"] == "deep-ranking-checkpoint" and raw["version"] == 1
+    assert raw["model_config"] == {**model.config, "image_size": 48}
+    assert raw["args"] == {"output": "/tmp/x", "lr": 0.01, "device": "cpu"}
+    assert raw["epoch"] == 3 and raw["step"] == 17 and raw["best_loss"] == 0.5
+    ckpt = drn.load_checkpoint(path)
+    rebuilt, size = drn.model_from_checkpoint(ckpt)
+    assert size == 48 and not rebuilt.training
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
+    opt2 = torch.optim.SGD(rebuilt.trainable_parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(ckpt["optimizer"])
+    # RNG state restores: the same draws follow.
+    drn.restore_rng_state(ckpt["rng"])
+    a = (np.random.rand(), torch.rand(1).item())
+    drn.restore_rng_state(ckpt["rng"])
+    assert (np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_checkpoint_unwraps_compile_and_dataparallel_prefixes(tmp_path):
+    model = small_model(multiscale=False)
+    wrapped = torch.nn.DataParallel(model)
+    path = tmp_path / "dp.model"
+    drn.save_checkpoint(path, wrapped)
+    ckpt = drn.load_checkpoint(path)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}
+    rebuilt, _ = drn.model_from_checkpoint(ckpt)
+    assert torch.equal(rebuilt.embed.weight, model.embed.weight)
+
+
+def test_save_checkpoint_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "net.model"
+    drn.save_checkpoint(path, small_model(multiscale=False), epoch=1)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        drn.save_checkpoint(path, small_model(multiscale=False), epoch=2)
+    monkeypatch.undo()
+    assert drn.load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.model"]
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        drn.load_checkpoint(tmp_path / "missing.model")
+    good = tmp_path / "good.model"
+    drn.save_checkpoint(good, small_model(multiscale=False))
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.model"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        drn.load_checkpoint(truncated)
+    plain = tmp_path / "plain.pth"
+    torch.save(small_model(multiscale=False).state_dict(), plain)
+    with pytest.raises(UserError, match="plain state dict"):
+        drn.load_checkpoint(plain)
+    pickled = tmp_path / "temp_net1.model"  # the classic whole-module pickle
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    with pytest.raises(UserError, match="pickled Python objects"):
+        drn.load_checkpoint(pickled)
+
+
+def test_arch_mismatch_names_both_architectures(tmp_path):
+    path = tmp_path / "net.model"
+    drn.save_checkpoint(path, small_model(multiscale=False))
+    ckpt = drn.load_checkpoint(path)
+    ckpt["model_config"]["arch"] = "resnet34"
+    with pytest.raises(UserError, match="resnet18.*resnet34"):
+        drn.model_from_checkpoint(ckpt)
+    ckpt["model_config"].update(arch="resnet18", embedding_dim=DIM * 2)
+    with pytest.raises(UserError, match="shape mismatch"):
+        drn.model_from_checkpoint(ckpt)
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_preprocess_shape_and_normalisation():
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    images[1] = 255
+    x = drn.preprocess(torch.from_numpy(images), 24)
+    assert x.shape == (2, 3, 24, 24) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    mean, std = torch.tensor(drn.IMAGENET_MEAN), torch.tensor(drn.IMAGENET_STD)
+    torch.testing.assert_close(x[0, :, 5, 7], -mean / std)
+    torch.testing.assert_close(x[1, :, 5, 7], (1 - mean) / std)
+    # Downsizing averages (antialias): a 1-px checkerboard becomes flat grey, not aliased.
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    small = drn.preprocess(torch.from_numpy(np.repeat(checker[None, :, :, None], 3, axis=3)), 16)
+    torch.testing.assert_close(small[0, 0], torch.full((16, 16), (0.5 - mean[0].item()) / std[0].item()), atol=0.02, rtol=0)
+    with pytest.raises(ValueError):
+        drn.preprocess(torch.zeros(2, 16, 16, 3), 24)  # float, not uint8
+
+
+def test_preprocess_flip_is_seeded_and_per_image():
+    images = torch.from_numpy(uint8_images(n=16, size=8))
+    plain = drn.preprocess(images, 8)
+    a = drn.preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
+    b = drn.preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    flipped = [not torch.equal(a[i], plain[i]) for i in range(16)]
+    assert 0 < sum(flipped) < 16
+    for i in range(16):
+        assert torch.equal(a[i], plain[i].flip(2) if flipped[i] else plain[i])
+    assert torch.equal(drn.preprocess(images, 8, train=False), plain)
+
+
+def test_load_image(tmp_path):
+    from PIL import Image
+
+    arr = uint8_images(n=1, size=12)[0]
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    img = drn.load_image(tmp_path / "a.png")
+    assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(arr))
+    with pytest.raises(UnreadableImageError):
+        drn.load_image(tmp_path / "missing.png")
+
+
+def test_embed_images_equals_direct_forward():
+    model = small_model()
+    images = uint8_images(n=5, size=40)
+    emb = drn.embed_images(model, images, 32, batch_size=2, progress=False)
+    assert emb.shape == (5, DIM) and emb.dtype == np.float32
+    with torch.no_grad():
+        direct = model.eval()(drn.preprocess(torch.from_numpy(images), 32)).numpy()
+    np.testing.assert_allclose(emb, direct, atol=1e-5)
+    empty = drn.embed_images(model, images[:0], 32, progress=False)
+    assert empty.shape == (0, DIM)
+
+
+def test_resolve_amp_dtype():
+    assert drn.resolve_amp_dtype("cpu") is None
+    assert drn.resolve_amp_dtype("cpu", amp=True) == torch.bfloat16
+    assert drn.resolve_amp_dtype("cuda", amp=False) is None

@@ -1,0 +1,49 @@
+"""Print the Euclidean distance between the embeddings of two images.
+
+    python get_distance.py --model runs/deepranknet.model --image1 a.jpg --image2 b.jpg
+    0.734512
+
+As the classic Keras tool did: one number on stdout, 0 for identical embeddings
+and at most 2 (embeddings are unit vectors). Smaller means more similar.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+import cli_utils
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint written by train_net.py")
+    p.add_argument("--image1", type=Path, required=True, help="first image")
+    p.add_argument("--image2", type=Path, required=True, help="second image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+def embedding_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Euclidean distance of two embeddings [D] (computed in float64)."""
+    return float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)))
+
+
+def main(args) -> None:
+    from deep_rank_net import load_checkpoint, model_from_checkpoint
+    from query import embed_query_images
+
+    paths = [str(cli_utils.check_input_file(p, f"image{i}").resolve()) for i, p in
+             enumerate((args.image1, args.image2), start=1)]
+    device = cli_utils.pick_device(args.device)
+    model, image_size = model_from_checkpoint(load_checkpoint(args.model, map_location="cpu"), device)
+    # The same decode -> resize -> embed path as gen_embeddings.py, so the number matches the
+    # distance between the two images' rows in an embedding file.
+    emb = embed_query_images(paths, model, image_size, device, batch_size=2)  # [2, D]
+    print(f"{embedding_distance(emb[0], emb[1]):.6f}")
+
+
+if __name__ == "__main__":
+    cli_utils.run(main, get_args_parser())

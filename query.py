@@ -1,0 +1,252 @@
+"""Find the images most similar to query images in an embedding database.
+
+    python query.py --model runs/deepranknet.model --embeddings train_embedding.txt --top 10 \\
+        my_photo.jpg some/folder "more/*.png" --grid neighbours.png
+
+QUERY may be image files, folders (every image inside, recursively, sorted) or
+glob patterns (quote them; ``**`` recurses). The database is read once, the
+queries are embedded in batches with the same model that made the database,
+and each query's top-N neighbours are printed with their Euclidean distances
+(0 = identical embedding, 2 = opposite). ``--grid`` also draws one picture row
+per query: the query, then its neighbours (green border = same class as the
+query's folder, red = other class, when that is known).
+
+Search is exact by default; ``--ann faiss`` (or ``auto`` on databases above
+200,000 rows, when faiss-cpu is installed) searches only the nearest clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cli_utils
+from cli_utils import UserError
+
+GLOB_CHARS = set("*?[")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from ann_search import ANN_CHOICES, DEFAULT_NPROBE
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="image files, folders or glob patterns")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint that made the embeddings")
+    p.add_argument("--embeddings", type=Path, required=True,
+                   help="database embedding file from gen_embeddings.py (.txt, .npz or .npy)")
+    p.add_argument("--top", type=cli_utils.positive_int, default=10, help="neighbours to show per query")
+    p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of the results")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --grid file")
+    p.add_argument("--exclude-self", action="store_true",
+                   help="leave out database rows that are the query image itself")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=cli_utils.positive_int, default=256, help="query images per forward pass")
+    p.add_argument("--ann", choices=ANN_CHOICES, default="auto",
+                   help="exact search, FAISS cluster search (pip install faiss-cpu), or auto "
+                        "(FAISS above 200,000 rows when installed)")
+    p.add_argument("--nprobe", type=cli_utils.positive_int, default=DEFAULT_NPROBE,
+                   help="FAISS: clusters searched per query (more = slower, closer to exact)")
+    p.add_argument("--nlist", type=cli_utils.positive_int, default=None,
+                   help="FAISS: clusters in the index (default about 4 * sqrt(rows))")
+    p.add_argument("--index", type=Path, default=None,
+                   help="FAISS: keep the built index in this file and reuse it while it is newer than --embeddings")
+    p.add_argument("--seed", type=int, default=0, help="seed of the FAISS k-means")
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Queries
+# ----------------------------------------------------------------------------
+
+
+def _images_in_folder(folder: Path) -> list[str]:
+    from image_data import is_image_file
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f) and not f.startswith("."))
+    return sorted(found)
+
+
+def expand_queries(items: list[str]) -> list[str]:
+    """Image files, folders and glob patterns -> absolute image paths (order kept, duplicates dropped).
+
+    Patterns are expanded here (not by the shell) so that quoted patterns work
+    everywhere. A path that does not exist is an error; a pattern or folder that
+    matches no image only counts towards the 'no query images' error.
+    """
+    from image_data import is_image_file
+
+    out: list[str] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_file():
+            out.append(str(p))
+        elif p.is_dir():
+            out.extend(_images_in_folder(p))
+        elif GLOB_CHARS & set(item):
+            for match in sorted(glob.glob(os.path.expanduser(item), recursive=True)):
+                m = Path(match)
+                if m.is_file() and is_image_file(m.name):
+                    out.append(match)
+                elif m.is_dir():
+                    out.extend(_images_in_folder(m))
+        else:
+            raise UserError(f"query not found: {item}")
+    uniq = list(dict.fromkeys(os.path.abspath(q) for q in out))
+    if not uniq:
+        raise UserError(f"no query images matched {' '.join(items)}")
+    return uniq
+
+
+def embed_query_images(paths: list[str], model, image_size: int, device, batch_size: int) -> np.ndarray:
+    """Embed query images exactly as gen_embeddings.py embeds the database: float32 [Q, D]."""
+    from deep_rank_net import embed_images
+    from image_cache import cache_images, choose_cache_size
+
+    images = cache_images(paths, choose_cache_size(paths, image_size), progress=False)  # uint8 [Q, s, s, 3]
+    return embed_images(model, images, image_size, batch_size=batch_size, device=device, progress=False)
+
+
+# ----------------------------------------------------------------------------
+# Search and output
+# ----------------------------------------------------------------------------
+
+
+def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None):
+    """Index the database once (part of loading): an ExactSearcher or a FAISS IVF index."""
+    if backend == "faiss":
+        from ann_search import load_or_build_index
+
+        return load_or_build_index(args.index, database, source, nlist=args.nlist, seed=args.seed)
+    # Same results as retrieval.knn_search, without its per-call float64 copy of the database.
+    from ann_search import ExactSearcher
+
+    return ExactSearcher(database, device)
+
+
+def search(searcher, queries: np.ndarray, k: int, args,
+           self_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (dist [Q, k], idx [Q, k]) of ``queries`` [Q, D] with a build_searcher result.
+
+    ``self_rows`` int64 [Q]: database row that is the query itself (-1 if none), left out when given.
+    """
+    from ann_search import ExactSearcher, ivf_search
+
+    n = len(searcher) if isinstance(searcher, ExactSearcher) else int(searcher.ntotal)
+    k_search = min(k + (1 if self_rows is not None else 0), n)
+    if isinstance(searcher, ExactSearcher):
+        dist, idx = searcher.search(queries, k_search)
+    else:
+        dist, idx = ivf_search(searcher, queries, k_search, nprobe=args.nprobe)
+    if self_rows is not None:
+        dist, idx = drop_rows(dist, idx, self_rows, k)
+    return dist[:, :k], idx[:, :k]
+
+
+def drop_rows(dist: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove, per query, the neighbour equal to ``rows[q]`` (keep the first k of the rest)."""
+    keep = idx != rows[:, None]  # [Q, k+1]
+    # Stable: a row without its self-match keeps its first k neighbours.
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def display_path(path: str) -> str:
+    """Relative to the current folder when inside it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def format_results(query_paths: list[str], dist: np.ndarray, idx: np.ndarray, db_paths: list[str],
+                   db_labels) -> str:
+    """A plain-text table per query: rank, distance, label, path."""
+    lines = []
+    label_w = max([5] + [len(str(db_labels[j])) for row in idx for j in row if j >= 0])
+    for q, path in enumerate(query_paths):
+        lines.append(f"query {q + 1}: {display_path(path)}")
+        lines.append(f"  {'rank':>4}  {'distance':>9}  {'label':<{label_w}}  path")
+        for r, (d, j) in enumerate(zip(dist[q], idx[q]), start=1):
+            if j < 0:  # FAISS found fewer than k candidates in the probed clusters
+                continue
+            lines.append(f"  {r:>4}  {d:>9.6f}  {str(db_labels[j]):<{label_w}}  {display_path(db_paths[j])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.ndarray, db_paths: list[str],
+               db_labels) -> None:
+    """One row per query: the query, then its neighbours captioned with distance and label."""
+    from image_data import label_from_path
+    from plots import GREEN, RED, image_grid
+
+    known = {str(x) for x in db_labels}
+    rows, titles = [], []
+    for q, qpath in enumerate(query_paths):
+        qlabel = label_from_path(qpath)
+        qlabel = qlabel if qlabel in known else None  # colour borders only when the folder is a class
+        row = [(qpath, "query", None)]
+        for d, j in zip(dist[q], idx[q]):
+            if j < 0:
+                continue
+            label = str(db_labels[j])
+            colour = None if qlabel is None else (GREEN if label == qlabel else RED)
+            row.append((db_paths[j], f"{d:.4f}\n{label}", colour))
+        rows.append(row)
+        titles.append(display_path(qpath))
+    image_grid(path, rows, titles)
+
+
+def main(args) -> None:
+    from ann_search import choose_backend
+    from deep_rank_net import load_checkpoint, model_from_checkpoint
+    from embedding_io import read_embeddings
+
+    # Cheap checks first: nothing is loaded or embedded if an input is wrong.
+    if args.grid is not None:
+        cli_utils.check_output_path(args.grid, args.force, "grid picture")
+    query_paths = expand_queries(args.queries)
+    cli_utils.check_input_file(args.embeddings, "embedding file")
+    device = cli_utils.pick_device(args.device)
+    ckpt = load_checkpoint(args.model, map_location="cpu")
+    model, image_size = model_from_checkpoint(ckpt, device)
+    del ckpt
+
+    start = time.perf_counter()
+    db = read_embeddings(args.embeddings, progress=False)
+    dim = model.config["embedding_dim"]
+    if db.dim != dim:
+        raise UserError(f"the model makes {dim}-dimensional embeddings but {args.embeddings} holds {db.dim}-dimensional "
+                        f"ones: use the checkpoint that wrote the file")
+    backend = choose_backend(args.ann, len(db))
+    searcher = build_searcher(db.emb, backend, device, args, source=args.embeddings)
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    queries = embed_query_images(query_paths, model, image_size, device, args.batch_size)  # [Q, D]
+    embed_s = time.perf_counter() - start
+    self_rows = None
+    if args.exclude_self:
+        row_of = {p: i for i, p in enumerate(db.paths)}
+        self_rows = np.array([row_of.get(p, -1) for p in query_paths], dtype=np.int64)
+    start = time.perf_counter()
+    dist, idx = search(searcher, queries, args.top, args, self_rows=self_rows)
+    search_s = time.perf_counter() - start
+
+    print(format_results(query_paths, dist, idx, db.paths, db.labels), end="")
+    print(f"{len(query_paths)} queries against {len(db)} x {db.dim} ({backend} search): load {load_s:.2f} s, "
+          f"embed {embed_s:.2f} s, search {search_s * 1000:.1f} ms", file=sys.stderr)
+    if args.grid is not None:
+        write_grid(args.grid, query_paths, dist, idx, db.paths, db.labels)
+        print(f"wrote {args.grid}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli_utils.run(main, get_args_parser())

@@ -1,0 +1,168 @@
+"""gen_embeddings.py: one row per image, right labels, values equal to embedding in memory, safe outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deep_rank_net as drn
+import gen_embeddings
+from cli_utils import UserError
+from embedding_io import read_embeddings
+from image_data import list_class_folder
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 16
+SIZE = 32
+
+
+def make_checkpoint(path: Path, dim: int = DIM, seed: int = 0) -> Path:
+    """An untrained resnet18 DeepRankNet checkpoint at 32 px (weights are random but fixed)."""
+    torch.manual_seed(seed)
+    model = drn.DeepRankNet(arch="resnet18", embedding_dim=dim, weights="none")
+    drn.save_checkpoint(path, model, image_size=SIZE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "net.model")
+
+
+def run_main(*argv: str) -> None:
+    gen_embeddings.main(gen_embeddings.get_args_parser().parse_args([*argv, "--device", "cpu", "--no-progress"]))
+
+
+def run_script(*argv: str, env_extra: dict | None = None, module: list[str] | None = None):
+    env = {**os.environ, **(env_extra or {})}
+    cmd = [sys.executable, *(module or []), str(REPO / "gen_embeddings.py"), *argv, "--device", "cpu", "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
+def reference_embeddings(ckpt: Path, paths: list[str]) -> np.ndarray:
+    """Embed the images directly in memory (decoded at their own 32 px size)."""
+    model, image_size = drn.model_from_checkpoint(drn.load_checkpoint(ckpt), "cpu")
+    images = torch.stack([drn.load_image(p) for p in paths]).numpy()  # uint8 [N, 32, 32, 3]
+    return drn.embed_images(model, images, image_size, batch_size=7, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_imagenet, checkpoint):
+    out = tmp_path_factory.mktemp("emb")
+    train, test = out / "train_embedding.txt", out / "test_embedding.txt"
+    run_main("--model", str(checkpoint), "--data-dir", str(tiny_imagenet), "--train-output", str(train),
+             "--test-output", str(test), "--batch-size", "5")
+    return train, test
+
+
+def test_writes_both_splits_one_row_per_image(outputs, tiny_imagenet, checkpoint):
+    train, test = outputs
+    for split, path, n in (("train", train, 24), ("val", test, 9)):
+        emb = read_embeddings(path, progress=False)
+        listed = list_class_folder(tiny_imagenet / split)
+        assert len(emb) == n == len(listed)
+        assert emb.paths == listed.paths  # same order, relative paths resolve to the images
+        assert list(emb.labels) == listed.label_names  # class name (wnid), not an index
+        assert emb.labels[0] == "n00000000" and emb.dim == DIM
+        # Relative to the output file's folder, as DESIGN.md says.
+        first_row = path.read_text().splitlines()[1]
+        assert first_row.startswith(os.path.relpath(listed.paths[0], path.parent) + ",")
+        np.testing.assert_allclose(emb.emb, reference_embeddings(checkpoint, listed.paths), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(emb.emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_refuses_existing_output_before_any_work(tmp_path, tiny_imagenet, checkpoint, outputs):
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    test.write_text("keep me")
+    with pytest.raises(UserError, match="already exists.*--force"):
+        run_main("--model", str(checkpoint), "--data-dir", str(tiny_imagenet),
+                 "--train-output", str(train), "--test-output", str(test))
+    assert test.read_text() == "keep me" and not train.exists()  # train was not written either
+    run_main("--model", str(checkpoint), "--data-dir", str(tiny_imagenet),
+             "--train-output", str(train), "--test-output", str(test), "--force")
+    assert len(read_embeddings(test, progress=False)) == 9
+    np.testing.assert_allclose(read_embeddings(train, progress=False).emb,
+                               read_embeddings(outputs[0], progress=False).emb, atol=1e-5)
+
+
+def test_class_folder_has_only_train_split(tmp_path, class_folder, checkpoint, capsys):
+    train, test = tmp_path / "a" / "train.npz", tmp_path / "a" / "test.npz"
+    run_main("--model", str(checkpoint), "--data-dir", str(class_folder),
+             "--train-output", str(train), "--test-output", str(test))
+    captured = capsys.readouterr()
+    assert "no val split" in captured.err and "images/s" in captured.out
+    emb = read_embeddings(train, progress=False)
+    assert len(emb) == 18 and sorted(set(emb.labels)) == ["class00", "class01", "class02"]
+    assert not test.exists()
+    # Asking for val explicitly is an error, not a skip.
+    with pytest.raises(UserError, match="no 'val' folder"):
+        run_main("--model", str(checkpoint), "--data-dir", str(class_folder), "--splits", "val",
+                 "--test-output", str(tmp_path / "v.txt"))
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "state_dict", "pickled"])
+def test_bad_checkpoint(tmp_path, class_folder, checkpoint, case):
+    bad = tmp_path / "bad.model"
+    if case == "truncated":
+        bad.write_bytes(checkpoint.read_bytes()[:1000])
+    elif case == "state_dict":
+        torch.save({"w": torch.zeros(2)}, bad)
+    elif case == "pickled":
+        torch.save(torch.nn.Linear(2, 2), bad)
+    match = {"missing": "checkpoint not found", "truncated": "truncated or corrupt",
+             "state_dict": "not a deep-ranking checkpoint", "pickled": "not a deep-ranking checkpoint"}[case]
+    with pytest.raises(UserError, match=match):
+        run_main("--model", str(bad), "--data-dir", str(class_folder), "--train-output", str(tmp_path / "t.txt"))
+    assert not (tmp_path / "t.txt").exists()
+
+
+def test_bad_dataset_and_unreadable_image(tmp_path, class_folder, checkpoint):
+    out = str(tmp_path / "t.txt")
+    with pytest.raises(UserError, match="dataset folder not found"):
+        run_main("--model", str(checkpoint), "--data-dir", str(tmp_path / "nope"), "--train-output", out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders with images"):
+        run_main("--model", str(checkpoint), "--data-dir", str(tmp_path / "empty"), "--train-output", out)
+    bad = class_folder / "class01" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="broken.jpg"):
+        run_main("--model", str(checkpoint), "--data-dir", str(class_folder), "--train-output", out)
+    assert not Path(out).exists()
+    with pytest.raises(UserError, match="--splits"):
+        run_main("--model", str(checkpoint), "--data-dir", str(class_folder), "--splits", "test")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path, class_folder, checkpoint):
+    out = tmp_path / "t.txt"
+    out.write_text("old")
+    result = run_script("--model", str(checkpoint), "--data-dir", str(class_folder), "--train-output", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: train embeddings output already exists: {out} "
+                                                  f"(use --force to overwrite)"]
+    assert out.read_text() == "old"
+
+
+def test_shard_bounds_cover_everything_in_order():
+    assert gen_embeddings.shard_bounds(10, 3) == [0, 3, 6, 10]
+    assert gen_embeddings.shard_bounds(1, 2) == [0, 0, 1]  # an empty shard is fine
+
+
+def test_torchrun_two_processes_equals_single_process(tmp_path, tiny_imagenet, checkpoint, outputs):
+    train, test = tmp_path / "train.txt", tmp_path / "test.npz"
+    result = run_script("--model", str(checkpoint), "--data-dir", str(tiny_imagenet),
+                        "--train-output", str(train), "--test-output", str(test),
+                        module=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                        env_extra={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "images/s on 2 x cpu" in result.stdout
+    for got, want in ((train, outputs[0]), (test, outputs[1])):
+        a, b = read_embeddings(got, progress=False), read_embeddings(want, progress=False)
+        assert a.paths == b.paths and list(a.labels) == list(b.labels)
+        np.testing.assert_allclose(a.emb, b.emb, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz", "train.txt"]  # shards removed

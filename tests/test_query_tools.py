@@ -1,0 +1,238 @@
+"""query.py, get_distance.py and ann_search.py on a tiny real database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ann_search
+import gen_embeddings
+import get_distance
+import query
+from cli_utils import UserError
+from embedding_io import read_embeddings
+from test_gen_embeddings import make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_FAISS = ann_search.faiss_available()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_imagenet):
+    """(checkpoint, database embedding file of the 24 train images)."""
+    out = tmp_path_factory.mktemp("query")
+    ckpt = make_checkpoint(out / "net.model")
+    db = out / "train_embedding.txt"
+    gen_embeddings.main(gen_embeddings.get_args_parser().parse_args(
+        ["--model", str(ckpt), "--data-dir", str(tiny_imagenet), "--splits", "train", "--train-output", str(db),
+         "--device", "cpu", "--no-progress"]))
+    return ckpt, db
+
+
+def run_query(setup, *argv: str) -> None:
+    ckpt, db = setup
+    args = query.get_args_parser().parse_args(["--model", str(ckpt), "--embeddings", str(db), "--device", "cpu",
+                                               *argv])
+    query.main(args)
+
+
+def parse_table(text: str) -> list[list[tuple[float, str]]]:
+    """Printed tables -> per query a list of (distance, path)."""
+    results = []
+    for line in text.splitlines():
+        if line.startswith("query "):
+            results.append([])
+        elif line.strip() and not line.strip().startswith("rank"):
+            _rank, dist, _label, path = line.split(maxsplit=3)
+            results[-1].append((float(dist), path))
+    return results
+
+
+def train_image(root: Path, label: int, i: int) -> Path:
+    wnid = f"n{label:08d}"
+    return root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG"
+
+
+# ---------------------------------------------------------------- query.py
+
+
+def test_image_finds_itself_first(setup, tiny_imagenet, capsys):
+    img = train_image(tiny_imagenet, 1, 3)
+    run_query(setup, "--top", "5", str(img))
+    out = capsys.readouterr().out
+    (rows,) = parse_table(out)
+    assert len(rows) == 5
+    assert Path(rows[0][1]).resolve() == img.resolve() and rows[0][0] < 1e-3
+    dists = [d for d, _ in rows]
+    assert dists == sorted(dists) and dists[1] > 1e-3
+    assert "n00000001" in out.splitlines()[2]  # label column
+
+
+def test_exclude_self(setup, tiny_imagenet, capsys):
+    img = train_image(tiny_imagenet, 0, 0)
+    run_query(setup, "--top", "3", "--exclude-self", str(img))
+    (rows,) = parse_table(capsys.readouterr().out)
+    assert len(rows) == 3 and all(Path(p).resolve() != img.resolve() for _, p in rows)
+
+
+def test_folder_and_glob_queries_and_grid(setup, tiny_imagenet, tmp_path, capsys):
+    folder = tiny_imagenet / "train" / "n00000002"
+    pattern = str(tiny_imagenet / "train" / "n00000000" / "images" / "*_[01].JPEG")  # quoted: we expand it
+    grid = tmp_path / "grid.png"
+    run_query(setup, "--top", "4", "--grid", str(grid), str(folder), pattern)
+    captured = capsys.readouterr()
+    results = parse_table(captured.out)
+    assert len(results) == 8 + 2  # every image of the folder (recursively), then the 2 glob matches
+    assert "queries against 24 x 16 (exact search)" in captured.err
+    for rows in results:
+        assert rows[0][0] < 1e-3  # each query is in the database
+    with Image.open(grid) as im:
+        im.load()
+        assert im.format == "PNG" and im.height > 10 * 96 and im.width >= 5 * 96
+    with pytest.raises(UserError, match="already exists"):
+        run_query(setup, "--grid", str(grid), pattern)
+
+
+def test_query_errors(setup, tmp_path, tiny_imagenet):
+    img = str(train_image(tiny_imagenet, 0, 0))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no query images matched"):
+        run_query(setup, str(tmp_path / "empty"), str(tmp_path / "*.jpg"))
+    with pytest.raises(UserError, match="query not found"):
+        run_query(setup, str(tmp_path / "missing.jpg"))
+    ckpt, db = setup
+    with pytest.raises(UserError, match="embedding file not found"):
+        query.main(query.get_args_parser().parse_args(
+            ["--model", str(ckpt), "--embeddings", str(tmp_path / "nope.txt"), img]))
+    other = make_checkpoint(tmp_path / "dim8.model", dim=8)
+    with pytest.raises(UserError, match="8-dimensional embeddings but .* 16-dimensional"):
+        query.main(query.get_args_parser().parse_args(["--model", str(other), "--embeddings", str(db), img]))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserError, match="bad.png"):
+        run_query(setup, str(bad))
+
+
+def test_query_cli_exit_2(setup, tmp_path):
+    ckpt, db = setup
+    result = subprocess.run([sys.executable, str(REPO / "query.py"), "--model", str(ckpt), "--embeddings", str(db),
+                             str(tmp_path / "*.png")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no query images matched") and len(result.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- ANN
+
+
+def test_choose_backend(monkeypatch):
+    assert ann_search.choose_backend("exact", 10**7) == "exact"
+    assert ann_search.choose_backend("auto", 1000) == "exact"
+    assert ann_search.choose_backend("auto", 300_000) == ("faiss" if HAS_FAISS else "exact")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    assert ann_search.choose_backend("auto", 300_000) == "exact"
+    with pytest.raises(UserError, match="pip install faiss-cpu"):
+        ann_search.choose_backend("faiss", 10)
+
+
+def test_exact_searcher_equals_knn_search():
+    """query.py's exact search gives knn_search's neighbours, distances and tie order."""
+    from retrieval import knn_search
+
+    rng = np.random.default_rng(1)
+    for n, d, k in ((3000, 32, 30), (40, 8, 40)):
+        db = rng.standard_normal((n, d)).astype(np.float32)
+        db[7] = db[3]  # an exact tie: the lower row index comes first
+        q = np.concatenate([rng.standard_normal((50, d)).astype(np.float32), db[3:4]])
+        dist, idx = ann_search.ExactSearcher(db).search(q, k)
+        d_ref, i_ref = knn_search(q, db, k)
+        np.testing.assert_array_equal(idx, i_ref)
+        np.testing.assert_allclose(dist, d_ref, atol=1e-6)
+        assert idx[-1, 0] == 3 and idx[-1, 1] == 7
+    with pytest.raises(UserError, match="out of range"):
+        ann_search.ExactSearcher(db).search(q, 41)
+
+
+def test_recall_at_k():
+    exact = np.array([[0, 1, 2], [3, 4, 5]])
+    assert ann_search.recall_at_k(exact, exact) == 1.0
+    assert ann_search.recall_at_k(np.array([[0, 9, -1], [5, 4, 3]]), exact) == pytest.approx(4 / 6)
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu not installed")
+def test_ivf_matches_exact_when_all_clusters_probed():
+    import torch
+
+    from retrieval import knn_search
+
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((2000, 8)).astype(np.float32)
+    q = rng.standard_normal((20, 8)).astype(np.float32)
+    index = ann_search.build_ivf_index(db, nlist=16, seed=0)
+    dist, idx = ann_search.ivf_search(index, q, 5, nprobe=16)
+    d_exact, i_exact = knn_search(torch.from_numpy(q), torch.from_numpy(db), 5)
+    np.testing.assert_array_equal(idx, np.asarray(i_exact))
+    np.testing.assert_allclose(dist, np.asarray(d_exact), rtol=1e-4, atol=1e-4)
+    _, idx1 = ann_search.ivf_search(index, q, 5, nprobe=1)  # one cluster: approximate
+    assert 0.3 < ann_search.recall_at_k(idx1, np.asarray(i_exact)) <= 1.0
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu not installed")
+def test_query_with_faiss_and_saved_index(setup, tiny_imagenet, tmp_path, capsys):
+    img = str(train_image(tiny_imagenet, 2, 5))
+    run_query(setup, "--top", "4", img)
+    exact = parse_table(capsys.readouterr().out)
+    index = tmp_path / "db.faiss"
+    run_query(setup, "--top", "4", "--ann", "faiss", "--index", str(index), img)
+    captured = capsys.readouterr()
+    assert "(faiss search)" in captured.err and index.is_file()
+    got = parse_table(captured.out)
+    assert [p for _, p in got[0]] == [p for _, p in exact[0]]  # 1 cluster (24 rows): exact
+    np.testing.assert_allclose([d for d, _ in got[0]], [d for d, _ in exact[0]], atol=1e-4)
+
+
+# ---------------------------------------------------------------- get_distance.py
+
+
+def distance(setup, a: Path, b: Path, capsys) -> float:
+    ckpt, _ = setup
+    get_distance.main(get_distance.get_args_parser().parse_args(
+        ["--model", str(ckpt), "--image1", str(a), "--image2", str(b), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    return float(out)
+
+
+def test_get_distance(setup, tiny_imagenet, capsys):
+    a, b = train_image(tiny_imagenet, 0, 1), train_image(tiny_imagenet, 1, 2)
+    assert distance(setup, a, a, capsys) < 1e-5
+    d_ab, d_ba = distance(setup, a, b, capsys), distance(setup, b, a, capsys)
+    assert d_ab == pytest.approx(d_ba, abs=1e-6) and 0 < d_ab <= 2
+    # Same number as the two rows of the embedding file.
+    db = read_embeddings(setup[1], progress=False)
+    rows = [db.paths.index(str(p.resolve())) for p in (a, b)]
+    assert d_ab == pytest.approx(float(np.linalg.norm(db.emb[rows[0]] - db.emb[rows[1]])), abs=1e-5)
+
+
+def test_get_distance_errors(setup, tiny_imagenet, tmp_path):
+    ckpt, _ = setup
+    a = str(train_image(tiny_imagenet, 0, 1))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    cases = [
+        (["--model", str(ckpt), "--image1", str(bad), "--image2", a], "bad.jpg"),
+        (["--model", str(tmp_path / "m.model"), "--image1", a, "--image2", a], "checkpoint not found"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message):
+            get_distance.main(get_distance.get_args_parser().parse_args([*argv, "--device", "cpu"]))
+    # Through the command line: one line on stderr, exit 2, nothing on stdout.
+    result = subprocess.run([sys.executable, str(REPO / "get_distance.py"), "--model", str(ckpt), "--image1", a,
+                             "--image2", str(tmp_path / "x.jpg"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: image2 not found: {tmp_path / 'x.jpg'}"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -128,6 +129,11 @@ def plan_moves(val_dir: Path, annotations: list[Annotation], ann_path: Path) -> 
             if not src.is_file():
                 raise UserError(f"{where}: {src} is not a file")
             moves.append((src, dst))
+    for wnid in sorted({a.wnid for a in annotations}):
+        for folder in (val_dir / wnid, val_dir / wnid / "images"):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"{folder} is a file, but the images of class {wnid} go there; "
+                                f"move it away (nothing was moved)")
     extra = sorted(present - {a.file for a in annotations})
     if extra:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -175,10 +181,14 @@ def restructure(root: Path) -> int:
     # Validation passed: from here on, only os.replace moves within the same folder tree.
     for src, dst in tqdm(moves, desc="moving val images", unit="img", file=sys.stderr,
                          disable=len(moves) < 1000):
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():  # appeared since planning: never overwrite
             raise UserError(f"refusing to overwrite {dst}; re-run to continue")
-        os.replace(src, dst)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)  # a rename: the file is in exactly one of the two places
+        except OSError as exc:  # e.g. a file named like a class folder, a read-only disk
+            raise UserError(f"cannot move {src} to {dst}: {exc.strerror or exc}; "
+                            f"fix that and re-run to continue")
     for wnid, text in boxes_text(annotations).items():
         cli_utils.atomic_write_text(val_dir / wnid / f"{wnid}_boxes.txt", text)
     images_dir = val_dir / "images"
@@ -225,24 +235,41 @@ def _network_error(url: str, final: Path, exc: BaseException) -> UserError:
                      f"then re-run with --download")
 
 
+def check_url(url: str) -> None:
+    """Only http(s) URLs: the download speaks HTTP (Range, status codes)."""
+    if urllib.parse.urlparse(url).scheme.lower() not in ("http", "https"):
+        raise UserError(f"--url must be an http:// or https:// address, got {url!r}")
+
+
+def _open(url: str, final: Path, offset: int):
+    """urlopen ``url`` from byte ``offset``; None when the server says the range is past the end."""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # the .part already holds the whole file (MD5 checks it)
+            return None
+        raise _network_error(url, final, exc)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise _network_error(url, final, exc)
+
+
 def fetch(url: str, part: Path, final: Path) -> None:
     """Download ``url`` into ``part``, resuming a partial file with an HTTP Range request."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the .part already holds the whole file
-            return
-        raise _network_error(url, final, exc)
-    except (urllib.error.URLError, OSError) as exc:
-        raise _network_error(url, final, exc)
-    with response:
+    response = _open(url, final, offset)
+    if response is None:
+        return
+    if offset:
         content_range = response.headers.get("Content-Range", "")
-        resumed = response.status == 206 and content_range.startswith(f"bytes {offset}-")
-        if offset and not resumed:
+        if response.status != 206 or not content_range.startswith(f"bytes {offset}-"):
+            # Range ignored (200: the whole file follows) or answered with another range.
             print(f"server did not resume {part.name}; restarting from zero", file=sys.stderr)
             offset = 0
+            if response.status != 200:
+                response.close()
+                response = _open(url, final, 0)
+    with response:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         try:
@@ -252,7 +279,7 @@ def fetch(url: str, part: Path, final: Path) -> None:
                 for block in iter(lambda: response.read(CHUNK), b""):
                     f.write(block)
                     bar.update(len(block))
-        except (urllib.error.URLError, OSError) as exc:  # the .part stays for resuming
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # .part kept for resuming
             raise _network_error(url, final, exc)
     if total is not None and part.stat().st_size != total:
         raise UserError(f"download of {url} stopped early ({part.stat().st_size} of {total} bytes); "
@@ -261,6 +288,7 @@ def fetch(url: str, part: Path, final: Path) -> None:
 
 def download(url: str, md5: str | None, dest_dir: Path) -> Path:
     """The verified zip in ``dest_dir``: reused if already there, else downloaded."""
+    check_url(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / zip_name(url)
     if final.exists():
@@ -274,7 +302,8 @@ def download(url: str, md5: str | None, dest_dir: Path) -> Path:
         got = file_md5(part)
         if got != md5:
             part.unlink()
-            raise UserError(f"MD5 mismatch for {url}: expected {md5}, got {got} (download deleted; re-run)")
+            raise UserError(f"MD5 mismatch for {url}: expected {md5}, got {got} (download deleted; "
+                            f"re-run, or pass the right --md5, or --md5 none to skip the check)")
     os.replace(part, final)
     return final
 

@@ -10,6 +10,9 @@ import http.server
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -153,6 +156,10 @@ def _unannotated_image(root):
     _set_line(root, 3, None)
 
 
+def _class_folder_is_a_file(root):
+    (root / "val" / "n00000002").write_text("not a folder")
+
+
 def _missing_annotations(root):
     (root / "val" / "val_annotations.txt").unlink()
 
@@ -169,6 +176,7 @@ def _missing_val(root):
     (_duplicate, r"line 4: duplicate file name val_2.JPEG \(first on line 3\)"),
     (_in_both_places, r"line 4: val_3.JPEG exists both in"),
     (_unannotated_image, r"1 file\(s\) in .* not named in .*: val_3.JPEG"),
+    (_class_folder_is_a_file, r"n00000002 is a file, but the images of class n00000002 go there"),
     (_missing_annotations, r"annotations file not found: .*val_annotations.txt"),
     (_missing_val, r"no 'val' folder in"),
 ])
@@ -203,7 +211,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         data, start = server.payload, 0
         rng = self.headers.get("Range")
-        if rng and server.honour_range:
+        if rng and server.honour_range == "from_zero":  # 206, but not the range asked for
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+        elif rng and server.honour_range:
             start = int(rng.split("=")[1].rstrip("-"))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -211,7 +222,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        self.wfile.write(data[start:])
+        end = len(data) if server.cut_at is None else server.cut_at
+        self.wfile.write(data[start:end])  # cut_at: the connection drops mid-file
 
     def log_message(self, *args):
         pass
@@ -232,6 +244,7 @@ def zip_server(tmp_path, monkeypatch):
     server.payload = zip_path.read_bytes()
     server.ranges = []
     server.honour_range = True
+    server.cut_at = None
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -271,7 +284,7 @@ def test_existing_zip_not_redownloaded(tmp_path, zip_server, capsys):
     assert (root / "val" / "n00000000" / "images").is_dir()
 
 
-@pytest.mark.parametrize("honour_range", [True, False])
+@pytest.mark.parametrize("honour_range", [True, False, "from_zero"])
 def test_download_resumes_part(tmp_path, zip_server, capsys, honour_range):
     server, url, md5 = zip_server
     server.honour_range = honour_range
@@ -282,8 +295,9 @@ def test_download_resumes_part(tmp_path, zip_server, capsys, honour_range):
     root = tmp_path / "dl" / "tiny-imagenet-200"
     code, out, err = run_cli(["--data-dir", root, "--download", "--url", url, "--md5", md5], capsys)
     assert code == 0, err
-    assert server.ranges == [f"bytes={half}-"]
-    assert ("restarting from zero" in err) == (not honour_range)
+    # A wrong 206 answer is dropped and the file fetched again without a Range header.
+    assert server.ranges == [f"bytes={half}-"] + ([None] if honour_range == "from_zero" else [])
+    assert ("restarting from zero" in err) == (honour_range is not True)
     assert (tmp_path / "dl" / "tiny-imagenet-200.zip").read_bytes() == server.payload
     assert not part.exists()
     assert_restructured(root, read_annotations(root))
@@ -324,3 +338,51 @@ def test_download_rejects_zip_slip(tmp_path, zip_server, capsys):
 def test_bad_md5_argument(tmp_path, capsys):
     code, _, err = run_cli(["--data-dir", tmp_path, "--md5", "xyz"], capsys)
     assert code == 2 and "expected 32 hex digits" in err
+
+
+def test_dropped_connection_keeps_part_and_resumes(tmp_path, zip_server, capsys):
+    server, url, md5 = zip_server
+    cut = len(server.payload) // 3
+    server.cut_at = cut
+    root = tmp_path / "dl" / "tiny-imagenet-200"
+    argv = ["--data-dir", root, "--download", "--url", url, "--md5", md5]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "stopped early" in err and "re-run to resume" in err
+    part = tmp_path / "dl" / "tiny-imagenet-200.zip.part"
+    assert part.read_bytes() == server.payload[:cut] and not root.exists()
+    server.cut_at = None
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert server.ranges == [None, f"bytes={cut}-"]
+    assert_restructured(root, read_annotations(root))
+
+
+def test_connection_refused_is_one_clear_line(tmp_path, capsys):
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/tin.zip"
+    root = tmp_path / "dl" / "tiny-imagenet-200"
+    code, _, err = run_cli(["--data-dir", root, "--download", "--url", url], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert url in err and "by hand" in err and str(tmp_path / "dl" / "tin.zip") in err
+    assert os.listdir(tmp_path / "dl") == []
+
+
+def test_non_http_url_rejected(tmp_path, capsys):
+    root = tmp_path / "dl" / "tiny-imagenet-200"
+    code, _, err = run_cli(["--data-dir", root, "--download", "--url", "ftp://example.org/t.zip"], capsys)
+    assert code == 2 and "http:// or https://" in err
+    assert not (tmp_path / "dl").exists()
+
+
+def test_script_entry_point(tiny_imagenet_raw, tmp_path):
+    """The real command line: exit 0 and a restructured tree; exit 2 and one line on bad input."""
+    script = Path(tv.__file__)
+    ok = subprocess.run([sys.executable, script, "--data-dir", tiny_imagenet_raw],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert_restructured(tiny_imagenet_raw, read_annotations(tiny_imagenet_raw))
+    bad = subprocess.run([sys.executable, script, "--data-dir", tmp_path / "missing"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: dataset folder not found")

@@ -423,7 +423,6 @@ def count_or_all(value: str) -> int | None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Write Fashion-MNIST (bundled sample or the Debian package) in TinyImageNet's layout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output", default=None,
                    help="dataset root to write (like tiny-imagenet-200/); with --build-bundle, the .npz to "
@@ -438,13 +437,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=count_or_all, default=None,
                    help="val images per class, or 'all' (default: all the source has; 15 with --build-bundle)")
     p.add_argument("--size", type=cli_utils.positive_int, default=64,
-                   help="side of the written square RGB JPEGs in pixels (28 px upsampled, bicubic)")
+                   help="side of the written square RGB JPEGs in pixels (28 px upsampled, bicubic; default 64)")
     p.add_argument("--quality", type=int, default=JPEG_QUALITY, choices=range(1, 101), metavar="1..100",
-                   help="JPEG quality")
+                   help="JPEG quality (default 95)")
     p.add_argument("--workers", type=cli_utils.positive_int, default=min(8, os.cpu_count() or 1),
-                   help="threads encoding JPEGs")
+                   help="threads encoding JPEGs (default: CPU count, at most 8)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the subset choice and of the val order (same seed -> identical files)")
+                   help="seed of the subset choice and of the val order (same seed -> identical files; default 0)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output (a dataset folder holding wnids.txt, or the bundle)")
     p.add_argument("--build-bundle", action="store_true",

@@ -482,7 +482,7 @@ def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
     starts = range(0, len(images), batch_size)
 
     def read(i: int) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
+        t = torch.from_numpy(np.array(images[i:i + batch_size]))  # a writable copy of the (read-only) cache rows
         return t.pin_memory() if pin else t
 
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parent
 DEMO_ARCH = "resnet18"  # ResNet-101 works too; resnet18 keeps the demo fast on a CPU
 DEMO_IMAGE_SIZE = 32  # Fashion-MNIST is 28 px: upsampling to 224 costs 50x for no gain
 DEMO_EMBEDDING_DIM = 128  # plenty for 10 classes; 4096 is the paper's size
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 3
 DEMO_BATCH_SIZE = 32
 DEMO_LR = 0.001
 DEMO_OPTIM = "adam"  # from scratch, Adam converges faster than SGD at this budget
-DEMO_MINING = "batch-hard"  # harder negatives inside each batch (see README, "Mining")
-DEMO_NUM_POS = 2
-DEMO_NUM_NEG = 2
+DEMO_MINING = "batch-hard"  # hardest other-class image in each batch as the negative
+DEMO_NUM_POS = 1
+DEMO_NUM_NEG = 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:

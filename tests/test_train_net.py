@@ -1,61 +1,98 @@
-"""train_net.py on tiny data: resnet18, 32 px, 16-d embeddings, weights=none."""
+"""train_net.py on tiny data: resnet18, 32 px, 32-d embeddings, weights=none, a few steps.
+
+Most runs call main() in this process (importing torch in a subprocess costs
+seconds); only the 2-process DDP run uses a subprocess.
+"""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cli_utils
 import deep_rank_net
 import image_data
 import train_net
-from conftest import REPO, write_tiny_imagenet
+from conftest import REPO, class_image, write_tiny_imagenet
 
-TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--embedding-dim", "16",
+TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--embedding-dim", "32",
         "--batch-size", "5", "--num-workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads run tiny convolutions ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def csvs(tmp_path_factory):
-    """Train/val triplet CSVs over a 3-class miniature TinyImageNet (24 + 9 triplets)."""
+    """Train/val triplet CSVs over a 3-class miniature TinyImageNet: 24 and 9 triplets."""
     root = tmp_path_factory.mktemp("train")
     data = write_tiny_imagenet(root / "tin", n_classes=3, train_per_class=8, val_per_class=3)
-    for training, name in ((1, "train.csv"), (0, "val.csv")):
-        subprocess.run([sys.executable, str(REPO / "triplet_sampler.py"), "--training", str(training),
-                        "--data-dir", str(data), "--num_pos_images", "1", "--num_neg_images", "1",
-                        "--output", str(root / name)], check=True, capture_output=True)
+    rng = np.random.default_rng(0)
+
+    def triplets(split: str):
+        listing = image_data.list_class_folder(data / split)
+        paths, labels = np.array(listing.paths), listing.labels
+        q, p, n = [], [], []
+        for i, label in enumerate(labels):
+            same = np.flatnonzero((labels == label) & (np.arange(len(labels)) != i))
+            other = np.flatnonzero(labels != label)
+            q.append(paths[i]), p.append(paths[rng.choice(same)]), n.append(paths[rng.choice(other)])
+        return q, p, n
+
+    for split, name in (("train", "train.csv"), ("val", "val.csv")):
+        image_data.write_triplet_csv(root / name, *triplets(split))
     return root / "train.csv", root / "val.csv"
 
 
-def run_train(*extra, check=True):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "train_net.py"), *map(str, extra)], capture_output=True,
-                          text=True, env=env, cwd=REPO)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+def train(*argv):
+    """Run train_net.main in this process (a success is expected)."""
+    train_net.main(train_net.get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def run_inprocess(capsys, *argv):
-    """Run train_net's CLI in this process (fast for error cases); returns (exit code, stderr)."""
-    import cli_utils
-
+def fails(capsys, *argv) -> str:
+    """Run the CLI in this process; assert exit status 2 and a one-line error; return stderr."""
     with pytest.raises(SystemExit) as exc:
         cli_utils.run(train_net.main, train_net.get_args_parser(), [str(a) for a in argv])
-    return exc.value.code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def state(path):
+    return deep_rank_net.load_checkpoint(path)["model"]
+
+
+@pytest.fixture(scope="module")
+def trained(csvs, tmp_path_factory):
+    """One epoch with batch-hard mining, Adam given as 'ADAM', layer4 and heads trained."""
+    out = tmp_path_factory.mktemp("run")
+    train("--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 1, "--optim", "ADAM", "--lr", "0.01",
+          "--mining", "batch-hard", "--train-from", "layer4", "--output-dir", out, *TINY)
+    return out
+
+
+# --- pure functions ----------------------------------------------------------------------------
 
 
 def test_hinge_loss_exact_values():
     q = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    p = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # D = 5, 1
-    n = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # D = 1, 3
+    p = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # D(q,p) = 5, 1 (Euclidean, not squared)
+    n = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # D(q,n) = 1, 3
     # max(0, 1 + 5 - 1) = 5 and max(0, 1 + 1 - 3) = 0 -> mean 2.5
     assert train_net.triplet_hinge_loss(q, p, n, 1.0).item() == pytest.approx(2.5, abs=1e-5)
     assert train_net.triplet_hinge_loss(q, p, n, 3.0).item() == pytest.approx((7 + 1) / 2, abs=1e-5)
+    assert train_net.triplet_hinge_loss(q, p, n, 0.5).item() == pytest.approx(4.5 / 2, abs=1e-5)
 
 
 def test_mining_picks_hardest_and_semi_hard_negatives():
@@ -64,124 +101,210 @@ def test_mining_picks_hardest_and_semi_hard_negatives():
     pool_labels = torch.tensor([0, 1, 1, 1, 0])
     q_labels = torch.tensor([0, 0])
     pos_dist = torch.tensor([1.0, 1.0])
-    hard = train_net.mine_negatives(q, pos_dist, pool, q_labels, pool_labels, "batch-hard", 1.0)
-    assert hard.tolist() == [1, 3]  # closest other-class points: 0.5 (for 0) and 3.0 (for 10)
-    semi = train_net.mine_negatives(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.0)
-    assert semi.tolist() == [2, 3]  # for q=0 the closest negative farther than D(q,p)=1 is 2.0
-    none = train_net.mine_negatives(q, pos_dist, pool, q_labels, torch.zeros(5, dtype=torch.long), "batch-hard", 1.0)
-    assert none.tolist() == [-1, -1]
+    mine = train_net.mine_negatives
+    # batch-hard: the closest other-class point, 0.5 for q=0 and 3.0 for q=10
+    assert mine(q, pos_dist, pool, q_labels, pool_labels, "batch-hard", 1.0).tolist() == [1, 3]
+    # semi-hard, margin 1.5: for q=0 the band (1, 2.5) holds 2.0; q=10 has none (D=7) -> hardest
+    assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.5).tolist() == [2, 3]
+    # margin 1.0: band (1, 2) is empty -> hardest
+    assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.0).tolist() == [1, 3]
+    one_class = torch.zeros(5, dtype=torch.long)
+    assert mine(q, pos_dist, pool, q_labels, one_class, "batch-hard", 1.0).tolist() == [-1, -1]
 
 
-def test_one_epoch_writes_every_output(csvs, tmp_path):
-    train_csv, val_csv = csvs
-    out = tmp_path / "run"
-    proc = run_train("--triplets", train_csv, "--val-triplets", val_csv, "--epochs", "1", "--optim", "ADAM",
-                     "--mining", "batch-hard", "--output-dir", out, *TINY)
-    assert "val triplet accuracy" in proc.stdout
+def test_label_check_accepts_classes_and_rejects_label_free_rows():
+    labels = np.array([0, 0, 1, 1])
+    good = np.array([[0, 1, 2], [2, 3, 0]])
+    train_net.check_labels_usable(good, labels, 2)
+    with pytest.raises(cli_utils.UserError, match="mining needs class labels"):
+        train_net.check_labels_usable(np.array([[0, 2, 3], [2, 3, 0]]), labels, 2)  # q, p differ
+    with pytest.raises(cli_utils.UserError, match="use --mining none"):
+        train_net.check_labels_usable(good, np.zeros(4, dtype=np.int64), 1)  # one folder
+
+
+def test_epoch_batches_partial_last_batch_seeded_and_sharded():
+    batches = train_net.epoch_batches(7, 3, seed=0, epoch=0)
+    assert [len(b) for b in batches] == [3, 3, 1]  # 7 triplets, batch 3 -> 3 steps, last one partial
+    assert sorted(np.concatenate(batches).tolist()) == list(range(7))
+    again = train_net.epoch_batches(7, 3, seed=0, epoch=0)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    other = np.concatenate(train_net.epoch_batches(7, 3, seed=0, epoch=1))
+    assert not np.array_equal(np.concatenate(batches), other)  # a new order each epoch
+    r0, r1 = (train_net.epoch_batches(7, 3, 0, 0, rank, 2) for rank in (0, 1))
+    assert len(r0) == len(r1) == 2  # 3 batches over 2 ranks: the first is repeated to even them out
+    assert np.array_equal(r0[0], batches[0]) and np.array_equal(r1[0], batches[1])
+
+
+# --- full runs ---------------------------------------------------------------------------------
+
+
+def test_one_epoch_writes_every_output(trained, csvs, capsys):
     for name in ("temp_0.model", "deepranknet.model", "metrics.jsonl", "training_curves.png"):
-        assert (out / name).exists(), name
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["event"] == "epoch" and 0.0 <= record["val_triplet_accuracy"] <= 1.0
-    assert record["step"] == 5  # 24 triplets / batch 5 -> the partial last batch is trained too
-    ckpt = deep_rank_net.load_checkpoint(out / "deepranknet.model")
-    assert ckpt["model_config"]["arch"] == "resnet18" and ckpt["model_config"]["image_size"] == 32
-    # A second run into the same folder is refused, and leaves the files alone.
-    before = (out / "deepranknet.model").read_bytes()
-    proc = run_train("--triplets", train_csv, "--output-dir", out, *TINY, check=False)
-    assert proc.returncode == 2 and "already exists" in proc.stderr
-    assert (out / "deepranknet.model").read_bytes() == before
+        assert (trained / name).exists(), name
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["event"] == "epoch" and record["step"] == 5  # 24 triplets / batch 5: partial 5th step trained
+    assert record["val_triplets"] == 9 and 0.0 <= record["val_triplet_accuracy"] <= 1.0
+    assert record["val_triplet_accuracy"] >= 0.5  # colour-coded classes: easy after one epoch
+    for key in ("loss", "d_pos", "d_neg", "active_fraction", "images_per_s", "val_loss"):
+        assert np.isfinite(record[key]), key
+    ckpt = deep_rank_net.load_checkpoint(trained / "deepranknet.model")
+    assert ckpt["model_config"] == {"arch": "resnet18", "embedding_dim": 32, "multiscale": True,
+                                    "train_from": "layer4", "image_size": 32}
+    assert ckpt["args"]["optim"] == "adam" and ckpt["optimizer"] is not None and ckpt["rng"] is not None
+    # A second run into the same folder is refused and leaves the files alone.
+    before = (trained / "deepranknet.model").read_bytes()
+    err = fails(capsys, "--triplets", csvs[0], "--val-triplets", csvs[1], "--output-dir", trained, *TINY)
+    assert "deepranknet.model already exists" in err and "--force" in err
+    assert (trained / "deepranknet.model").read_bytes() == before
 
 
-def test_resume_equals_uninterrupted_run(csvs, tmp_path):
-    train_csv, val_csv = csvs
-    common = ["--triplets", train_csv, "--val-triplets", val_csv, "--epochs", "2", "--optim", "sgd", "--lr", "0.05",
+def test_training_keeps_frozen_layers_and_bn_stats(trained):
+    torched = state(trained / "deepranknet.model")
+    cli_utils.seed_everything(0)  # the script seeds with --seed 0 before building the model
+    fresh = deep_rank_net.build_model("resnet18", 32, True, "none", "layer4").state_dict()
+    frozen = ("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2", "backbone.layer3")
+    for key, value in fresh.items():
+        if key.startswith(frozen):
+            assert torch.equal(value, torched[key]), f"frozen {key} changed"  # BN running stats included
+    assert not torch.equal(fresh["backbone.layer4.0.conv1.weight"], torched["backbone.layer4.0.conv1.weight"])
+    assert not torch.equal(fresh["backbone.layer4.0.bn1.running_mean"], torched["backbone.layer4.0.bn1.running_mean"])
+    assert not torch.equal(fresh["fuse.weight"], torched["fuse.weight"])
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path):
+    common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
               *TINY]
-    run_train(*common, "--output-dir", tmp_path / "a")
-    run_train(*common, "--output-dir", tmp_path / "b", "--max-steps", "3")
+    train(*common, "--output-dir", tmp_path / "a", "--num-workers", 2)  # worker processes gather the batches
+    train(*common, "--output-dir", tmp_path / "b", "--max-steps", 3)
     assert not (tmp_path / "b" / "deepranknet.model").exists()
-    run_train(*common, "--output-dir", tmp_path / "b", "--resume", tmp_path / "b" / "temp_0.model")
+    mid = deep_rank_net.load_checkpoint(tmp_path / "b" / "temp_0.model")
+    assert (mid["epoch"], mid["step"], mid["step_in_epoch"]) == (0, 3, 3)
+    train(*common, "--output-dir", tmp_path / "b", "--resume", tmp_path / "b" / "temp_0.model")
     a = deep_rank_net.load_checkpoint(tmp_path / "a" / "deepranknet.model")
     b = deep_rank_net.load_checkpoint(tmp_path / "b" / "deepranknet.model")
     assert a["step"] == b["step"] == 10
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-
-
-def test_training_step_keeps_frozen_layers_and_bn_stats(csvs, tmp_path):
-    out = tmp_path / "frozen"
-    torch.manual_seed(0)
-    run_train("--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", "1", "--train-from", "layer4",
-              "--optim", "sgd", "--lr", "0.1", "--output-dir", out, *TINY)
-    trained = deep_rank_net.load_checkpoint(out / "deepranknet.model")["model"]
-    torch.manual_seed(0)  # the script seeds with --seed 0 before building the model
-    fresh = deep_rank_net.build_model("resnet18", 16, True, "none", "layer4").state_dict()
-    for key, value in fresh.items():
-        same = torch.equal(value, trained[key])
-        if key.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2",
-                           "backbone.layer3")):
-            assert same, f"frozen {key} changed"  # includes BatchNorm running_mean/var
-    assert not torch.equal(fresh["backbone.layer4.0.conv1.weight"], trained["backbone.layer4.0.conv1.weight"])
+    init = deep_rank_net.load_checkpoint(tmp_path / "b" / "temp_0.model")  # overwritten by epoch 1's end
+    assert not torch.equal(init["model"]["fuse.weight"], mid["model"]["fuse.weight"])
 
 
 def test_two_process_ddp_run(csvs, tmp_path):
     out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "train_net.py"), "--triplets", str(csvs[0]), "--val-triplets", str(csvs[1]),
                            "--epochs", "1", "--device", "cpu", "--output-dir", str(out), *TINY],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    assert proc.stdout.count("val triplet accuracy") == 1
     assert (out / "deepranknet.model").exists()
-    assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3  # 5 batches over 2 ranks
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 3  # 5 batches over 2 ranks -> 3 steps each
 
 
-def test_label_free_csv_refuses_mining_but_trains_plain(tmp_path):
-    photos = tmp_path / "imported" / "images"
+def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, capsys):
+    photos = tmp_path / "imported" / "images"  # import_triplets layout: every image in one folder
     photos.mkdir(parents=True)
-    from conftest import class_image
     from PIL import Image
     files = []
-    for i in range(6):
-        f = photos / f"{i}.png"
-        Image.fromarray(class_image(i % 2, i)).save(f)
-        files.append(str(f))
+    for i in range(8):
+        Image.fromarray(class_image(i % 2, i)).save(photos / f"{i}.png")
+        files.append(str(photos / f"{i}.png"))
     csv = tmp_path / "imported" / "triplets.csv"
-    image_data.write_triplet_csv(csv, files[0:3], files[1:4], files[2:5])
-    proc = run_train("--triplets", csv, "--mining", "batch-hard", "--output-dir", tmp_path / "o", *TINY, check=False)
-    assert proc.returncode == 2 and "mining needs class labels" in proc.stderr
-    proc = run_train("--triplets", csv, "--val-fraction", "0.34", "--output-dir", tmp_path / "o2", *TINY)
-    assert "val triplet accuracy" in proc.stdout
+    image_data.write_triplet_csv(csv, files[0:6], files[2:8], files[1:7])
+    err = fails(capsys, "--triplets", csv, "--mining", "semi-hard", "--output-dir", tmp_path / "o", *TINY)
+    assert "mining needs class labels from folder names" in err
+    train("--triplets", csv, "--val-fraction", "0.34", "--output-dir", tmp_path / "o2", *TINY)
+    record = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val_triplets"] == 2 and record["step"] == 1  # 2 of 6 queries held out; 4 train triplets
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, monkeypatch):
+    real = train_net.hinge_terms
+    calls = []
+
+    def nan_on_third_step(d_pos, d_neg, margin):
+        calls.append(1)
+        out = real(d_pos, d_neg, margin)
+        return out * float("nan") if len(calls) == 3 else out
+
+    monkeypatch.setattr(train_net, "hinge_terms", nan_on_third_step)
+    out = tmp_path / "nan"
+    err = fails(capsys, "--triplets", csvs[0], "--save-every", 1, "--output-dir", out, *TINY)
+    assert "training without validation" in err  # no val_triplet_sample.csv next to the CSV
+    assert "loss became nan at epoch 1, step 3" in err and "temp_0.model" in err
+    ckpt = deep_rank_net.load_checkpoint(out / "temp_0.model")
+    assert ckpt["step"] == 2 and train_net.weights_finite_state(ckpt["model"])
+    assert not (out / "deepranknet.model").exists()
+
+
+def test_collapse_warning(csvs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_net, "COLLAPSE_DISTANCE", 10.0)  # unit vectors are never 10 apart
+    train("--triplets", csvs[0], "--max-steps", 1, "--output-dir", tmp_path, *TINY)
+    err = capsys.readouterr().err
+    assert err.count("embeddings collapsed to a point") == 1 and "loss stuck at the margin" in err
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--margin", "0"], "positive"),
-    (["--lr", "-1"], "positive"),
+    (["--margin", "0"], "expected a positive number"),
+    (["--lr", "-1"], "expected a positive number"),
     (["--arch", "vgg16"], "invalid choice"),
     (["--optim", "foo"], "invalid choice"),
+    (["--mining", "hard"], "invalid choice"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
-    code, err = run_inprocess(capsys, "--triplets", csvs[0], "--output-dir", tmp_path, *TINY, *extra)
-    assert code == 2 and message in err
+    with pytest.raises(SystemExit) as exc:
+        train_net.get_args_parser().parse_args(["--triplets", str(csvs[0]), *TINY, *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_files(csvs, tmp_path, capsys):
+def test_optim_names_are_case_insensitive():
+    parse = train_net.get_args_parser().parse_args
+    assert [parse(["--optim", name]).optim for name in ("SGD", "Adam", "rms")] == ["sgd", "adam", "rms"]
+
+
+def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("query,positive,negative\n")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     missing_img = tmp_path / "missing.csv"
     missing_img.write_text("query,positive,negative\nno1.jpg,no2.jpg,no3.jpg\n")
+    corrupt_dir = tmp_path / "c"
+    corrupt_dir.mkdir()
+    (corrupt_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    corrupt = corrupt_dir / "corrupt.csv"
+    q, p, n = image_data.read_triplet_csv(csvs[0])
+    image_data.write_triplet_csv(corrupt, [q[0], q[1]], [p[0], str(corrupt_dir / "broken.jpg")], [n[0], n[1]])
     truncated = tmp_path / "trunc.model"
-    truncated.write_bytes(b"PK\x03\x04garbage")
+    truncated.write_bytes((trained / "temp_0.model").read_bytes()[:1000])
     cases = [
-        (["--triplets", tmp_path / "nope.csv"], "not found"),
+        (["--triplets", tmp_path / "nope.csv"], "triplet CSV not found"),
         (["--triplets", empty], "empty"),
+        (["--triplets", header_only], "no triplets"),
         (["--triplets", bad], "header"),
         (["--triplets", missing_img], "no1.jpg"),
-        (["--triplets", csvs[0], "--val-triplets", tmp_path / "nope.csv"], "not found"),
+        (["--triplets", corrupt], "broken.jpg"),
+        (["--triplets", csvs[0], "--val-triplets", tmp_path / "nope.csv"], "validation triplet CSV not found"),
         (["--triplets", csvs[0], "--resume", truncated], "trunc.model"),
+        (["--triplets", csvs[0], "--resume", trained / "temp_0.model", "--embedding-dim", "16"],
+         "--embedding-dim 32"),
+        (["--triplets", csvs[0], "--resume", trained / "temp_0.model", "--arch", "resnet34"], "--arch resnet18"),
     ]
     for extra, message in cases:
-        code, err = run_inprocess(capsys, *extra, "--output-dir", tmp_path / "o", *TINY)
-        assert code == 2, (extra, err)
-        assert message in err and "Traceback" not in err, (extra, err)
+        out = tmp_path / "o"
+        err = fails(capsys, *TINY, "--output-dir", out, *extra)
+        assert message in err, (extra, err)
+        assert not out.exists() or not any(out.iterdir()), (extra, list(out.iterdir()))
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(csvs, tmp_path, capsys):
+    train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--output-dir", tmp_path, *TINY)
+    assert "continue with --resume" in capsys.readouterr().out
+    ckpt = deep_rank_net.load_checkpoint(tmp_path / "temp_0.model")
+    assert (ckpt["step"], ckpt["step_in_epoch"]) == (1, 1)  # one step, then the limit
+    assert not (tmp_path / "deepranknet.model").exists()

@@ -1,0 +1,148 @@
+"""Does online mining help? Mining none vs batch-hard (vs semi-hard) for the same wall-clock budget.
+
+    python bench/bench_mining.py [--budget 60] [--modes none batch-hard] [--image-size 32]
+
+On the bundled Fashion-MNIST sample written in TinyImageNet's layout
+(make_sample_data.py + transform_validation.py: 600 train / 150 val images,
+10 classes) it samples 2x2 training triplets (triplet_sampler.py) and 1x1 val
+triplets, then trains train_net.py from scratch (resnet18, --weights none,
+--train-from conv1, Adam) once per mining mode with ``--time-limit BUDGET``
+(same seed, same data, same wall-clock budget). Each resulting checkpoint is
+evaluated the same way: val triplet accuracy (D(q,p) < D(q,n) on the val
+triplets) and precision@30 (each val image queries the 600 train images;
+fraction of its 30 nearest sharing its class). An untrained network (same
+seed) is the reference row. Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import cli_utils  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=cli_utils.positive_float, default=60.0, help="training seconds per mode")
+    p.add_argument("--modes", nargs="+", default=["none", "batch-hard"],
+                   choices=["none", "batch-hard", "semi-hard"], help="mining modes to compare")
+    p.add_argument("--arch", default="resnet18", help="backbone architecture")
+    p.add_argument("--image-size", type=cli_utils.positive_int, default=32, help="training image size")
+    p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=64, help="embedding size")
+    p.add_argument("--batch-size", type=cli_utils.positive_int, default=25, help="triplets per step")
+    p.add_argument("--lr", type=cli_utils.positive_float, default=0.001, help="Adam learning rate")
+    p.add_argument("--k", type=cli_utils.positive_int, default=30, help="k of precision@k")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, init, order)")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the data and runs here (default: temporary)")
+    return p
+
+
+def run(script: str, *argv) -> None:
+    subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+
+
+def prepare(root: Path, seed: int) -> tuple[Path, Path, Path]:
+    """Sample data in TinyImageNet layout + train (2x2) and val (1x1) triplet CSVs."""
+    data = root / "sample"
+    run("make_sample_data.py", "--output", data, "--no-progress")
+    run("transform_validation.py", "--data-dir", data)
+    train_csv, val_csv = root / "train.csv", root / "val.csv"
+    run("triplet_sampler.py", "--training", 1, "--data-dir", data, "--num_pos_images", 2, "--num_neg_images", 2,
+        "--output", train_csv, "--seed", seed)
+    run("triplet_sampler.py", "--training", 0, "--data-dir", data, "--num_pos_images", 1, "--num_neg_images", 1,
+        "--output", val_csv, "--seed", seed)
+    return data, train_csv, val_csv
+
+
+def latest_checkpoint(out: Path) -> Path:
+    final = out / "deepranknet.model"
+    if final.exists():
+        return final
+    return max(out.glob("temp_*.model"), key=lambda p: p.stat().st_mtime)
+
+
+def evaluate(model, image_size: int, data: Path, val_csv: Path, k: int, device) -> dict:
+    """Val triplet accuracy and precision@k (val images query the train images)."""
+    import torch
+
+    import deep_rank_net
+    import image_cache
+    import image_data
+    import retrieval
+
+    def embed(paths):
+        images = image_cache.cache_images(paths, image_cache.choose_cache_size(paths, image_size), progress=False)
+        return deep_rank_net.embed_images(model, images, image_size, batch_size=256, device=device,
+                                          progress=False)  # [N, D]
+
+    train = image_data.list_class_folder(data / "train")
+    val = image_data.list_class_folder(data / "val")
+    db, queries = embed(train.paths), embed(val.paths)
+    _, idx = retrieval.knn_search(queries, db, k)
+    neighbour_labels = np.array(train.label_names, dtype=object)[idx]  # [Q, k]
+    p_at_k = retrieval.precision_at_k(val.label_names, neighbour_labels, k)
+    q, p, n = image_data.read_triplet_csv(val_csv)
+    uniq, inverse = np.unique(np.concatenate([q, p, n]).astype(str), return_inverse=True)
+    emb = torch.from_numpy(embed(list(uniq)))[torch.from_numpy(inverse)].view(3, len(q), -1)
+    acc = retrieval.triplet_accuracy(emb[0], emb[1], emb[2])
+    return {"val_triplet_accuracy": float(acc), f"precision@{k}": float(p_at_k)}
+
+
+def main(args) -> None:
+    import torch
+
+    import deep_rank_net
+
+    device = cli_utils.pick_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_mining_") as tmp:
+        root = args.work_dir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        data, train_csv, val_csv = prepare(root, args.seed)
+        n_train = sum(1 for _ in open(train_csv)) - 1
+        common = ["--triplets", train_csv, "--val-triplets", val_csv, "--arch", args.arch, "--weights", "none",
+                  "--train-from", "conv1", "--image-size", args.image_size, "--embedding-dim", args.embedding_dim,
+                  "--batch-size", args.batch_size, "--optim", "adam", "--lr", args.lr, "--epochs", 100000,
+                  "--time-limit", args.budget, "--seed", args.seed, "--device", args.device, "--no-progress",
+                  "--force"]
+        rows = []
+        cli_utils.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
+        untrained = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1").to(device)
+        rows.append({"mode": "untrained", "steps": 0, "seconds": 0.0,
+                     **evaluate(untrained, args.image_size, data, val_csv, args.k, device)})
+        for mode in args.modes:
+            out = root / f"run_{mode}"
+            t0 = time.perf_counter()
+            run("train_net.py", *common, "--mining", mode, "--output-dir", out)
+            seconds = time.perf_counter() - t0
+            ckpt = deep_rank_net.load_checkpoint(latest_checkpoint(out))
+            model, image_size = deep_rank_net.model_from_checkpoint(ckpt, device)
+            rows.append({"mode": mode, "steps": int(ckpt["step"]), "seconds": seconds,
+                         **evaluate(model, image_size, data, val_csv, args.k, device)})
+            print(f"  {mode}: {rows[-1]}", file=sys.stderr)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.arch} from scratch, "
+          f"{args.image_size} px, dim {args.embedding_dim}, batch {args.batch_size}, Adam lr {args.lr}, "
+          f"{n_train} train triplets (2x2), budget {args.budget:g} s of training per mode (seconds below include "
+          f"start-up and caching)")
+    pk = f"precision@{args.k}"
+    print(f"{'mining':<12} {'steps':>6} {'epochs':>7} {'seconds':>8} {'val triplet acc':>16} {pk:>14}")
+    for r in rows:
+        epochs = r["steps"] * args.batch_size / n_train
+        print(f"{r['mode']:<12} {r['steps']:>6} {epochs:>7.2f} {r['seconds']:>8.1f} "
+              f"{r['val_triplet_accuracy']:>16.4f} {r[pk]:>14.4f}")
+
+
+if __name__ == "__main__":
+    cli_utils.run(main, get_args_parser())

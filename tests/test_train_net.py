@@ -220,6 +220,26 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
     record = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["val_triplets"] == 2 and record["step"] == 1  # 2 of 6 queries held out; 4 train triplets
 
+    # The search tools work on a model trained without labels (issue: imported triplets).
+    import cli_utils as cu
+    import gen_embeddings
+    import get_distance
+    import query
+
+    model = tmp_path / "o2" / "deepranknet.model"
+    for script, argv in ((get_distance, ["--model", model, "--image1", files[0], "--image2", files[0]]),
+                         (gen_embeddings, ["--model", model, "--data-dir", tmp_path / "imported",
+                                           "--train-output", tmp_path / "db.txt", "--no-progress"]),
+                         (query, ["--model", model, "--embeddings", tmp_path / "db.txt", "--top", "3", files[1]])):
+        capsys.readouterr()
+        cu.run(script.main, script.get_args_parser(), [str(a) for a in argv])
+        out = capsys.readouterr().out
+        if script is get_distance:
+            assert abs(float(out.strip().split()[-1])) < 1e-4  # an image is at distance 0 from itself
+        if script is query:
+            first = out.splitlines()[2].split()  # rank, distance, label, path of the best match
+            assert first[0] == "1" and first[-1].endswith("1.png") and float(first[1]) < 1e-4  # finds itself
+
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, monkeypatch):
     real = train_net.hinge_terms

@@ -105,37 +105,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise _arg_error(f"expected a positive integer, got {value!r}")
-    if n < 1:
-        raise _arg_error(f"expected a positive integer, got {n}")
-    return n
+def _bounded(convert, low: float, strict: bool, noun: str):
+    """An argparse type: ``convert(value)``, finite and > low (``strict``) or >= low."""
+
+    def parse(value: str):
+        try:
+            x = convert(value)
+        except ValueError:
+            raise _arg_error(f"expected {noun}, got {value!r}")
+        if not (np.isfinite(x) and (x > low if strict else x >= low)):
+            raise _arg_error(f"expected {noun}, got {value}")
+        return x
+
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise _arg_error(f"expected a non-negative integer, got {value!r}")
-    if n < 0:
-        raise _arg_error(f"expected a non-negative integer, got {n}")
-    return n
-
-
-def positive_float(value: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise _arg_error(f"expected a positive number, got {value!r}")
-    if not (x > 0 and np.isfinite(x)):
-        raise _arg_error(f"expected a positive number, got {value}")
-    return x
+positive_int = _bounded(int, 0, True, "a positive integer")  # >= 1
+non_negative_int = _bounded(int, 0, False, "a non-negative integer")  # >= 0
+positive_float = _bounded(float, 0.0, True, "a positive number")  # finite, > 0
 
 
 def fraction(value: str) -> float:

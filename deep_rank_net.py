@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli_utils import UserError, atomic_path
+from cli_utils import UserError, atomic_path, check_input_file
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Stages in forward order; train_from=X trains X and everything after it.
@@ -190,11 +190,7 @@ def _download_imagenet_state_dict(arch: str) -> dict:
 
 
 def _read_state_dict_file(path: str | os.PathLike, what: str) -> Any:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} not found: {p}")
-    if not p.is_file():
-        raise UserError(f"{what} is not a file: {p}")
+    p = check_input_file(path, what)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -412,11 +408,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by save_checkpoint (weights_only); UserError for anything else."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"checkpoint not found: {p}")
-    if not p.is_file():
-        raise UserError(f"checkpoint is not a file: {p}")
+    p = check_input_file(path, "checkpoint")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:

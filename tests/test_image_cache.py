@@ -82,6 +82,8 @@ def test_modified_file_changes_key(images, tmp_path):
     np.testing.assert_array_equal(new[1:], arr[1:])
     # A different file list (order) is also a different key.
     assert image_cache.cache_key(images[::-1], 32)[0] != key_after
+    # An added (or removed) file too.
+    assert image_cache.cache_key(images[:-1], 32)[0] != key_after
 
 
 def test_incomplete_entry_is_rebuilt(images, tmp_path):

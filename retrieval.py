@@ -73,6 +73,14 @@ def knn_search(
         perm = np.lexsort((order_key.cpu().numpy(), sign * vals64.cpu().numpy()), axis=1)[:, :k]
         idx_np = np.take_along_axis(idx.cpu().numpy(), perm, axis=1)
         vals_np = np.take_along_axis(vals64.cpu().numpy(), perm, axis=1)
+        # More entries tied with the k-th value than the k + extra candidates hold (e.g. many
+        # duplicate images): topk picked an arbitrary subset of them, so sort those rows fully.
+        kth = vals[:, k - 1 : k]
+        reach = (sq >= kth) if largest else (sq <= kth)
+        for r in torch.nonzero(reach.sum(1) > k + extra).flatten().tolist():
+            row_vals, row_idx = torch.sort(sq[r], descending=largest, stable=True)
+            idx_np[r] = row_idx[:k].cpu().numpy()
+            vals_np[r] = row_vals[:k].to(torch.float64).cpu().numpy()
         out_i[start:start + q.shape[0]] = idx_np
         out_d[start:start + q.shape[0]] = np.sqrt(vals_np).astype(np.float32)
     return out_d, out_i

@@ -47,6 +47,23 @@ def test_chunked_equals_brute_force(chunk):
     np.testing.assert_array_equal(idx, brute_force(db, db, 5, exclude_self=True)[1])
 
 
+@pytest.mark.parametrize("largest", [False, True])
+def test_many_ties_take_the_lowest_indices(largest):
+    # 30 identical database rows (more ties than topk's spare candidates): the lowest indices win.
+    db = np.zeros((40, 3), dtype=np.float32)
+    db[30:] = 10.0  # 10 far rows
+    db[[5, 17]] = 0.5  # two slightly farther than the tied block
+    q = np.zeros((2, 3), dtype=np.float32)
+    dist, idx = retrieval.knn_search(q, db, k=4, chunk_size=1, largest=largest)
+    expected = [30, 31, 32, 33] if largest else [0, 1, 2, 3]
+    assert idx.tolist() == [expected, expected]
+    assert dist[0].tolist() == pytest.approx([np.sqrt(300)] * 4 if largest else [0] * 4)
+    _, idx = retrieval.knn_search(q, db, k=29, largest=largest)
+    assert idx[0].tolist() == (list(range(30, 40)) + [5, 17] + [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12,
+                                                               13, 14, 15, 16, 18] if largest else
+                               [i for i in range(30) if i not in (5, 17)] + [5])
+
+
 def test_k_too_large_is_a_clear_error():
     db = np.zeros((3, 2))
     with pytest.raises(UserError, match="k=3"):

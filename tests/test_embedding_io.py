@@ -56,3 +56,42 @@ def test_malformed_files_are_clear_errors(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         embedding_io.read_embeddings(tmp_path / "nope.txt", progress=False)
+
+
+def test_vectorised_formatter_is_byte_identical_to_printf():
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 2**32, size=60_000, dtype=np.uint64).astype(np.uint32)
+    every_kind = bits.view(np.float32)  # all exponents: tiny, huge, subnormal, inf
+    every_kind = every_kind[~np.isnan(every_kind)]
+    powers = np.float32(10.0) ** np.arange(-9, 10).astype(np.float32)
+    values = np.concatenate([
+        every_kind,
+        (rng.standard_normal(20_000) / 64).astype(np.float32),  # what a unit 4096-d embedding holds
+        powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
+        np.array([0.0, -0.0, 0.5, 1 / 3, 99999.9995, 9.9999997e-05, 123456789, 999999999], dtype=np.float32),
+    ])
+    values = values[: len(values) // 4 * 4]
+    expected = "".join(",".join("%.9g" % v for v in row) + "\n" for row in values.reshape(-1, 4).tolist())
+    assert embedding_io.format_values(values, 4) == expected.encode("ascii")
+
+
+def test_rows_with_extra_columns_are_errors(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text('path,label,e0\na.jpg,"c,d",1\nb.jpg,c,1,2\n')
+    with pytest.raises(UserError, match="line 3 has 4 columns, expected 3"):
+        embedding_io.read_embeddings(bad, progress=False)
+
+
+def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
+    paths, labels, emb = sample(tmp_path, n=40, d=6)
+    single = tmp_path / "single.txt"
+    embedding_io.write_embeddings(single, paths, labels, emb, progress=False)
+    # Force the multi-process writer on tiny data: 2 workers, 8-row tasks.
+    monkeypatch.setattr(embedding_io, "_PARALLEL_MIN_VALUES", 1)
+    monkeypatch.setattr(embedding_io, "_WRITE_ROWS_PER_TASK", 8)
+    monkeypatch.setattr(embedding_io, "_workers", lambda n: 2)
+    multi = tmp_path / "multi.txt"
+    embedding_io.write_embeddings(multi, paths, labels, emb, progress=False)
+    assert multi.read_bytes() == single.read_bytes()
+    got = embedding_io.read_embeddings(multi, progress=False)
+    assert np.array_equal(got.emb, emb) and got.paths == paths and list(got.labels) == labels

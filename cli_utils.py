@@ -59,13 +59,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_input_file(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a Path, or raise UserError if it is not an existing file."""
+def check_input_file(path: str | os.PathLike, what: str, allow_empty: bool = True) -> Path:
+    """Return ``path`` as a Path, or raise UserError if it is not an existing (non-empty) file."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{what} not found: {p}")
     if not p.is_file():
         raise UserError(f"{what} is not a file: {p}")
+    if not allow_empty and p.stat().st_size == 0:
+        raise UserError(f"{what} is empty: {p}")
     return p
 
 

@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cli_utils import UserError, atomic_path
+from cli_utils import UserError, atomic_path, check_input_file
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1
@@ -371,13 +371,7 @@ def _absolute(rel_paths: Sequence[str], base: Path) -> list[str]:
 
 def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embeddings:
     """Read a text, .npz or .npy embedding file; raise UserError on anything malformed."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"embedding file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"embedding file is not a file: {path}")
-    if path.stat().st_size == 0:
-        raise UserError(f"embedding file is empty: {path}")
+    path = check_input_file(path, "embedding file", allow_empty=False)
     kind = file_kind(path)
     if kind == "npz":
         result = _read_npz(path)

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cli_utils import UserError
+from cli_utils import UserError, check_input_file
 
 # Lower-case extensions; matching is case-insensitive (TinyImageNet uses .JPEG).
 IMAGE_EXTENSIONS = frozenset(
@@ -257,13 +257,7 @@ def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
     """
     import pandas as pd
 
-    csv_path = Path(csv_path)
-    if not csv_path.exists():
-        raise UserError(f"triplet CSV not found: {csv_path}")
-    if not csv_path.is_file():
-        raise UserError(f"triplet CSV is not a file: {csv_path}")
-    if csv_path.stat().st_size == 0:
-        raise UserError(f"triplet CSV is empty: {csv_path}")
+    csv_path = check_input_file(csv_path, "triplet CSV", allow_empty=False)
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="c")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

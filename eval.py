@@ -86,10 +86,9 @@ def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: i
     if n_db - 1 >= k:
         rng = np.random.default_rng(seed)
         sub = np.sort(rng.choice(n_db, size=min(n_db, max_train_queries), replace=False))
-        # exclude_self needs query row i == database row i, so search the subset's own rows by masking.
-        _, tidx = retrieval.knn_search(train.emb[sub], train.emb, k + 1, chunk_size=chunk_size, device=device)
-        keep = tidx != sub[:, None]  # drop the query itself (once) wherever it appears
-        tidx = np.array([row[m][:k] for row, m in zip(tidx, keep)])
+        # knn_search's exclude_self needs all rows as queries; a subset drops itself afterwards.
+        tdist, tidx = retrieval.knn_search(train.emb[sub], train.emb, k + 1, chunk_size=chunk_size, device=device)
+        _, tidx = retrieval.drop_neighbours(tdist, tidx, sub, k)  # the query itself never counts
         t_labels = train.labels.astype(str)
         metrics["train_precision_at_k"] = retrieval.precision_at_k(t_labels[sub], t_labels[tidx], k)
         metrics["precision_at_k_curve"]["train"] = retrieval.precision_at_k_curve(t_labels[sub], t_labels[tidx], ks)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import cli_utils
+import retrieval
 from cli_utils import UserError
 
 GLOB_CHARS = set("*?[")
@@ -147,16 +148,8 @@ def search(searcher, queries: np.ndarray, k: int, args,
     else:
         dist, idx = ivf_search(searcher, queries, k_search, nprobe=args.nprobe)
     if self_rows is not None:
-        dist, idx = drop_rows(dist, idx, self_rows, k)
+        dist, idx = retrieval.drop_neighbours(dist, idx, self_rows, k)
     return dist[:, :k], idx[:, :k]
-
-
-def drop_rows(dist: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove, per query, the neighbour equal to ``rows[q]`` (keep the first k of the rest)."""
-    keep = idx != rows[:, None]  # [Q, k+1]
-    # Stable: a row without its self-match keeps its first k neighbours.
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
 
 def display_path(path: str) -> str:

@@ -86,6 +86,18 @@ def knn_search(
     return out_d, out_i
 
 
+def drop_neighbours(dist: np.ndarray, idx: np.ndarray, rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove, per query q, the neighbour equal to database row ``rows[q]`` and keep the first k.
+
+    For a search of k+1 neighbours whose queries are database rows (e.g. a seeded
+    subset of the train set): a query that is not among its own neighbours
+    (duplicates at distance 0) keeps its first k, order unchanged.
+    """
+    keep = idx != np.asarray(rows)[:, None]  # [Q, k+1]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
 def _check_k(neighbour_labels: np.ndarray, k: int) -> None:
     if k < 1 or k > neighbour_labels.shape[1]:
         raise ValueError(f"k={k} but only {neighbour_labels.shape[1]} neighbours given")

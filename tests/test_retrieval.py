@@ -91,3 +91,11 @@ def test_triplet_accuracy_by_hand():
     p = [[1, 0], [3, 0]]
     n = [[2, 0], [0, 1]]
     assert retrieval.triplet_accuracy(q, p, n) == 0.5
+
+
+def test_drop_neighbours_removes_the_query_row_once():
+    idx = np.array([[4, 2, 7], [1, 3, 5]])  # query rows 2 and 9 (9 is not among its neighbours)
+    dist = np.array([[0.0, 0.0, 1.0], [0.5, 0.6, 0.7]])
+    d, i = retrieval.drop_neighbours(dist, idx, [2, 9], k=2)
+    assert i.tolist() == [[4, 7], [1, 3]]
+    assert d.tolist() == [[0.0, 1.0], [0.5, 0.6]]

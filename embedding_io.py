@@ -3,14 +3,15 @@
 Text (any name not ending ``.npy``/``.npz``; ``.txt`` by convention) — UTF-8 CSV::
 
     path,label,e0,e1,...,e{d-1}
-    train/n01443537/images/n01443537_0.JPEG,n01443537,0.0123456789,-0.00456123443,...
+    train/n01443537/images/n01443537_0.JPEG,n01443537,1.23456789e-02,-4.56123443e-03,...
 
 * ``path`` is relative to the embedding file's own folder (absolute when it lives
   on another drive); :func:`read_embeddings` returns absolute paths.
 * ``label`` is the class name, quoted by CSV rules when it holds a comma or a quote.
   Paths and labels may not contain newlines (refused on write).
-* then d values, each written as ``'%.9g' % value`` — 9 significant digits, enough
-  for every float32 to round-trip exactly. d is read from the header.
+* then d values, each written as ``'%.8e' % value`` (``-1.23456789e-02``) — 9
+  significant digits, enough for every float32 to round-trip exactly. d is read from
+  the header; readers accept any float syntax (``0.5``, ``5e-1``).
 
 Binary companions (same information, ~3x smaller, ~50x faster):
 
@@ -19,8 +20,8 @@ Binary companions (same information, ~3x smaller, ~50x faster):
 * ``*.npy`` — the float32 [N, d] matrix, plus a sidecar ``<name>.npy.meta.csv``
   holding ``path,label`` rows.
 
-Speed: text is formatted by a vectorised, exact re-implementation of ``'%.9g'``
-(integer arithmetic on the float32 bits, see :func:`format_values`), split over
+Speed: text is formatted by a vectorised re-implementation of ``'%.8e'``
+(table lookups on the float32 bits, see :func:`format_values`), split over
 worker processes for big files, and parsed by one pandas C-engine call. See ``bench/bench_embedding_io.py``.
 """
 
@@ -87,125 +88,71 @@ def meta_path(npy_path: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------
-# Exact vectorised '%.9g'
+# Vectorised '%.8e'
 # ----------------------------------------------------------------------------
-
-_POW5 = np.array([5**i for i in range(17)], dtype=np.int64)
-# "0000".."9999" as [10000, 4] ASCII digits, and the trailing-zero count of each.
-_DIGITS4_T = np.array([list(f"{i:04d}".encode()) for i in range(10000)], dtype=np.uint8).T.copy()
-_TZ4 = np.array([4 if i == 0 else len(f"{i:04d}") - len(f"{i:04d}".rstrip("0")) for i in range(10000)],
-                dtype=np.int64)
-# Cell layout of one formatted value (bytes kept by a mask, the rest dropped):
-# 0 sign | 1 '0' | 2 '.' | 3-5 leading zeros | 6-15 digits with a '.' inside | 16-19 "e-0X" | 20 separator
-_CELL = 21
+# Every value is one 16-byte cell of four 4-byte words, filled from tables:
+#   [sign d0 '.' d1] [d2 d3 d4 d5] [d6 d7 d8 'e'] [esign e1 e2 sep]
+# A positive value's sign byte is NUL and is deleted at the end (bytes.replace is much
+# faster than boolean indexing). Measured here: ~70 ns per value, against ~370 ns for
+# the exact '%.9g' this replaced and ~540 ns for np.savetxt.
 
 
-def _exact_scaled(a_mant: np.ndarray, exp2: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """floor and round-half-even of |v| * 10**p, with |v| = a_mant * 2**exp2, 0 <= p <= 16.
+def _words(strings: list[str]) -> np.ndarray:
+    """4-character ASCII strings as uint32 words whose memory holds exactly those bytes."""
+    return np.frombuffer("".join(strings).encode("ascii"), dtype=np.uint32).copy()
 
-    a_mant * 5**p < 2**62 fits int64, so the product is exact; the power of two is
-    applied as a shift. Returns (floor, rounded), both int64.
-    """
-    a = a_mant * _POW5[p]  # exact
-    s = exp2 + p  # multiply by 2**s
-    k = np.clip(-s, 0, 62)  # right shift where s < 0
-    floor = np.where(s >= 0, a << np.clip(s, 0, 40), a >> k)
-    rem = a - (floor << k)
-    half = np.where(k > 0, np.int64(1) << np.maximum(k - 1, 0), 0)
-    up = (k > 0) & ((rem > half) | ((rem == half) & (floor & 1 == 1)))
-    return floor, floor + up
+
+# [100 * negative + 10 * d0 + d1]: "\0d.d" or "-d.d"
+_LEAD = np.concatenate([_words([f"\0{i // 10}.{i % 10}" for i in range(100)]),
+                        _words([f"-{i // 10}.{i % 10}" for i in range(100)])])
+_MID = _words([f"{i:04d}" for i in range(10000)])
+_TAIL = _words([f"{i:03d}e" for i in range(1000)])
+_EXP_OFFSET = 60  # float32 decimal exponents lie in [-45, 38]
+_EXP = _words([f"{'-' if e < 0 else '+'}{abs(e):02d}," for e in range(-_EXP_OFFSET, _EXP_OFFSET)])
+_P10_OFFSET = 80
+_P10 = 10.0 ** np.arange(-_P10_OFFSET, _P10_OFFSET)  # _P10[k + _P10_OFFSET] = 10**k (float64)
+# floor(log10(2**(f - 127))) for each float32 exponent field f: the decimal exponent of
+# a value is this or one more.
+_E_OF_FIELD = np.floor((np.arange(256) - 127) * np.log10(2.0)).astype(np.int64)
 
 
 def format_values(values: np.ndarray, row_length: int) -> bytes:
-    """Format float32 values [R * row_length] as ``'%.9g'``, ``,``-separated, ``\\n`` after each row.
+    """Format float32 values [R * row_length] as ``'%.8e'``, ``,``-separated, ``\\n`` after each row.
 
-    Byte-for-byte identical to ``"".join(",".join('%.9g' % v for v in row) + "\\n" for row in rows)``.
+    Byte-for-byte identical to ``"".join(",".join('%.8e' % v for v in row) + "\\n" for row in rows)``:
+    9 significant digits, enough for every float32 to round-trip exactly.
 
-    Values 1e-8 <= |v| < 1e9 and zeros (all of a real embedding) are formatted with
-    integer numpy arithmetic: 9 significant digits N = round_half_even(|v| * 10**(8-e))
-    computed exactly, then laid out in fixed-width cells and compacted with a mask.
-    Anything else (tiny, huge, inf) goes through Python's own '%.9g'.
+    The nine digits are rint(|v| * 10**(8-e)) in float64. Its error (< 1e-15 relative)
+    can only change the result when the scaled value lies within 1e-6 of a rounding
+    tie; those (about 2 in a million), subnormals, and non-finite values go through
+    Python's own '%.8e'.
     """
     v = np.ascontiguousarray(values, dtype=np.float32).ravel()
     n = v.size
     bits = v.view(np.uint32)
-    negative = (bits >> 31).astype(bool)
-    exp_field = ((bits >> 23) & 0xFF).astype(np.int64)
-    mant = (bits & 0x7FFFFF).astype(np.int64) | (1 << 23)
-    exp2 = exp_field - 150  # |v| = mant * 2**exp2 for normal numbers
-    mag = np.abs(v.astype(np.float64))
-    zero = mag == 0
-    fast = ((mag >= 1.0001e-8) & (mag < 9.999e8)) | zero
-    fast &= exp_field < 255
-    with np.errstate(divide="ignore", invalid="ignore"):
-        e = np.floor(np.log10(np.where(fast & ~zero, mag, 1.0))).astype(np.int64)
-    e = np.where(zero, 0, e)
-    mant = np.where(fast & ~zero, mant, 0)
-    # log10 may be off by one next to powers of ten: fix e (rarely needed, so only where
-    # floor(|v| 10**(8-e)) does not have exactly 9 digits).
-    fl, digits_int = _exact_scaled(mant, exp2, np.clip(8 - e, 0, 16))
-    for _ in range(2):
-        wrong = np.flatnonzero(((fl < 10**8) & ~zero) | (fl >= 10**9))
-        if not wrong.size:
-            break
-        e[wrong] += np.where(fl[wrong] >= 10**9, 1, -1)
-        fl[wrong], digits_int[wrong] = _exact_scaled(mant[wrong], exp2[wrong], np.clip(8 - e[wrong], 0, 16))
-    p = 8 - e
-    bad = (p < 0) | (p > 16) | (((fl < 10**8) | (fl >= 10**9)) & ~zero)
-    fast &= ~bad
-    carry = digits_int == 10**9  # 9.999999995 -> 1.00000000e+1
-    digits_int[carry] = 10**8
-    e += carry
-    sci = (e < -4) & ~zero  # '%g' switches to exponent form below 1e-4 (and at >= 1e9: slow path)
-
-    # Nine ASCII digits from a table of four-digit groups; trailing zeros from a second table.
-    top = digits_int // 10**8
-    mid = (digits_int // 10**4) % 10**4
-    low4 = digits_int % 10**4
-    digs = np.empty((9, n), dtype=np.uint8)  # [digit, value]
-    digs[0] = top + 48
-    digs[1:5] = _DIGITS4_T[:, mid]
-    digs[5:9] = _DIGITS4_T[:, low4]
-    tz = np.where(low4 == 0, 4 + _TZ4[mid], _TZ4[low4])
-    last = 8 - tz  # index of the last non-zero digit (0 for zero)
-    fixed_pos = (~sci) & (e >= 0)
-    fixed_neg = (~sci) & (e < 0)
-    # Position of the decimal point among the 10 digit slots; 9 (dropped) if it lives in slot 2.
-    q = np.where(fixed_pos, e + 1, np.where(sci, 1, 9))
-    last_kept = np.where(fixed_pos, np.maximum(last, e), last)
-    point_kept = np.where(fixed_pos, last_kept > e, sci & (last >= 1))
-
-    # Slot-major [_CELL, n] so that every step below is a contiguous 1-D operation;
-    # a dropped byte is 0 and is removed at the end by bytes.replace (much faster
-    # than boolean indexing).
-    cells = np.empty((_CELL, n), dtype=np.uint8)
-    cells[0] = negative * np.uint8(ord("-"))
-    cells[1] = fixed_neg * np.uint8(ord("0"))
-    cells[2] = fixed_neg * np.uint8(ord("."))
-    for j in range(3):
-        cells[3 + j] = (fixed_neg & (j < -e - 1)) * np.uint8(ord("0"))
-    # Digit slots: slot j holds digit j before the point, the point at q, digit j-1 after it.
-    for j in range(10):
-        before, at = j < q, j == q
-        digit = digs[min(j, 8)]
-        previous = digs[j - 1] if j > 0 else digit
-        char = np.where(before, digit, np.where(at, np.uint8(ord(".")), previous))
-        kept = np.where(at, point_kept, np.where(before, j, j - 1) <= last_kept)
-        cells[6 + j] = char * kept
-    cells[16] = sci * np.uint8(ord("e"))
-    cells[17] = sci * np.uint8(ord("-"))
-    cells[18] = sci * np.uint8(ord("0"))
-    cells[19] = sci * (48 - e).clip(48, 57).astype(np.uint8)  # exponent digit of e-05 .. e-08
-    cells[20] = ord(",")
+    field = (bits >> 23) & 0xFF
+    a = np.abs(v).astype(np.float64)
+    e = _E_OF_FIELD[field]  # decimal exponent: e <= log10|v| < e + 1
+    e += a >= _P10[e + 1 + _P10_OFFSET]
+    scaled = a * _P10[8 - e + _P10_OFFSET]  # in [1e8, 1e9)
+    r = np.rint(scaled)  # the nine digits, as an exact integer in float64
+    zero = a == 0
+    slow = (np.abs(scaled - r) > 0.5 - 1e-6) | (r >= 1e9) | (field == 255) | ((field == 0) & ~zero)
+    e[zero] = 0
+    q7 = np.floor(r / 1e7)  # d0 d1 (division by a power of ten is exact where it divides)
+    q3 = np.floor(r / 1e3)  # d0 .. d5
+    cells = np.empty((n, 4), dtype=np.uint32)
+    cells[:, 0] = _LEAD[(q7 + 100 * (bits >> 31)).astype(np.intp)]
+    cells[:, 1] = _MID[(q3 - 1e4 * np.floor(q3 / 1e4)).astype(np.intp)]
+    cells[:, 2] = _TAIL[(r - 1e3 * q3).astype(np.intp)]
+    cells[:, 3] = _EXP[np.clip(e, -_EXP_OFFSET, _EXP_OFFSET - 1) + _EXP_OFFSET]
+    cell_bytes = cells.view(np.uint8)  # [n, 16]
+    for i in np.flatnonzero(slow).tolist():
+        text = ("%.8e" % float(v[i])).encode("ascii")  # also 'inf', 'nan'
+        cell_bytes[i, :15] = 0
+        cell_bytes[i, 15 - len(text) : 15] = np.frombuffer(text, dtype=np.uint8)
     if row_length:
-        cells[20, row_length - 1 :: row_length] = ord("\n")
-    cells = np.ascontiguousarray(cells.T)  # [n, _CELL]: value-major
-
-    slow = np.flatnonzero(~fast)
-    for i in slow.tolist():
-        text = ("%.9g" % float(v[i])).encode("ascii")
-        cells[i, :20] = 0
-        cells[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+        cell_bytes[row_length - 1 :: row_length, 15] = ord("\n")
     return cells.tobytes().replace(b"\0", b"")
 
 

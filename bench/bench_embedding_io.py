@@ -5,7 +5,7 @@
 Draws ``--rows`` float32 unit vectors of ``--dim`` values (what the network
 outputs) and times, in a temporary folder:
 
-1. baseline: ``np.savetxt(fmt="%.9g", delimiter=",")`` (values only) +
+1. baseline: ``np.savetxt(fmt="%.8e", delimiter=",")`` (values only) +
    ``pandas.read_csv(header=None, engine="c")`` cast to float32, on the first
    ``--baseline-rows`` rows (default 10,000) and scaled linearly to ``--rows``
    (marked "extrapolated" in the table);
@@ -73,7 +73,7 @@ def main(args) -> None:
         nb = min(args.baseline_rows, args.rows)
         scale = args.rows / nb
         print(f"  baseline write ({nb} rows) ...", file=sys.stderr, flush=True)
-        w, _ = clock(lambda: np.savetxt(base, emb[:nb], fmt="%.9g", delimiter=","))
+        w, _ = clock(lambda: np.savetxt(base, emb[:nb], fmt="%.8e", delimiter=","))
         print("  baseline read ...", file=sys.stderr, flush=True)
         r, back = clock(lambda: pd.read_csv(base, header=None, engine="c").to_numpy(dtype=np.float32))
         name = "np.savetxt + pandas.read_csv" + (f" (x{scale:.3g} extrapolated)" if nb < args.rows else "")

@@ -71,8 +71,11 @@ def test_vectorised_formatter_is_byte_identical_to_printf():
         np.array([0.0, -0.0, 0.5, 1 / 3, 99999.9995, 9.9999997e-05, 123456789, 999999999], dtype=np.float32),
     ])
     values = values[: len(values) // 4 * 4]
-    expected = "".join(",".join("%.9g" % v for v in row) + "\n" for row in values.reshape(-1, 4).tolist())
-    assert embedding_io.format_values(values, 4) == expected.encode("ascii")
+    expected = "".join(",".join("%.8e" % v for v in row) + "\n" for row in values.reshape(-1, 4).tolist())
+    written = embedding_io.format_values(values, 4)
+    assert written == expected.encode("ascii")
+    parsed = np.array(written.replace(b"\n", b",").split(b",")[:-1], dtype=np.float64).astype(np.float32)
+    assert np.array_equal(parsed.view(np.uint32), values.view(np.uint32))  # exact, -0.0 included
 
 
 def test_rows_with_extra_columns_are_errors(tmp_path):

@@ -143,61 +143,6 @@ def load_or_build_index(index_path: str | os.PathLike | None, database: np.ndarr
     return index
 
 
-class ExactSearcher:
-    """Exact Euclidean top-k against one database, for many queries after one load.
-
-    retrieval.knn_search converts the whole database to float64 on the CPU on every
-    call (exact tie-breaking), which costs ~17 s per call on a 100,000 x 4096 database.
-    Here the database stays float32 and its squared norms are computed once; each
-    query chunk gets a float32 shortlist of the ``k + SHORTLIST_EXTRA`` best rows
-    (one matrix product, memory-bound), which is then re-ranked with float64
-    distances and ties broken by the lower row index, as knn_search does. float32
-    rounding (~1e-6 on unit vectors) could only matter if more than
-    SHORTLIST_EXTRA rows tie with the k-th within that error.
-    """
-
-    SHORTLIST_EXTRA = 32
-    CHUNK_FLOATS = 1 << 26  # [C, N] float32 scores per chunk: 256 MB
-
-    def __init__(self, database: np.ndarray, device=None):
-        import torch
-
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32))
-        self.db = db.to(self.device)  # [N, D] float32 (no copy on the CPU)
-        self.db_sq = torch.linalg.vector_norm(self.db, dim=1).square()  # [N]
-
-    def __len__(self) -> int:
-        return int(self.db.shape[0])
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Euclidean dist float32 [Q, k] ascending, idx int64 [Q, k]) of ``queries`` float32 [Q, D]."""
-        import torch
-
-        n = len(self)
-        if not 1 <= k <= n:
-            raise UserError(f"k={k} is out of range: the database has {n} rows")
-        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        if q_all.shape[1] != self.db.shape[1]:
-            raise UserError(f"query dimension {q_all.shape[1]} does not match database dimension {self.db.shape[1]}")
-        short = min(n, k + self.SHORTLIST_EXTRA)
-        chunk = max(1, self.CHUNK_FLOATS // n)
-        out_d = np.empty((len(q_all), k), dtype=np.float32)
-        out_i = np.empty((len(q_all), k), dtype=np.int64)
-        for start in range(0, len(q_all), chunk):
-            q = q_all[start:start + chunk]  # [C, D]
-            # ||x||^2 - 2 q.x ranks rows like the squared distance (||q||^2 is constant per row).
-            scores = torch.addmm(self.db_sq, q, self.db.T, beta=1.0, alpha=-2.0)  # [C, N]
-            cand = torch.topk(scores, short, dim=1, largest=False, sorted=False).indices  # [C, short]
-            diff = self.db[cand].double() - q.double()[:, None, :]  # [C, short, D]
-            sq = diff.square().sum(2).cpu().numpy()  # exact float64 squared distances [C, short]
-            cand = cand.cpu().numpy()
-            order = np.lexsort((cand, sq), axis=1)[:, :k]  # by distance, then lower row index
-            out_i[start:start + len(q)] = np.take_along_axis(cand, order, 1)
-            out_d[start:start + len(q)] = np.sqrt(np.take_along_axis(sq, order, 1)).astype(np.float32)
-        return out_d, out_i
-
-
 def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
     """Mean fraction of each query's exact top-k found in its approximate top-k ([Q, k] int arrays)."""
     if approx_idx.shape[0] != exact_idx.shape[0]:

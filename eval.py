@@ -44,7 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--triplets", type=Path, default=None, help="triplet CSV to score (fraction ranked correctly)")
     p.add_argument("--max-train-queries", type=cli_utils.positive_int, default=10_000,
                    help="train precision uses a seeded subset of at most this many train queries")
-    p.add_argument("--chunk-size", type=cli_utils.positive_int, default=1024, help="queries per kNN matmul chunk")
+    p.add_argument("--chunk-size", type=cli_utils.positive_int, default=None,
+                   help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
+                        "distance block within 256 MB)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train subset and demo queries")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="overwrite an existing metrics.json")
@@ -57,8 +59,12 @@ def class_counts(labels: np.ndarray) -> dict:
 
 
 def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: int, max_train_queries: int,
-             seed: int, chunk_size: int, device) -> tuple[dict, object, np.ndarray]:
-    """All metrics; returns (metrics dict, per-class table, test neighbour indices [Q, k])."""
+             seed: int, index: retrieval.ExactIndex, chunk_size: int | None = None
+             ) -> tuple[dict, object, np.ndarray]:
+    """All metrics; returns (metrics dict, per-class table, test neighbour indices [Q, k]).
+
+    index: an ExactIndex over ``train.emb``, the database of every search here.
+    """
     n_db = len(train)
     counts = class_counts(train.labels)
     # MAP@R needs R neighbours, R = the query's class size in the database (capped for memory).
@@ -66,7 +72,7 @@ def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: i
     depth = int(min(n_db, max(k, r_test.max(initial=0), 1)))
     if k > n_db:
         raise UserError(f"--k {k} is larger than the database ({n_db} images)")
-    _, idx = retrieval.knn_search(test.emb, train.emb, depth, chunk_size=chunk_size, device=device)
+    _, idx = index.search(test.emb, depth, chunk_size=chunk_size)
     nb_labels = train.labels.astype(str)[idx]  # [Q, depth]
     q_labels = test.labels.astype(str)
     ks = list(range(1, k + 1))
@@ -86,9 +92,8 @@ def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: i
     if n_db - 1 >= k:
         rng = np.random.default_rng(seed)
         sub = np.sort(rng.choice(n_db, size=min(n_db, max_train_queries), replace=False))
-        # knn_search's exclude_self needs all rows as queries; a subset drops itself afterwards.
-        tdist, tidx = retrieval.knn_search(train.emb[sub], train.emb, k + 1, chunk_size=chunk_size, device=device)
-        _, tidx = retrieval.drop_neighbours(tdist, tidx, sub, k)  # the query itself never counts
+        # The query itself never counts: its own row is excluded inside the search.
+        _, tidx = index.search(train.emb[sub], k, exclude_rows=sub, chunk_size=chunk_size)
         t_labels = train.labels.astype(str)
         metrics["train_precision_at_k"] = retrieval.precision_at_k(t_labels[sub], t_labels[tidx], k)
         metrics["precision_at_k_curve"]["train"] = retrieval.precision_at_k_curve(t_labels[sub], t_labels[tidx], ks)
@@ -133,12 +138,12 @@ def pick_queries(args, test: embedding_io.Embeddings) -> list[int]:
     return sorted(np.random.default_rng(args.seed).choice(len(test), size=n, replace=False).tolist())
 
 
-def draw_query(path: Path, qi: int, train, test, device) -> None:
+def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex) -> None:
     """Query, its 10 closest and 10 farthest database images with distances."""
     n = min(PICTURE_NEIGHBOURS, len(train))
     q = test.emb[qi:qi + 1]
-    near_d, near_i = retrieval.knn_search(q, train.emb, n, device=device)
-    far_d, far_i = retrieval.knn_search(q, train.emb, n, device=device, largest=True)
+    near_d, near_i = index.search(q, n)
+    far_d, far_i = index.search(q, n, largest=True)
     qlab = str(test.labels[qi])
 
     def cells(dists, idxs):
@@ -169,7 +174,8 @@ def main(args) -> None:
         cli_utils.check_input_file(args.triplets, "triplet CSV")
     queries = pick_queries(args, test)
 
-    metrics, table, _ = evaluate(train, test, args.k, args.max_train_queries, args.seed, args.chunk_size, device)
+    index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
+    metrics, table, _ = evaluate(train, test, args.k, args.max_train_queries, args.seed, index, args.chunk_size)
     metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
     metrics.update({"train_embeddings": str(args.train_embeddings), "test_embeddings": str(args.test_embeddings),
                     "triplets": str(args.triplets) if args.triplets else None})
@@ -183,7 +189,7 @@ def main(args) -> None:
         series["train (self excluded)"] = (curve["k"], curve["train"])
     plots.line_chart(out / "precision_at_k.png", series, "precision@k", "k", "precision", y_range=(0.0, 1.0))
     for n, qi in enumerate(queries):
-        draw_query(out / f"retrieval_{n}.png", qi, train, test, device)
+        draw_query(out / f"retrieval_{n}.png", qi, train, test, index)
     cli_utils.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
     k = args.k

@@ -122,15 +122,12 @@ def embed_query_images(paths: list[str], model, image_size: int, device, batch_s
 
 
 def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None):
-    """Index the database once (part of loading): an ExactSearcher or a FAISS IVF index."""
+    """Index the database once (part of loading): a retrieval.ExactIndex or a FAISS IVF index."""
     if backend == "faiss":
         from ann_search import load_or_build_index
 
         return load_or_build_index(args.index, database, source, nlist=args.nlist, seed=args.seed)
-    # Same results as retrieval.knn_search, without its per-call float64 copy of the database.
-    from ann_search import ExactSearcher
-
-    return ExactSearcher(database, device)
+    return retrieval.ExactIndex(database, device)
 
 
 def search(searcher, queries: np.ndarray, k: int, args,
@@ -139,14 +136,14 @@ def search(searcher, queries: np.ndarray, k: int, args,
 
     ``self_rows`` int64 [Q]: database row that is the query itself (-1 if none), left out when given.
     """
-    from ann_search import ExactSearcher, ivf_search
+    if isinstance(searcher, retrieval.ExactIndex):
+        excludes = self_rows is not None and bool((self_rows >= 0).any())
+        return searcher.search(queries, min(k, len(searcher) - excludes), exclude_rows=self_rows)
+    from ann_search import ivf_search
 
-    n = len(searcher) if isinstance(searcher, ExactSearcher) else int(searcher.ntotal)
+    n = int(searcher.ntotal)
     k_search = min(k + (1 if self_rows is not None else 0), n)
-    if isinstance(searcher, ExactSearcher):
-        dist, idx = searcher.search(queries, k_search)
-    else:
-        dist, idx = ivf_search(searcher, queries, k_search, nprobe=args.nprobe)
+    dist, idx = ivf_search(searcher, queries, k_search, nprobe=args.nprobe)
     if self_rows is not None:
         dist, idx = retrieval.drop_neighbours(dist, idx, self_rows, k)
     return dist[:, :k], idx[:, :k]

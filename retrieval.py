@@ -1,8 +1,9 @@
 """Exact nearest-neighbour search and retrieval metrics (the one place for both).
 
 Search is DINO-``eval_knn``-style: chunked matrix products + ``topk`` in torch,
-on the GPU when there is one, with memory bounded by ``chunk_size x N`` floats
-whatever the number of queries. Metrics are small pure functions over the
+on the GPU when there is one, with memory bounded by ``CHUNK_FLOATS`` (a
+[C, N] block) whatever the number of queries. :class:`ExactIndex` keeps one
+database loaded for many searches (eval.py, query.py). Metrics are small pure functions over the
 labels of each query's neighbours.
 """
 
@@ -16,74 +17,126 @@ import torch
 from cli_utils import UserError
 
 
+# Per-chunk budget for the [C, N] float32 distance block: 2**26 floats = 256 MB, whatever
+# the number of queries (C = budget // N rows at a time, at least one).
+CHUNK_FLOATS = 1 << 26
+
+
 def _as_tensor(x, device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
     return t.to(device)
+
+
+def resolve_device(device) -> torch.device:
+    """``None``/"auto": the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ExactIndex:
+    """Exact Euclidean k-NN against one database, searched many times after one load.
+
+    The database stays float32 on ``device`` (no copy of a float32 CPU array) and its
+    squared norms are computed once. Each search works through the queries in chunks
+    of C rows so that the [C, N] distance block stays within ``chunk_floats`` floats.
+    Ties (equal float32 distances) are broken by the lower database index, so results
+    do not depend on the chunk size or the device.
+    """
+
+    def __init__(self, database, device=None, chunk_floats: int = CHUNK_FLOATS):
+        self.device = resolve_device(device)
+        self.db = _as_tensor(database, self.device)  # [N, d] float32
+        if self.db.ndim != 2:
+            raise ValueError(f"database must be [N, d], got shape {tuple(self.db.shape)}")
+        self.db_sq = (self.db * self.db).sum(1)  # [N]
+        self.chunk_floats = chunk_floats
+
+    def __len__(self) -> int:
+        return int(self.db.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.db.shape[1])
+
+    def search(self, queries, k: int, exclude_rows=None, largest: bool = False,
+               chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest (or, with ``largest``, farthest) database rows of each query.
+
+        queries: [Q, d] (numpy or torch). exclude_rows: int [Q], a database row never
+        returned for that query (-1: none) — the query itself in train-vs-train search.
+        Returns (dist [Q, k] float32 Euclidean, idx [Q, k] int64), sorted by distance.
+        """
+        q_all = _as_tensor(queries, self.device)
+        n, d = self.db.shape
+        if q_all.ndim != 2 or q_all.shape[1] != d:
+            raise UserError(f"query dimension {q_all.shape[-1]} does not match database dimension {d}")
+        excluded = None
+        if exclude_rows is not None:
+            excluded = torch.as_tensor(np.asarray(exclude_rows, dtype=np.int64)).to(self.device)  # [Q]
+            if excluded.shape != (q_all.shape[0],):
+                raise ValueError("exclude_rows needs one database row (or -1) per query")
+        available = n - 1 if excluded is not None and bool((excluded >= 0).any()) else n
+        if k < 1 or k > available:
+            raise UserError(f"k={k} is out of range: the database has {available} candidate(s) per query")
+        chunk = chunk_size or max(1, self.chunk_floats // n)
+        out_d = np.empty((q_all.shape[0], k), dtype=np.float32)
+        out_i = np.empty((q_all.shape[0], k), dtype=np.int64)
+        # A few extra candidates so that a stable re-sort can fix tie order at the k boundary.
+        extra = min(available - k, 8)
+        for start in range(0, q_all.shape[0], chunk):
+            q = q_all[start:start + chunk]  # [C, d]
+            # ||x||^2 - 2 q.x + ||q||^2 in one [C, N] buffer (float32 matmul: a float64 copy
+            # of a 100k x 4096 database would cost 3 GB and twice the time).
+            sq = torch.addmm(self.db_sq, q, self.db.T, beta=1.0, alpha=-2.0)  # [C, N]
+            sq.add_((q * q).sum(1, keepdim=True)).clamp_(min=0.0)
+            if excluded is not None:
+                rows = excluded[start:start + chunk]
+                hit = torch.nonzero(rows >= 0).flatten()
+                sq[hit, rows[hit]] = -float("inf") if largest else float("inf")
+            vals, idx = torch.topk(sq, k + extra, dim=1, largest=largest, sorted=True)
+            # Stable ordering: by distance, then by database index.
+            vals64 = vals.to(torch.float64).cpu().numpy()
+            idx_np = idx.cpu().numpy()
+            sign = -1.0 if largest else 1.0
+            perm = np.lexsort((idx_np, sign * vals64), axis=1)[:, :k]
+            idx_np = np.take_along_axis(idx_np, perm, axis=1)
+            vals_np = np.take_along_axis(vals64, perm, axis=1)
+            # More entries tied with the k-th value than the k + extra candidates hold (e.g. many
+            # duplicate images): topk picked an arbitrary subset of them, so sort those rows fully.
+            kth = vals[:, k - 1 : k]
+            reach = ((sq >= kth) if largest else (sq <= kth)).sum(1)  # [C]
+            for r in torch.nonzero(reach > k + extra).flatten().tolist():
+                row_vals, row_idx = torch.sort(sq[r], descending=largest, stable=True)
+                idx_np[r] = row_idx[:k].cpu().numpy()
+                vals_np[r] = row_vals[:k].to(torch.float64).cpu().numpy()
+            out_i[start:start + q.shape[0]] = idx_np
+            out_d[start:start + q.shape[0]] = np.sqrt(vals_np).astype(np.float32)
+        return out_d, out_i
 
 
 def knn_search(
     queries,
     database,
     k: int,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     exclude_self: bool = False,
     device=None,
     largest: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest (or, with ``largest``, farthest) database rows of each query.
+    """One search with a throw-away :class:`ExactIndex` (see there).
 
-    queries: [Q, d], database: [N, d] (numpy or torch). Returns (dist [Q, k]
-    float32 Euclidean, idx [Q, k] int64), sorted by distance. ``exclude_self``:
-    query i is database row i (train-vs-train), which is never returned.
-    Ties (equal float32 distances) are broken by the lower database index.
+    queries: [Q, d], database: [N, d]. ``exclude_self``: query i is database row i
+    (train-vs-train), which is never returned. ``chunk_size``: queries per matrix
+    product (default: as many as fit the index's memory budget).
     """
-    if device is None or device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    db = _as_tensor(database, device)
-    q_all = _as_tensor(queries, device)
-    n, d = db.shape
-    if q_all.shape[1] != d:
-        raise UserError(f"query dimension {q_all.shape[1]} does not match database dimension {d}")
-    available = n - 1 if exclude_self else n
-    if k < 1 or k > available:
-        raise UserError(f"k={k} is out of range: the database has {available} candidate(s) per query")
-    if exclude_self and q_all.shape[0] != n:
-        raise ValueError("exclude_self needs the queries to be the database")
-    # float32 matmuls (a float64 copy of a 100k x 4096 database costs 3 GB and 2x the time);
-    # ties are ordered by database index below.
-    work_dtype = torch.float32
-    db_w = db.to(work_dtype)
-    db_sq = (db_w * db_w).sum(1)  # [N]
-    out_d = np.empty((q_all.shape[0], k), dtype=np.float32)
-    out_i = np.empty((q_all.shape[0], k), dtype=np.int64)
-    # Take a few extra candidates so that a stable re-sort can fix tie order at the k boundary.
-    extra = min(available - k, 8)
-    for start in range(0, q_all.shape[0], chunk_size):
-        q = q_all[start:start + chunk_size].to(work_dtype)  # [C, d]
-        sq = (q * q).sum(1, keepdim=True) - 2.0 * q @ db_w.T + db_sq  # [C, N] squared distances
-        sq.clamp_(min=0.0)
-        if exclude_self:
-            rows = torch.arange(q.shape[0], device=sq.device)
-            sq[rows, rows + start] = -float("inf") if largest else float("inf")
-        vals, idx = torch.topk(sq, k + extra, dim=1, largest=largest, sorted=True)
-        # Stable ordering: by distance, then by database index.
-        order_key = idx.to(torch.float64) / n  # in [0, 1)
-        vals64 = vals.to(torch.float64)
-        sign = -1.0 if largest else 1.0
-        perm = np.lexsort((order_key.cpu().numpy(), sign * vals64.cpu().numpy()), axis=1)[:, :k]
-        idx_np = np.take_along_axis(idx.cpu().numpy(), perm, axis=1)
-        vals_np = np.take_along_axis(vals64.cpu().numpy(), perm, axis=1)
-        # More entries tied with the k-th value than the k + extra candidates hold (e.g. many
-        # duplicate images): topk picked an arbitrary subset of them, so sort those rows fully.
-        kth = vals[:, k - 1 : k]
-        reach = (sq >= kth) if largest else (sq <= kth)
-        for r in torch.nonzero(reach.sum(1) > k + extra).flatten().tolist():
-            row_vals, row_idx = torch.sort(sq[r], descending=largest, stable=True)
-            idx_np[r] = row_idx[:k].cpu().numpy()
-            vals_np[r] = row_vals[:k].to(torch.float64).cpu().numpy()
-        out_i[start:start + q.shape[0]] = idx_np
-        out_d[start:start + q.shape[0]] = np.sqrt(vals_np).astype(np.float32)
-    return out_d, out_i
+    index = ExactIndex(database, device)
+    exclude_rows = None
+    if exclude_self:
+        if len(queries) != len(index):
+            raise ValueError("exclude_self needs the queries to be the database")
+        exclude_rows = np.arange(len(index))
+    return index.search(queries, k, exclude_rows=exclude_rows, largest=largest, chunk_size=chunk_size)
 
 
 def drop_neighbours(dist: np.ndarray, idx: np.ndarray, rows, k: int) -> tuple[np.ndarray, np.ndarray]:

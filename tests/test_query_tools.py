@@ -139,22 +139,30 @@ def test_choose_backend(monkeypatch):
         ann_search.choose_backend("faiss", 10)
 
 
-def test_exact_searcher_equals_knn_search():
-    """query.py's exact search gives knn_search's neighbours, distances and tie order."""
+def test_search_paths_of_query_py_equal_knn_search():
+    """query.py's exact path (one ExactIndex, many searches, self exclusion) gives knn_search's answers."""
     from retrieval import knn_search
 
     rng = np.random.default_rng(1)
-    for n, d, k in ((3000, 32, 30), (40, 8, 40)):
-        db = rng.standard_normal((n, d)).astype(np.float32)
-        db[7] = db[3]  # an exact tie: the lower row index comes first
-        q = np.concatenate([rng.standard_normal((50, d)).astype(np.float32), db[3:4]])
-        dist, idx = ann_search.ExactSearcher(db).search(q, k)
+    db = rng.standard_normal((300, 16)).astype(np.float32)
+    db[7] = db[3]  # an exact tie: the lower row index comes first
+    args = query.get_args_parser().parse_args(["--model", "m", "--embeddings", "e", "q.jpg"])
+    searcher = query.build_searcher(db, "exact", "cpu", args)
+    q = np.concatenate([rng.standard_normal((20, 16)).astype(np.float32), db[3:4]])
+    for k in (1, 30):
+        dist, idx = query.search(searcher, q, k, args)
         d_ref, i_ref = knn_search(q, db, k)
         np.testing.assert_array_equal(idx, i_ref)
         np.testing.assert_allclose(dist, d_ref, atol=1e-6)
-        assert idx[-1, 0] == 3 and idx[-1, 1] == 7
-    with pytest.raises(UserError, match="out of range"):
-        ann_search.ExactSearcher(db).search(q, 41)
+    assert idx[-1, :2].tolist() == [3, 7]
+    # --exclude-self: a database image asked as a query never answers itself; -1 = not in the database.
+    rows = np.array([-1] * 20 + [3])
+    _, idx = query.search(searcher, q, 5, args, self_rows=rows)
+    assert idx[-1, 0] == 7 and 3 not in idx[-1]
+    np.testing.assert_array_equal(idx[:20], knn_search(q[:20], db, 5)[1])
+    # --top larger than the database: everything except the query itself.
+    _, idx = query.search(searcher, q, 1000, args, self_rows=rows)
+    assert idx.shape == (21, 299) and 3 not in idx[-1]
 
 
 def test_recall_at_k():

@@ -64,6 +64,23 @@ def test_many_ties_take_the_lowest_indices(largest):
                                [i for i in range(30) if i not in (5, 17)] + [5])
 
 
+def test_index_searched_many_times_with_excluded_rows_and_a_small_memory_budget():
+    rng = np.random.default_rng(2)
+    db = rng.normal(size=(50, 4)).astype(np.float32)
+    # 7 floats per chunk: one query row (of 50 distances) at a time, the smallest possible.
+    index = retrieval.ExactIndex(db, "cpu", chunk_floats=7)
+    sub = np.array([4, 9, 33])
+    dist, idx = index.search(db[sub], 6, exclude_rows=sub)
+    full_d, full_i = brute_force(db, db, 6, exclude_self=True)
+    np.testing.assert_array_equal(idx, full_i[sub])
+    np.testing.assert_allclose(dist, full_d[sub], rtol=1e-5, atol=1e-5)
+    # The same index, another search: nothing excluded, so each row finds itself first.
+    dist, idx = index.search(db[sub], 1)
+    assert idx[:, 0].tolist() == sub.tolist() and np.allclose(dist, 0, atol=1e-3)
+    with pytest.raises(UserError, match="dimension 3 does not match database dimension 4"):
+        index.search(np.zeros((1, 3)), 1)
+
+
 def test_k_too_large_is_a_clear_error():
     db = np.zeros((3, 2))
     with pytest.raises(UserError, match="k=3"):

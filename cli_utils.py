@@ -125,6 +125,7 @@ def _bounded(convert, low: float, strict: bool, noun: str):
 positive_int = _bounded(int, 0, True, "a positive integer")  # >= 1
 non_negative_int = _bounded(int, 0, False, "a non-negative integer")  # >= 0
 positive_float = _bounded(float, 0.0, True, "a positive number")  # finite, > 0
+non_negative_float = _bounded(float, 0.0, False, "a non-negative number")  # finite, >= 0
 
 
 def fraction(value: str) -> float:

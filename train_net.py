@@ -49,14 +49,16 @@ ARCH = "resnet101"  # backbone; resnet18 for a quick CPU run
 WEIGHTS = "imagenet"  # imagenet | none | path to a state dict; pretrained converges far faster
 TRAIN_FROM = "layer4"  # train layer4 + heads; earlier stages (and their BatchNorm) stay frozen
 MULTISCALE = True  # the paper's two shallow sub-sampling paths next to the deep one
-MINING = "none"  # none | batch-hard | semi-hard: harder negatives found inside each batch
+MINING = "none"  # none | batch-hard | hard-negative | semi-hard: harder examples found inside each batch
+ID_LOSS_WEIGHT = 0.0  # > 0 adds a class (softmax) loss on the embeddings; converges faster from scratch
 NUM_WORKERS = 2  # DataLoader workers gathering cached rows while the model computes
 SEED = 0  # same seed + same CSV -> same weights (on the same device)
 LOG_EVERY = 20  # steps between metrics.jsonl training records (a few per minute on a GPU)
 COLLAPSE_DISTANCE = 1e-3  # mean pairwise distance in a batch below this = embeddings collapsed
 
 OPTIMIZERS = ("sgd", "adam", "rms")
-MINING_MODES = ("none", "batch-hard", "semi-hard")
+MINING_MODES = ("none", "batch-hard", "hard-negative", "semi-hard")
+ID_LOSS_SCALE = 16.0  # cosine-classifier temperature: logits = 16 * cos(embedding, class weight)
 FINAL_NAME = "deepranknet.model"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "training_curves.png"
@@ -64,7 +66,7 @@ DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings a resumed run must share with its checkpoint (else the weights or the batch order differ).
 RESUME_MUST_MATCH = ("arch", "embedding_dim", "single_scale", "train_from", "image_size", "optim", "batch_size",
-                     "seed")
+                     "seed", "id_loss_weight")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -93,7 +95,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=cli_utils.positive_int, default=IMAGE_SIZE, help="training image size")
     p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=EMBEDDING_DIM, help="embedding size")
     p.add_argument("--mining", choices=MINING_MODES, default=MINING,
-                   help="online negative mining inside each batch (needs class folders)")
+                   help="online mining inside each batch (needs class folders): batch-hard = every image is an "
+                        "anchor with its hardest positive and negative; hard-negative / semi-hard = each "
+                        "triplet's negative replaced")
+    p.add_argument("--id-loss-weight", type=cli_utils.non_negative_float, default=ID_LOSS_WEIGHT,
+                   help="weight of a class (cosine softmax) loss added to the ranking loss (needs class "
+                        "folders; 0: ranking loss only)")
     p.add_argument("--output-dir", type=Path, default=Path("."), help="where checkpoints and logs go")
     p.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
     p.add_argument("--force", action="store_true", help="overwrite the outputs of an earlier run")
@@ -138,11 +145,30 @@ def triplet_hinge_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin
     return hinge_terms(pairwise_distance(q, p), pairwise_distance(q, n), margin).mean()
 
 
+def batch_hard_distances(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-hard (Hermans et al. 2017): every row of emb [M, D] is an anchor.
+
+    Returns (d_pos [A], d_neg [A]) for the A anchors that have both another
+    same-class row (the farthest is its positive) and an other-class row (the
+    closest is its negative); labels [M]. Euclidean distances, differentiable.
+    """
+    e = emb.float()
+    sq = (e * e).sum(1)
+    dist = (sq[:, None] + sq[None, :] - 2.0 * e @ e.T).clamp(min=1e-12).sqrt()  # [M, M]
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    other = labels[:, None] != labels[None, :]
+    valid = same.any(1) & other.any(1)
+    d_pos = torch.where(same, dist, torch.full_like(dist, -1.0)).amax(1)
+    d_neg = torch.where(other, dist, torch.full_like(dist, float("inf"))).amin(1)
+    return d_pos[valid], d_neg[valid]
+
+
 def mine_negatives(q: torch.Tensor, pos_dist: torch.Tensor, pool: torch.Tensor, q_labels: torch.Tensor,
                    pool_labels: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
     """Index [B] into ``pool`` [M, D] of the negative to use for each query of q [B, D].
 
-    batch-hard: the closest pool embedding of another class. semi-hard: the
+    hard-negative: the closest pool embedding of another class. semi-hard: the
     closest other-class embedding farther than the positive (pos_dist [B]) yet
     inside the margin band D(q,p) < D(q,n) < D(q,p) + g; the hardest one when
     the band is empty. Queries with no other-class candidate get -1 (the
@@ -156,9 +182,33 @@ def mine_negatives(q: torch.Tensor, pos_dist: torch.Tensor, pool: torch.Tensor, 
         dp = pos_dist.detach().float()[:, None]  # [B, 1]
         band = other & (dist > dp) & (dist < dp + margin)
         idx = torch.where(band.any(1), torch.where(band, dist, inf).argmin(1), idx)
-    elif mode != "batch-hard":
+    elif mode != "hard-negative":
         raise ValueError(f"unknown mining mode {mode!r}")
     return torch.where(other.any(1), idx, torch.full_like(idx, -1))
+
+
+class Trainee(torch.nn.Module):
+    """What the optimizer trains: the network, plus (``n_classes`` > 0) a cosine classifier on its embeddings.
+
+    forward(x [B, 3, S, S]) -> (embeddings [B, D], class logits [B, C] or None). The
+    classifier exists only during training (checkpoints keep it as ``id_head`` for
+    --resume); embeddings and every later stage use the network alone.
+    """
+
+    def __init__(self, net: deep_rank_net.DeepRankNet, n_classes: int):
+        super().__init__()
+        self.net = net
+        dim = net.config["embedding_dim"]
+        self.id_head = torch.nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5) if n_classes else None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.net.trainable_parameters() + ([self.id_head] if self.id_head is not None else [])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb = self.net(x)
+        if self.id_head is None:
+            return emb, None
+        return emb, ID_LOSS_SCALE * emb.float() @ F.normalize(self.id_head, dim=1).T
 
 
 def label_ids(paths: np.ndarray) -> tuple[np.ndarray, int]:
@@ -169,12 +219,13 @@ def label_ids(paths: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def check_labels_usable(trip: np.ndarray, labels: np.ndarray, n_classes: int, min_fit: float = 0.9) -> None:
-    """Mining needs folder classes: q and p share one and n does not, for at least ``min_fit`` of the rows."""
+    """Mining and the class loss need folder classes: q and p share one and n does not, for ``min_fit`` of the rows."""
     lq, lp, ln = labels[trip[:, 0]], labels[trip[:, 1]], labels[trip[:, 2]]
     fit = float(((lq == lp) & (lq != ln)).mean())
     if n_classes < 2 or fit < min_fit:
-        raise UserError("mining needs class labels from folder names; this CSV has none "
-                        f"({n_classes} folder(s), {fit:.0%} of triplets fit them) — use --mining none")
+        raise UserError("--mining and --id-loss-weight need class labels from folder names; this CSV has none "
+                        f"({n_classes} folder(s), {fit:.0%} of triplets fit them) — use --mining none "
+                        "--id-loss-weight 0")
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +402,7 @@ def validate(model, images, val: np.ndarray, args, device, amp: bool) -> dict:
 class RunningStats:
     """Sums of the per-step training statistics since the last reset."""
 
-    KEYS = ("loss", "d_pos", "d_neg", "active_fraction")
+    KEYS = ("loss", "d_pos", "d_neg", "active_fraction", "id_loss")
 
     def __init__(self):
         self.reset()
@@ -401,8 +452,8 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         ckpt = deep_rank_net.load_checkpoint(args.resume)
         check_resume_args(ckpt, args, args.resume)
     paths, trip, val = load_triplets(args)
-    labels = None
-    if args.mining != "none":
+    labels, n_classes = None, 0
+    if args.mining != "none" or args.id_loss_weight > 0:
         labels, n_classes = label_ids(paths)
         check_labels_usable(trip, labels, n_classes)
     cache_size = args.cache_size or image_cache.choose_cache_size(list(paths), args.image_size)
@@ -415,14 +466,17 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
     # channels_last helps GPU convolutions; on CPU (oneDNN, small images) NCHW measured ~1.6x faster.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
-    optimizer = build_optimizer(args.optim, model.trainable_parameters(), args)
+    trainee = Trainee(model, n_classes if args.id_loss_weight > 0 else 0).to(device)
+    optimizer = build_optimizer(args.optim, trainee.trainable_parameters(), args)
     start_epoch, global_step, skip = 0, 0, 0
     if ckpt is not None:
         try:
             model.load_state_dict(deep_rank_net.strip_wrapper_prefixes(ckpt["model"]))
+            if trainee.id_head is not None:
+                trainee.id_head.data.copy_(ckpt["id_head"])
             if ckpt.get("optimizer"):
                 optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"checkpoint {args.resume} does not fit this model/optimizer: "
                             f"{str(exc).strip().splitlines()[0]}")
         if ckpt.get("optimizer"):
@@ -434,11 +488,11 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         skip = int(ckpt.get("step_in_epoch", 0))
         if is_main:
             print(f"resuming from {args.resume}: epoch {start_epoch + 1}, step {global_step}", file=sys.stderr)
-    model.train()
-    train_model = model
+    trainee.train()
+    train_model = trainee
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            trainee, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         train_model = torch.compile(train_model)
     amp_dtype = deep_rank_net.resolve_amp_dtype(device, {"auto": None, "on": True, "off": False}[args.amp])
@@ -455,9 +509,12 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         if not weights_finite_state(model.state_dict()):
             raise UserError(f"the weights became NaN/inf at step {global_step}; not saving {path} "
                             f"(the last good checkpoint is kept; try a lower --lr)")
+        extra = {"step_in_epoch": step_in_epoch}
+        if trainee.id_head is not None:
+            extra["id_head"] = trainee.id_head.detach().cpu()
         deep_rank_net.save_checkpoint(path, model, optimizer, epoch=epoch, step=global_step,
                                       image_size=args.image_size, args=vars(args),
-                                      rng=deep_rank_net.capture_rng_state(), extra={"step_in_epoch": step_in_epoch})
+                                      rng=deep_rank_net.capture_rng_state(), extra=extra)
 
     def log(record: dict) -> None:
         if is_main:
@@ -492,18 +549,26 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
                                          generator=flip_generator(args.seed, epoch, global_step))
             x = x.contiguous(memory_format=memory_format)  # [3b, 3, S, S]
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                emb = train_model(x)  # ONE forward of queries, positives and negatives: [3b, D]
+                # ONE forward of queries, positives and negatives: emb [3b, D], logits [3b, C] or None
+                emb, logits = train_model(x)
             emb = emb.float()
             b = emb.shape[0] // 3
             q, p, n = emb[:b], emb[b:2 * b], emb[2 * b:]
-            d_pos = pairwise_distance(q, p)  # [b]
-            if labels_t is not None:
-                batch_labels = labels_t[order.to(device)]  # [3b]
-                neg = mine_negatives(q, d_pos, emb, batch_labels[:b], batch_labels, args.mining, args.margin)
-                n = torch.where((neg >= 0)[:, None], emb[neg.clamp(min=0)], n)
-            d_neg = pairwise_distance(q, n)
-            per_triplet = hinge_terms(d_pos, d_neg, args.margin)  # [b]
-            loss = per_triplet.mean()
+            batch_labels = labels_t[order.to(device)] if labels_t is not None else None  # [3b]
+            if args.mining == "batch-hard":
+                d_pos, d_neg = batch_hard_distances(emb, batch_labels)  # [A], A <= 3b anchors
+            else:
+                d_pos = pairwise_distance(q, p)  # [b]
+                if args.mining != "none":
+                    neg = mine_negatives(q, d_pos, emb, batch_labels[:b], batch_labels, args.mining, args.margin)
+                    n = torch.where((neg >= 0)[:, None], emb[neg.clamp(min=0)], n)
+                d_neg = pairwise_distance(q, n)
+            per_triplet = hinge_terms(d_pos, d_neg, args.margin)  # [b] (or [A])
+            loss = per_triplet.mean() if len(per_triplet) else emb.sum() * 0.0  # no anchor: no ranking term
+            id_loss = torch.zeros((), device=emb.device)
+            if logits is not None:
+                id_loss = F.cross_entropy(logits.float(), batch_labels)
+                loss = loss + args.id_loss_weight * id_loss
             check_finite(loss, epoch, global_step, last_good, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -512,7 +577,7 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
             done += 1
             n_images += emb.shape[0] * world
             stats = dict(loss=loss.item(), d_pos=d_pos.mean().item(), d_neg=d_neg.mean().item(),
-                         active_fraction=(per_triplet > 0).float().mean().item())
+                         active_fraction=(per_triplet > 0).float().mean().item(), id_loss=id_loss.item())
             epoch_stats.add(**stats)
             log_stats.add(**stats)
             spread = torch.pdist(emb.detach()).mean().item() if emb.shape[0] > 1 else 1.0

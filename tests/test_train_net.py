@@ -102,21 +102,36 @@ def test_mining_picks_hardest_and_semi_hard_negatives():
     q_labels = torch.tensor([0, 0])
     pos_dist = torch.tensor([1.0, 1.0])
     mine = train_net.mine_negatives
-    # batch-hard: the closest other-class point, 0.5 for q=0 and 3.0 for q=10
-    assert mine(q, pos_dist, pool, q_labels, pool_labels, "batch-hard", 1.0).tolist() == [1, 3]
+    # hard-negative: the closest other-class point, 0.5 for q=0 and 3.0 for q=10
+    assert mine(q, pos_dist, pool, q_labels, pool_labels, "hard-negative", 1.0).tolist() == [1, 3]
     # semi-hard, margin 1.5: for q=0 the band (1, 2.5) holds 2.0; q=10 has none (D=7) -> hardest
     assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.5).tolist() == [2, 3]
     # margin 1.0: band (1, 2) is empty -> hardest
     assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.0).tolist() == [1, 3]
     one_class = torch.zeros(5, dtype=torch.long)
-    assert mine(q, pos_dist, pool, q_labels, one_class, "batch-hard", 1.0).tolist() == [-1, -1]
+    assert mine(q, pos_dist, pool, q_labels, one_class, "hard-negative", 1.0).tolist() == [-1, -1]
+
+
+def test_batch_hard_takes_farthest_positive_and_closest_negative_of_every_anchor():
+    # Points on a line: class 0 at 0, 1, 4; class 1 at 2, 10; class 2 at 7 (alone: no positive).
+    emb = torch.tensor([[0.0], [1.0], [4.0], [2.0], [10.0], [7.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    d_pos, d_neg = train_net.batch_hard_distances(emb, labels)
+    # anchor 0: farthest same 4 (4), closest other 2 (2); 1: 3 and 1; 4: 4 and 2;
+    # 2: farthest same 10 (8), closest other 1 (1); 10: 8 and 3; 7 has no positive: dropped.
+    assert d_pos.tolist() == pytest.approx([4, 3, 4, 8, 8], abs=1e-4)
+    assert d_neg.tolist() == pytest.approx([2, 1, 2, 1, 3], abs=1e-4)
+    train_net.hinge_terms(d_pos, d_neg, 0.2).mean().backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    d_pos, d_neg = train_net.batch_hard_distances(emb, torch.zeros(6, dtype=torch.long))
+    assert len(d_pos) == len(d_neg) == 0  # one class: no negatives, no anchors
 
 
 def test_label_check_accepts_classes_and_rejects_label_free_rows():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0, 1, 2], [2, 3, 0]])
     train_net.check_labels_usable(good, labels, 2)
-    with pytest.raises(cli_utils.UserError, match="mining needs class labels"):
+    with pytest.raises(cli_utils.UserError, match="--id-loss-weight need class labels"):
         train_net.check_labels_usable(np.array([[0, 2, 3], [2, 3, 0]]), labels, 2)  # q, p differ
     with pytest.raises(cli_utils.UserError, match="use --mining none"):
         train_net.check_labels_usable(good, np.zeros(4, dtype=np.int64), 1)  # one folder
@@ -171,9 +186,11 @@ def test_training_keeps_frozen_layers_and_bn_stats(trained):
     assert not torch.equal(fresh["fuse.weight"], torched["fuse.weight"])
 
 
-def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path):
+@pytest.mark.parametrize("loss", [[], ["--mining", "batch-hard", "--id-loss-weight", "1", "--margin", "0.2"]],
+                         ids=["plain", "batch-hard+id-loss"])
+def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
-              *TINY]
+              *loss, *TINY]
     train(*common, "--output-dir", tmp_path / "a", "--num-workers", 2)  # worker processes gather the batches
     train(*common, "--output-dir", tmp_path / "b", "--max-steps", 3)
     assert not (tmp_path / "b" / "deepranknet.model").exists()
@@ -185,6 +202,11 @@ def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path):
     assert a["step"] == b["step"] == 10
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    assert ("id_head" in a) == bool(loss)  # the class loss's classifier is saved for --resume
+    if loss:
+        assert torch.allclose(a["id_head"], b["id_head"], atol=1e-6)
+        record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["id_loss"] > 0
     init = deep_rank_net.load_checkpoint(tmp_path / "b" / "temp_0.model")  # overwritten by epoch 1's end
     assert not torch.equal(init["model"]["fuse.weight"], mid["model"]["fuse.weight"])
 
@@ -194,7 +216,8 @@ def test_two_process_ddp_run(csvs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "train_net.py"), "--triplets", str(csvs[0]), "--val-triplets", str(csvs[1]),
-                           "--epochs", "1", "--device", "cpu", "--output-dir", str(out), *TINY],
+                           "--epochs", "1", "--device", "cpu", "--output-dir", str(out), "--mining", "batch-hard",
+                           "--id-loss-weight", "0.5", *TINY],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
@@ -215,7 +238,9 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
     csv = tmp_path / "imported" / "triplets.csv"
     image_data.write_triplet_csv(csv, files[0:6], files[2:8], files[1:7])
     err = fails(capsys, "--triplets", csv, "--mining", "semi-hard", "--output-dir", tmp_path / "o", *TINY)
-    assert "mining needs class labels from folder names" in err
+    assert "--mining and --id-loss-weight need class labels from folder names" in err
+    err = fails(capsys, "--triplets", csv, "--id-loss-weight", "1", "--output-dir", tmp_path / "o", *TINY)
+    assert "need class labels" in err and not (tmp_path / "o").exists()
     train("--triplets", csv, "--val-fraction", "0.34", "--output-dir", tmp_path / "o2", *TINY)
     record = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["val_triplets"] == 2 and record["step"] == 1  # 2 of 6 queries held out; 4 train triplets
@@ -273,6 +298,7 @@ def test_collapse_warning(csvs, tmp_path, capsys, monkeypatch):
     (["--arch", "vgg16"], "invalid choice"),
     (["--optim", "foo"], "invalid choice"),
     (["--mining", "hard"], "invalid choice"),
+    (["--id-loss-weight", "-1"], "expected a non-negative number"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:

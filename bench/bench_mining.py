@@ -1,6 +1,6 @@
-"""Does online mining help? Mining none vs batch-hard (vs semi-hard) for the same wall-clock budget.
+"""Does online mining help? Mining none vs hard negatives (vs batch-hard, semi-hard) for the same wall-clock budget.
 
-    python bench/bench_mining.py [--budget 60] [--modes none batch-hard] [--image-size 32]
+    python bench/bench_mining.py [--budget 60] [--modes none hard-negative] [--image-size 32]
 
 On the bundled Fashion-MNIST sample written in TinyImageNet's layout
 (make_sample_data.py + transform_validation.py: 600 train / 150 val images,
@@ -35,8 +35,8 @@ import cli_utils  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=cli_utils.positive_float, default=60.0, help="training seconds per mode")
-    p.add_argument("--modes", nargs="+", default=["none", "batch-hard"],
-                   choices=["none", "batch-hard", "semi-hard"], help="mining modes to compare")
+    p.add_argument("--modes", nargs="+", default=["none", "hard-negative"],
+                   choices=["none", "batch-hard", "hard-negative", "semi-hard"], help="mining modes to compare")
     p.add_argument("--arch", default="resnet18", help="backbone architecture")
     p.add_argument("--image-size", type=cli_utils.positive_int, default=32, help="training image size")
     p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=64, help="embedding size")

@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 META_SUFFIX = ".meta.csv"  # sidecar of a .npy file: "<name>.npy.meta.csv"
 
 # Work split: tasks big enough to amortise inter-process transfer; formatting itself
-# runs 16 rows at a time so its temporaries (~60 bytes per value) stay in the CPU caches.
+# runs 16 rows at a time so its temporaries (~80 bytes per value) stay in the CPU caches.
 _WRITE_ROWS_PER_TASK = 512
 _FORMAT_ROWS = 16
 # Below this many values starting worker processes costs more than it saves.

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cli_utils import UserError
+from cli_utils import UserError, pick_device
 
 
 # Per-chunk budget for the [C, N] float32 distance block: 2**26 floats = 256 MB, whatever
@@ -25,13 +25,6 @@ CHUNK_FLOATS = 1 << 26
 def _as_tensor(x, device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
     return t.to(device)
-
-
-def resolve_device(device) -> torch.device:
-    """``None``/"auto": the GPU when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ExactIndex:
@@ -45,7 +38,7 @@ class ExactIndex:
     """
 
     def __init__(self, database, device=None, chunk_floats: int = CHUNK_FLOATS):
-        self.device = resolve_device(device)
+        self.device = pick_device("auto" if device is None else device)
         self.db = _as_tensor(database, self.device)  # [N, d] float32
         if self.db.ndim != 2:
             raise ValueError(f"database must be [N, d], got shape {tuple(self.db.shape)}")
@@ -54,10 +47,6 @@ class ExactIndex:
 
     def __len__(self) -> int:
         return int(self.db.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.db.shape[1])
 
     def search(self, queries, k: int, exclude_rows=None, largest: bool = False,
                chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

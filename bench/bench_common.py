@@ -1,4 +1,8 @@
-"""Helpers shared by the bench scripts: run a pipeline script, write Fashion-MNIST in TinyImageNet layout."""
+"""Helpers shared by the bench scripts.
+
+Importing this module also puts the repository root on ``sys.path``, so that a bench
+script run as ``python bench/bench_X.py`` can import the pipeline modules.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def run(script: str, *argv) -> None:
@@ -22,3 +30,59 @@ def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: 
             "--train-per-class", train_per_class, "--val-per-class", val_per_class, "--no-progress")
         run("transform_validation.py", "--data-dir", data)
     return data
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """train_net.py's final model in ``out``, else its newest temp_<epoch>.model."""
+    final = out / "deepranknet.model"
+    if final.exists():
+        return final
+    return max(out.glob("temp_*.model"), key=lambda p: p.stat().st_mtime)
+
+
+class Evaluator:
+    """Test precision@k of a model: val images query the train images (as eval.py)."""
+
+    def __init__(self, data: Path, k: int, device):
+        import image_data
+
+        self.train = image_data.list_class_folder(data / "train")
+        self.val = image_data.list_class_folder(data / "val")
+        self.k, self.device = k, device
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        import image_cache
+
+        if size not in self._cache:
+            side = image_cache.choose_cache_size(self.train.paths, size)
+            self._cache[size] = tuple(image_cache.cache_images(p, side, progress=False)
+                                      for p in (self.train.paths, self.val.paths))
+        return self._cache[size]
+
+    def score(self, db: np.ndarray, queries: np.ndarray) -> float:
+        import retrieval
+
+        _, idx = retrieval.knn_search(queries, db, self.k, device=self.device)
+        neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]
+        return retrieval.precision_at_k(self.val.label_names, neighbour_labels, self.k)
+
+    def embed(self, model, images: np.ndarray, image_size: int) -> np.ndarray:
+        """float32 [N, D] embeddings of cached uint8 images [N, H, W, 3]."""
+        import deep_rank_net
+
+        return deep_rank_net.embed_images(model, images, image_size, batch_size=128, device=self.device,
+                                          progress=False)
+
+    def model(self, model, image_size: int) -> float:
+        train_images, val_images = self.images(image_size)
+        return self.score(self.embed(model, train_images, image_size), self.embed(model, val_images, image_size))
+
+    def raw_pixels(self) -> float:
+        train_images, val_images = self.images(64)
+
+        def flat(x: np.ndarray) -> np.ndarray:  # [N, H, W, 3] uint8 -> unit rows [N, H*W*3]
+            v = x.reshape(len(x), -1).astype(np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
+
+        return self.score(flat(train_images), flat(val_images))

@@ -31,13 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-for folder in (REPO, REPO / "bench"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+from bench_common import REPO, fashion_mnist, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
-from bench_common import fashion_mnist, run  # noqa: E402
 
 CLASSIC_BATCH = 25
 

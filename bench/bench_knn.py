@@ -29,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
 
 import cli_utils  # noqa: E402
 from cli_utils import UserError  # noqa: E402

@@ -17,7 +17,6 @@ seed) is the reference row. Prints a table.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench_common import Evaluator, latest_checkpoint, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -49,11 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(script: str, *argv) -> None:
-    subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-
-
 def prepare(root: Path, seed: int) -> tuple[Path, Path, Path]:
     """Sample data in TinyImageNet layout + train (2x2) and val (1x1) triplet CSVs."""
     data = root / "sample"
@@ -67,38 +59,21 @@ def prepare(root: Path, seed: int) -> tuple[Path, Path, Path]:
     return data, train_csv, val_csv
 
 
-def latest_checkpoint(out: Path) -> Path:
-    final = out / "deepranknet.model"
-    if final.exists():
-        return final
-    return max(out.glob("temp_*.model"), key=lambda p: p.stat().st_mtime)
-
-
-def evaluate(model, image_size: int, data: Path, val_csv: Path, k: int, device) -> dict:
+def evaluate(evaluator: Evaluator, model, image_size: int, val_csv: Path) -> dict:
     """Val triplet accuracy and precision@k (val images query the train images)."""
     import torch
 
-    import deep_rank_net
     import image_cache
     import image_data
     import retrieval
 
-    def embed(paths):
-        images = image_cache.cache_images(paths, image_cache.choose_cache_size(paths, image_size), progress=False)
-        return deep_rank_net.embed_images(model, images, image_size, batch_size=256, device=device,
-                                          progress=False)  # [N, D]
-
-    train = image_data.list_class_folder(data / "train")
-    val = image_data.list_class_folder(data / "val")
-    db, queries = embed(train.paths), embed(val.paths)
-    _, idx = retrieval.knn_search(queries, db, k)
-    neighbour_labels = np.array(train.label_names, dtype=object)[idx]  # [Q, k]
-    p_at_k = retrieval.precision_at_k(val.label_names, neighbour_labels, k)
     q, p, n = image_data.read_triplet_csv(val_csv)
     uniq, inverse = np.unique(np.concatenate([q, p, n]).astype(str), return_inverse=True)
-    emb = torch.from_numpy(embed(list(uniq)))[torch.from_numpy(inverse)].view(3, len(q), -1)
+    paths = list(uniq)
+    images = image_cache.cache_images(paths, image_cache.choose_cache_size(paths, image_size), progress=False)
+    emb = torch.from_numpy(evaluator.embed(model, images, image_size))[torch.from_numpy(inverse)].view(3, len(q), -1)
     acc = retrieval.triplet_accuracy(emb[0], emb[1], emb[2])
-    return {"val_triplet_accuracy": float(acc), f"precision@{k}": float(p_at_k)}
+    return {"val_triplet_accuracy": float(acc), f"precision@{evaluator.k}": evaluator.model(model, image_size)}
 
 
 def main(args) -> None:
@@ -111,6 +86,7 @@ def main(args) -> None:
         root = args.work_dir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         data, train_csv, val_csv = prepare(root, args.seed)
+        evaluator = Evaluator(data, args.k, device)
         n_train = sum(1 for _ in open(train_csv)) - 1
         common = ["--triplets", train_csv, "--val-triplets", val_csv, "--arch", args.arch, "--weights", "none",
                   "--train-from", "conv1", "--image-size", args.image_size, "--embedding-dim", args.embedding_dim,
@@ -121,7 +97,7 @@ def main(args) -> None:
         cli_utils.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
         untrained = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1").to(device)
         rows.append({"mode": "untrained", "steps": 0, "seconds": 0.0,
-                     **evaluate(untrained, args.image_size, data, val_csv, args.k, device)})
+                     **evaluate(evaluator, untrained, args.image_size, val_csv)})
         for mode in args.modes:
             out = root / f"run_{mode}"
             t0 = time.perf_counter()
@@ -130,7 +106,7 @@ def main(args) -> None:
             ckpt = deep_rank_net.load_checkpoint(latest_checkpoint(out))
             model, image_size = deep_rank_net.model_from_checkpoint(ckpt, device)
             rows.append({"mode": mode, "steps": int(ckpt["step"]), "seconds": seconds,
-                         **evaluate(model, image_size, data, val_csv, args.k, device)})
+                         **evaluate(evaluator, model, image_size, val_csv)})
             print(f"  {mode}: {rows[-1]}", file=sys.stderr)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.arch} from scratch, "
           f"{args.image_size} px, dim {args.embedding_dim}, batch {args.batch_size}, Adam lr {args.lr}, "

@@ -34,13 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-for folder in (REPO, REPO / "bench"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+from bench_common import Evaluator, fashion_mnist, latest_checkpoint, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
-from bench_common import fashion_mnist, run  # noqa: E402
 from cli_utils import UserError  # noqa: E402
 
 # Our CPU recipe: what the measurements below found fastest to reach high precision.
@@ -85,51 +81,6 @@ def prepare(root: Path, args) -> tuple[Path, Path]:
         run("triplet_sampler.py", "--training", 1, "--data-dir", data, "--num_pos_images", 1,
             "--num_neg_images", 1, "--output", csv, "--seed", args.seed)
     return data, csv
-
-
-class Evaluator:
-    """Test precision@k of a model: val images query the train images (as eval.py)."""
-
-    def __init__(self, data: Path, k: int, device):
-        import image_data
-
-        self.train = image_data.list_class_folder(data / "train")
-        self.val = image_data.list_class_folder(data / "val")
-        self.k, self.device = k, device
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        import image_cache
-
-        if size not in self._cache:
-            side = image_cache.choose_cache_size(self.train.paths, size)
-            self._cache[size] = tuple(image_cache.cache_images(p, side, progress=False)
-                                      for p in (self.train.paths, self.val.paths))
-        return self._cache[size]
-
-    def score(self, db: np.ndarray, queries: np.ndarray) -> float:
-        import retrieval
-
-        _, idx = retrieval.knn_search(queries, db, self.k, device=self.device)
-        neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]
-        return retrieval.precision_at_k(self.val.label_names, neighbour_labels, self.k)
-
-    def model(self, model, image_size: int) -> float:
-        import deep_rank_net
-
-        train_images, val_images = self.images(image_size)
-        embed = lambda x: deep_rank_net.embed_images(model, x, image_size, batch_size=128,  # noqa: E731
-                                                     device=self.device, progress=False)
-        return self.score(embed(train_images), embed(val_images))
-
-    def raw_pixels(self) -> float:
-        train_images, val_images = self.images(64)
-
-        def flat(x: np.ndarray) -> np.ndarray:  # [N, H, W, 3] uint8 -> unit rows [N, H*W*3]
-            v = x.reshape(len(x), -1).astype(np.float32)
-            return v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
-
-        return self.score(flat(train_images), flat(val_images))
 
 
 def eval_times(args) -> list[float]:
@@ -192,7 +143,7 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         run("train_net.py", *flags, "--time-limit", target - done, *(resume or ["--force"]))
         wall += time.perf_counter() - t0
         done = target
-        ckpt_path = max(out.glob("temp_*.model"), key=lambda path: path.stat().st_mtime)
+        ckpt_path = latest_checkpoint(out)
         resume = ["--resume", ckpt_path]
         ckpt = deep_rank_net.load_checkpoint(ckpt_path)
         model, image_size = deep_rank_net.model_from_checkpoint(ckpt, evaluator.device)

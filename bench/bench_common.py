@@ -18,9 +18,17 @@ if str(REPO) not in sys.path:
 
 
 def run(script: str, *argv) -> None:
-    """Run a pipeline script of the repository as a user would (stdout hidden, errors raised)."""
-    subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
+    """Run a pipeline script of the repository as a user would (stdout hidden).
+
+    A failure becomes a UserError naming the script; the script's own error line is
+    already on stderr above it.
+    """
+    from cli_utils import UserError
+
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
+                          stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise UserError(f"{script} failed (exit {proc.returncode}); see its message above")
 
 
 def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: int, seed: int) -> Path:

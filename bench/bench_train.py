@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import REPO  # also puts the repo on sys.path
+from bench_common import run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -57,8 +56,7 @@ def make_sample(root: Path) -> list[str]:
     """Write the bundled sample under ``root``; returns the train image paths."""
     import image_data
 
-    subprocess.run([sys.executable, str(REPO / "make_sample_data.py"), "--output", str(root), "--no-progress"],
-                   check=True, cwd=REPO)
+    run("make_sample_data.py", "--output", root, "--no-progress")
     return list(image_data.list_class_folder(image_data.resolve_split_dir(root, "train")).paths)
 
 

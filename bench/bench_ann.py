@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
+from bench_common import comma_list  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 from cli_utils import UserError  # noqa: E402
@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=cli_utils.positive_int, default=1000, help="queries per database")
     p.add_argument("--k", type=cli_utils.positive_int, default=30, help="neighbours per query (recall@k)")
     p.add_argument("--nlist", type=cli_utils.positive_int, default=1024, help="IVF clusters")
-    p.add_argument("--nprobe", default="1,8,32", help="comma-separated clusters searched per query")
+    p.add_argument("--nprobe", type=comma_list(cli_utils.positive_int), default="1,8,32",
+                   help="comma-separated clusters searched per query")
     p.add_argument("--datasets", default="random,clustered", help="synthetic databases: random, clustered")
     p.add_argument("--embeddings", type=Path, default=None,
                    help="also benchmark a real embedding file (the database)")
@@ -117,7 +118,7 @@ def main(args) -> None:
     faiss = require_faiss()
     import torch
 
-    nprobes = [cli_utils.positive_int(x) for x in args.nprobe.split(",") if x.strip()]
+    nprobes = args.nprobe
     rng = np.random.default_rng(args.seed)
     print(f"{torch.get_num_threads()} torch threads, {faiss.omp_get_max_threads()} faiss threads; "
           f"{args.queries} queries, k={args.k}", file=sys.stderr)

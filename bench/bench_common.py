@@ -6,6 +6,7 @@ script run as ``python bench/bench_X.py`` can import the pipeline modules.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,18 @@ def run(script: str, *argv) -> None:
                           stdout=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); see its message above")
+
+
+def comma_list(item_type):
+    """argparse type: "a,b,c" -> [item_type("a"), ...], at least one item (item_type: e.g. cli_utils.positive_int)."""
+
+    def parse(text: str) -> list:
+        items = [item_type(t.strip()) for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return items
+
+    return parse
 
 
 def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: int, seed: int) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
+from bench_common import comma_list  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 from cli_utils import UserError  # noqa: E402
@@ -37,21 +37,11 @@ from cli_utils import UserError  # noqa: E402
 METHODS = ("ours", "sklearn")
 
 
-def dims_list(text: str) -> list[int]:
-    try:
-        dims = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not dims or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"dimensions must be >= 1, got {text!r}")
-    return dims
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=cli_utils.positive_int, default=10_000, help="query vectors")
     p.add_argument("--database", type=cli_utils.positive_int, default=100_000, help="database vectors")
-    p.add_argument("--dims", type=dims_list, default=[4096, 128], help="comma-separated dimensions")
+    p.add_argument("--dims", type=comma_list(cli_utils.positive_int), default=[4096, 128], help="comma-separated dimensions")
     p.add_argument("--k", type=cli_utils.positive_int, default=30, help="neighbours per query")
     p.add_argument("--device", default="cpu", help="device for knn_search (cpu for a like-for-like comparison)")
     p.add_argument("--seed", type=int, default=0, help="random seed")

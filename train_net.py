@@ -400,7 +400,11 @@ def validate(model, images, val: np.ndarray, args, device, amp: bool) -> dict:
 
 
 class RunningStats:
-    """Sums of the per-step training statistics since the last reset."""
+    """Per-key sums of the per-step training statistics since the last reset.
+
+    Each key is averaged over the steps that reported it: a batch-hard step with no
+    usable anchor reports no distances.
+    """
 
     KEYS = ("loss", "d_pos", "d_neg", "active_fraction", "id_loss")
 
@@ -408,15 +412,15 @@ class RunningStats:
         self.reset()
 
     def reset(self) -> None:
-        self.sums, self.steps = dict.fromkeys(self.KEYS, 0.0), 0
+        self.sums, self.counts = dict.fromkeys(self.KEYS, 0.0), dict.fromkeys(self.KEYS, 0)
 
     def add(self, **values: float) -> None:
         for k, v in values.items():
             self.sums[k] += v
-        self.steps += 1
+            self.counts[k] += 1
 
     def means(self) -> dict:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        return {k: v / self.counts[k] if self.counts[k] else float("nan") for k, v in self.sums.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -576,8 +580,10 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
             global_step += 1
             done += 1
             n_images += emb.shape[0] * world
-            stats = dict(loss=loss.item(), d_pos=d_pos.mean().item(), d_neg=d_neg.mean().item(),
-                         active_fraction=(per_triplet > 0).float().mean().item(), id_loss=id_loss.item())
+            stats = dict(loss=loss.item(), id_loss=id_loss.item())
+            if len(per_triplet):  # batch-hard: a batch may hold no anchor with both a positive and a negative
+                stats.update(d_pos=d_pos.mean().item(), d_neg=d_neg.mean().item(),
+                             active_fraction=(per_triplet > 0).float().mean().item())
             epoch_stats.add(**stats)
             log_stats.add(**stats)
             spread = torch.pdist(emb.detach()).mean().item() if emb.shape[0] > 1 else 1.0

@@ -127,6 +127,17 @@ def test_batch_hard_takes_farthest_positive_and_closest_negative_of_every_anchor
     assert len(d_pos) == len(d_neg) == 0  # one class: no negatives, no anchors
 
 
+def test_running_stats_average_each_key_over_the_steps_that_report_it():
+    stats = train_net.RunningStats()
+    stats.add(loss=1.0, id_loss=0.0, d_pos=2.0, d_neg=4.0, active_fraction=1.0)
+    stats.add(loss=3.0, id_loss=1.0)  # a batch-hard step without any usable anchor: no distances
+    means = stats.means()
+    assert (means["loss"], means["id_loss"]) == (2.0, 0.5)
+    assert (means["d_pos"], means["d_neg"], means["active_fraction"]) == (2.0, 4.0, 1.0)
+    stats.reset()
+    assert all(np.isnan(v) for v in stats.means().values())
+
+
 def test_label_check_accepts_classes_and_rejects_label_free_rows():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0, 1, 2], [2, 3, 0]])

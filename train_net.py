@@ -38,6 +38,8 @@ from cli_utils import UserError
 BATCH_SIZE = 25  # triplets per step (75 images per forward pass); the classic recipe
 LEARNING_RATE = 0.001  # the course reference; higher rates wreck the pretrained layer4
 EPOCHS = 1  # one pass over the triplet CSV; pretrained ResNet-101 keeps improving for ~10
+LR_SCHEDULE = "constant"  # constant | cosine: cosine decays the lr to 0 by the last step of --epochs
+WARMUP_STEPS = 0  # linear lr warm-up over the first N steps (a high lr from scratch can diverge early)
 OPTIMIZER = "sgd"  # sgd | adam | rms; SGD + Nesterov is the classic recipe
 MOMENTUM = 0.9  # SGD/RMSprop momentum, as in the classic code
 NESTEROV = True  # Nesterov momentum for SGD, as in the classic code
@@ -57,6 +59,7 @@ LOG_EVERY = 20  # steps between metrics.jsonl training records (a few per minute
 COLLAPSE_DISTANCE = 1e-3  # mean pairwise distance in a batch below this = embeddings collapsed
 
 OPTIMIZERS = ("sgd", "adam", "rms")
+LR_SCHEDULES = ("constant", "cosine")
 MINING_MODES = ("none", "batch-hard", "hard-negative", "semi-hard")
 ID_LOSS_SCALE = 16.0  # cosine-classifier temperature: logits = 16 * cos(embedding, class weight)
 FINAL_NAME = "deepranknet.model"
@@ -83,6 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="optimizer (case-insensitive)")
     p.add_argument("--batch-size", type=cli_utils.positive_int, default=BATCH_SIZE, help="triplets per step")
     p.add_argument("--lr", type=cli_utils.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LR_SCHEDULE,
+                   help="constant, or cosine decay to 0 over all --epochs (--max-steps/--time-limit "
+                        "stop early without shortening it)")
+    p.add_argument("--warmup-steps", type=cli_utils.non_negative_int, default=WARMUP_STEPS,
+                   help="linear learning-rate warm-up over the first N optimizer steps")
     p.add_argument("--momentum", type=float, default=MOMENTUM, help="momentum (sgd, rms)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="weight decay")
     p.add_argument("--margin", type=cli_utils.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
@@ -349,6 +357,21 @@ def build_optimizer(name: str, params, args) -> torch.optim.Optimizer:
     raise UserError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
+def scheduled_lr(base_lr: float, step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) in a run of ``total_steps``.
+
+    Linear warm-up from base_lr / warmup_steps over the first ``warmup_steps`` steps; then
+    constant, or cosine: base_lr * (1 + cos(pi * step / total_steps)) / 2, which reaches 0
+    only after the last step. A function of the step alone, so --resume stays exact.
+    """
+    lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base_lr
+    if schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    elif schedule != "constant":
+        raise ValueError(f"unknown lr schedule {schedule!r}")
+    return lr
+
+
 def check_outputs(out: Path, force: bool, resume: bool) -> None:
     """Refuse to overwrite an earlier run's files unless --force or --resume (names the file)."""
     if force or resume:
@@ -472,7 +495,7 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
     model = model.to(device).to(memory_format=memory_format)
     trainee = Trainee(model, n_classes if args.id_loss_weight > 0 else 0).to(device)
     optimizer = build_optimizer(args.optim, trainee.trainable_parameters(), args)
-    start_epoch, global_step, skip = 0, 0, 0
+    start_epoch, global_step, skip, seconds_before = 0, 0, 0, 0.0
     if ckpt is not None:
         try:
             model.load_state_dict(deep_rank_net.strip_wrapper_prefixes(ckpt["model"]))
@@ -483,12 +506,10 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"checkpoint {args.resume} does not fit this model/optimizer: "
                             f"{str(exc).strip().splitlines()[0]}")
-        if ckpt.get("optimizer"):
-            for group in optimizer.param_groups:  # a resumed run may lower the learning rate
-                group["lr"] = args.lr
         if ckpt.get("rng"):
             deep_rank_net.restore_rng_state(ckpt["rng"])
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["step"])
+        seconds_before = float(ckpt.get("train_seconds", 0.0))
         skip = int(ckpt.get("step_in_epoch", 0))
         if is_main:
             print(f"resuming from {args.resume}: epoch {start_epoch + 1}, step {global_step}", file=sys.stderr)
@@ -513,12 +534,16 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         if not weights_finite_state(model.state_dict()):
             raise UserError(f"the weights became NaN/inf at step {global_step}; not saving {path} "
                             f"(the last good checkpoint is kept; try a lower --lr)")
-        extra = {"step_in_epoch": step_in_epoch}
+        extra = {"step_in_epoch": step_in_epoch, "train_seconds": train_seconds()}
         if trainee.id_head is not None:
             extra["id_head"] = trainee.id_head.detach().cpu()
         deep_rank_net.save_checkpoint(path, model, optimizer, epoch=epoch, step=global_step,
                                       image_size=args.image_size, args=vars(args),
                                       rng=deep_rank_net.capture_rng_state(), extra=extra)
+
+    def train_seconds() -> float:
+        """Wall seconds of training so far, the parts before a --resume included."""
+        return seconds_before + time.perf_counter() - train_start
 
     def log(record: dict) -> None:
         if is_main:
@@ -532,11 +557,14 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
         TripletImages(images, trip), sampler=sampler, batch_size=None, num_workers=args.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     last_good: Path | None = Path(args.resume) if args.resume is not None else None
+    steps_per_epoch = len(epoch_batches(len(trip), args.batch_size, args.seed, 0, rank, world))
+    total_steps = args.epochs * steps_per_epoch  # the lr schedule's length, whatever stops the run earlier
     if is_main:
         print(f"training on {len(trip)} triplets ({len(paths)} images, cache {cache_size} px) for "
-              f"{args.epochs} epoch(s), {math.ceil(len(trip) / args.batch_size / world)} steps each, "
+              f"{args.epochs} epoch(s), {steps_per_epoch} steps each, "
               f"{'validating on ' + str(len(val)) + ' triplets' if val is not None else 'no validation'}",
               file=sys.stderr)
+    lr = scheduled_lr(args.lr, global_step, total_steps, args.lr_schedule, args.warmup_steps)
     train_start = time.perf_counter()
     for epoch in range(start_epoch, args.epochs):
         done = skip if epoch == start_epoch else 0  # steps of this epoch already taken
@@ -574,6 +602,9 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
                 id_loss = F.cross_entropy(logits.float(), batch_labels)
                 loss = loss + args.id_loss_weight * id_loss
             check_finite(loss, epoch, global_step, last_good, world)
+            lr = scheduled_lr(args.lr, global_step, total_steps, args.lr_schedule, args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -596,7 +627,7 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
             bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
             if global_step % args.log_every == 0:
                 log({"event": "train", "epoch": epoch + 1, "step": global_step, **log_stats.means(),
-                     "images_per_s": rate})
+                     "lr": lr, "images_per_s": rate, "train_seconds": train_seconds()})
                 log_stats.reset()
             at_limit = reached_limit(args, global_step, train_start, world, device)
             if done < total and (at_limit or (args.save_every and global_step % args.save_every == 0)):
@@ -610,8 +641,8 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
             if is_main:
                 print(f"stopped after {global_step} steps ({limit_name(args)}); continue with --resume {last_good}")
             return
-        record = {"event": "epoch", "epoch": epoch + 1, "step": global_step, **epoch_stats.means(),
-                  "images_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+        record = {"event": "epoch", "epoch": epoch + 1, "step": global_step, **epoch_stats.means(), "lr": lr,
+                  "images_per_s": n_images / max(time.perf_counter() - t0, 1e-9), "train_seconds": train_seconds()}
         if val is not None and is_main:
             record.update(validate(model, images, val, args, device, amp_dtype is not None))
         if is_main:

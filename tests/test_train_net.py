@@ -127,6 +127,30 @@ def test_batch_hard_takes_farthest_positive_and_closest_negative_of_every_anchor
     assert len(d_pos) == len(d_neg) == 0  # one class: no negatives, no anchors
 
 
+def test_scheduled_lr_warmup_and_cosine_exact_values():
+    lr = train_net.scheduled_lr
+    assert [lr(0.1, s, 4, "constant", 0) for s in range(4)] == [0.1] * 4
+    assert [lr(0.1, s, 4, "constant", 2) for s in range(4)] == [0.05, 0.1, 0.1, 0.1]
+    # cosine over 4 steps: factors (1 + cos(pi * s / 4)) / 2 = 1, 0.8536, 0.5, 0.1464; never 0 while training
+    assert [lr(1.0, s, 4, "cosine", 0) for s in range(4)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert lr(1.0, 1, 4, "cosine", 4) == pytest.approx(0.5 * 0.853553, abs=1e-6)  # warm-up and decay multiply
+    assert lr(1.0, 9, 4, "cosine", 0) == 0.0  # past the planned steps (a later --resume with fewer epochs)
+    with pytest.raises(ValueError):
+        lr(1.0, 0, 4, "step", 0)
+
+
+def test_cosine_schedule_logs_decaying_lr(csvs, tmp_path):
+    train("--triplets", csvs[0], "--epochs", 2, "--lr", "0.01", "--lr-schedule", "cosine", "--log-every", 1,
+          "--output-dir", tmp_path, *TINY)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "train"]
+    total = 2 * len([r for r in steps if r["epoch"] == 1])
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [train_net.scheduled_lr(0.01, r["step"] - 1, total, "cosine", 0) for r in steps])
+    assert steps[0]["lr"] == 0.01 and 0 < steps[-1]["lr"] < 0.001
+    assert all(a["train_seconds"] <= b["train_seconds"] for a, b in zip(records, records[1:]))
+
+
 def test_running_stats_average_each_key_over_the_steps_that_report_it():
     stats = train_net.RunningStats()
     stats.add(loss=1.0, id_loss=0.0, d_pos=2.0, d_neg=4.0, active_fraction=1.0)
@@ -197,8 +221,9 @@ def test_training_keeps_frozen_layers_and_bn_stats(trained):
     assert not torch.equal(fresh["fuse.weight"], torched["fuse.weight"])
 
 
-@pytest.mark.parametrize("loss", [[], ["--mining", "batch-hard", "--id-loss-weight", "1", "--margin", "0.2"]],
-                         ids=["plain", "batch-hard+id-loss"])
+@pytest.mark.parametrize("loss", [[], ["--mining", "batch-hard", "--id-loss-weight", "1", "--margin", "0.2"],
+                                  ["--lr-schedule", "cosine", "--warmup-steps", "2"]],
+                         ids=["plain", "batch-hard+id-loss", "cosine+warmup"])
 def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
               *loss, *TINY]
@@ -213,8 +238,9 @@ def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     assert a["step"] == b["step"] == 10
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-    assert ("id_head" in a) == bool(loss)  # the class loss's classifier is saved for --resume
-    if loss:
+    assert ("id_head" in a) == ("--id-loss-weight" in loss)  # the class loss's classifier is saved for --resume
+    assert 0 < mid["train_seconds"] < b["train_seconds"]  # training time adds up across --resume
+    if "--id-loss-weight" in loss:
         assert torch.allclose(a["id_head"], b["id_head"], atol=1e-6)
         record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
         assert record["id_loss"] > 0
@@ -310,6 +336,8 @@ def test_collapse_warning(csvs, tmp_path, capsys, monkeypatch):
     (["--optim", "foo"], "invalid choice"),
     (["--mining", "hard"], "invalid choice"),
     (["--id-loss-weight", "-1"], "expected a non-negative number"),
+    (["--lr-schedule", "step"], "invalid choice"),
+    (["--warmup-steps", "-3"], "expected a non-negative integer"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:

@@ -111,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "folders; 0: ranking loss only)")
     p.add_argument("--output-dir", type=Path, default=Path("."), help="where checkpoints and logs go")
     p.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
-    p.add_argument("--force", action="store_true", help="overwrite the outputs of an earlier run")
+    p.add_argument("--force", action="store_true", help="start afresh: delete an earlier run's checkpoints, metrics.jsonl and curves in --output-dir")
     p.add_argument("--seed", type=int, default=SEED, help="random seed (init, triplet order, flips)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=cli_utils.non_negative_int, default=NUM_WORKERS,
@@ -525,8 +525,9 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:  # a fresh (--force) run starts a fresh log
-            (out / METRICS_NAME).unlink(missing_ok=True)
+        if ckpt is None:  # a fresh (--force) run: an earlier run's model must not pass for this one's
+            for stale in [out / METRICS_NAME, out / CURVES_NAME, out / FINAL_NAME, *out.glob("temp_*.model")]:
+                stale.unlink(missing_ok=True)
 
     def save(path: Path, epoch: int, step_in_epoch: int) -> None:
         if not is_main:

@@ -6,6 +6,7 @@ seconds); only the 2-process DDP run uses a subprocess.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -393,3 +394,14 @@ def test_time_limit_stops_with_a_resumable_checkpoint(csvs, tmp_path, capsys):
     ckpt = deep_rank_net.load_checkpoint(tmp_path / "temp_0.model")
     assert (ckpt["step"], ckpt["step_in_epoch"]) == (1, 1)  # one step, then the limit
     assert not (tmp_path / "deepranknet.model").exists()
+
+
+def test_force_removes_the_earlier_runs_model(trained, csvs, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(trained, out)
+    assert (out / "deepranknet.model").exists()
+    train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--force", "--output-dir", out, *TINY)
+    # stopped after one step: no final model, and temp_0.model is this run's, not the earlier one's
+    assert not (out / "deepranknet.model").exists() and not (out / "training_curves.png").exists()
+    assert deep_rank_net.load_checkpoint(out / "temp_0.model")["step"] == 1
+    assert not (out / "metrics.jsonl").exists()  # the earlier log is gone; one step wrote no record yet

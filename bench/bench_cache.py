@@ -11,13 +11,13 @@ temporary folder, then times:
 3. one epoch from the warm cache: every image read in random batches of
    ``--batch`` rows (fancy indexing of the memmap, as train_net.py does).
 
-Prints the times and the speed-up of 3 over 1.
+Prints the times, each step's peak resident memory (bench_common.PeakRSS: the
+whole process, and its rise during the step) and the speed-up of 3 over 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
+from bench_common import PeakRSS  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 import image_cache  # noqa: E402
@@ -63,31 +63,37 @@ def main(args) -> None:
 
         t0 = time.perf_counter()
         checksum_pil = 0
-        for p in paths:
-            checksum_pil += int(np.asarray(Image.open(p).convert("RGB"))[0, 0, 0])
+        with PeakRSS() as mem_pil:
+            for p in paths:
+                checksum_pil += int(np.asarray(Image.open(p).convert("RGB"))[0, 0, 0])
         t_pil = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        arr = image_cache.cache_images(paths, args.size, cache_dir=tmp / "cache", progress=False,
-                                       num_workers=args.workers)
+        with PeakRSS() as mem_build:
+            arr = image_cache.cache_images(paths, args.size, cache_dir=tmp / "cache", progress=False,
+                                           num_workers=args.workers)
         t_build = time.perf_counter() - t0
+        del arr  # the warm read below maps the cache afresh
 
         t0 = time.perf_counter()
-        arr = image_cache.cache_images(paths, args.size, cache_dir=tmp / "cache", progress=False)
-        order = rng.permutation(len(paths))
-        checksum_cache = 0
-        for lo in range(0, len(order), args.batch):
-            batch = arr[np.sort(order[lo:lo + args.batch])]      # uint8 [B, s, s, 3]
-            checksum_cache += int(batch[:, 0, 0, 0].astype(np.int64).sum())
+        with PeakRSS() as mem_read:
+            arr = image_cache.cache_images(paths, args.size, cache_dir=tmp / "cache", progress=False)
+            order = rng.permutation(len(paths))
+            checksum_cache = 0
+            for lo in range(0, len(order), args.batch):
+                batch = arr[np.sort(order[lo:lo + args.batch])]      # uint8 [B, s, s, 3]
+                checksum_cache += int(batch[:, 0, 0, 0].astype(np.int64).sum())
         t_read = time.perf_counter() - t0
         del arr
         assert checksum_cache == checksum_pil, "cache rows differ from direct decode"
 
     n = args.images
     print(f"{n} JPEGs of {args.size}x{args.size}, batches of {args.batch}")
-    print(f"classic PIL decode (open+convert+asarray): {t_pil:8.3f} s  ({n / t_pil:10.0f} img/s)")
-    print(f"cache build (threaded decode + write):     {t_build:8.3f} s  ({n / t_build:10.0f} img/s)")
-    print(f"warm cache read (key check + random batches): {t_read:5.3f} s  ({n / t_read:10.0f} img/s)")
+    print(f"classic PIL decode (open+convert+asarray): {t_pil:8.3f} s  ({n / t_pil:10.0f} img/s)  peak RSS {mem_pil}")
+    print(f"cache build (threaded decode + write):     {t_build:8.3f} s  ({n / t_build:10.0f} img/s)  "
+          f"peak RSS {mem_build}")
+    print(f"warm cache read (key check + random batches): {t_read:5.3f} s  ({n / t_read:10.0f} img/s)  "
+          f"peak RSS {mem_read}")
     print(f"speed-up of a warm-cache epoch over classic decode: {t_pil / t_read:.1f}x")
 
 

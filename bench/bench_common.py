@@ -7,6 +7,8 @@ script run as ``python bench/bench_X.py`` can import the pipeline modules.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +20,64 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def run(script: str, *argv) -> None:
+def run(script: str, *argv) -> float:
     """Run a pipeline script of the repository as a user would (stdout hidden).
 
+    Returns that process's own peak resident memory in MB (os.wait4's ru_maxrss), which,
+    unlike RUSAGE_CHILDREN, does not mix in the other scripts a bench ran before it.
     A failure becomes a UserError naming the script; the script's own error line is
     already on stderr above it.
     """
     from cli_utils import UserError
 
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
-                          stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
+                            stdout=subprocess.DEVNULL)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C: end the child too, then let the interrupt through
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); see its message above")
+    return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a ``with`` block (Linux).
+
+    Entry resets the kernel's high-water mark (``5`` into /proc/self/clear_refs), exit reads
+    VmHWM, so methods timed one after another in one process each get their own peak:
+    ``peak_mb`` (the whole process) and ``extra_mb`` (the peak above the RSS at entry: the
+    method's own working memory). Both stay None where /proc does not allow this.
+    """
+
+    def __init__(self):
+        self.start_mb = self.peak_mb = self.extra_mb = None
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start_mb = _status_mb("VmRSS")
+        except (OSError, AttributeError):  # not Linux, or resetting not permitted
+            self.start_mb = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start_mb is not None:
+            self.peak_mb = _status_mb("VmHWM")
+            self.extra_mb = self.peak_mb - self.start_mb
+
+    def __str__(self) -> str:
+        return "n/a" if self.peak_mb is None else f"{self.peak_mb:.0f} MB (+{self.extra_mb:.0f})"
 
 
 def comma_list(item_type):

@@ -22,7 +22,6 @@ ratio, and each process's peak RSS.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import fashion_mnist, run  # also puts the repo on sys.path
+from bench_common import PeakRSS, fashion_mnist, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -96,17 +95,17 @@ def main(args) -> None:
         print(f"  ours: gen_embeddings.py on {n_images} images ...", file=sys.stderr)
         cache = root / "cache"  # a fresh cache: the decode is part of the measured work
         t0 = time.perf_counter()
-        run("gen_embeddings.py", "--model", ckpt, "--data-dir", data, "--splits", "train",
+        ours_rss = run("gen_embeddings.py", "--model", ckpt, "--data-dir", data, "--splits", "train",
             "--train-output", root / "train_embedding.txt", "--device", "cpu", "--cache-dir", cache, "--force",
             "--no-progress")
         ours_s = time.perf_counter() - t0
-        ours_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
         print(f"  classic: per-row loop over {csv.name} ...", file=sys.stderr)
         t0 = time.perf_counter()
-        computed = classic_generate(model, csv, args.image_size, root / "classic_embeddings.bin")
+        with PeakRSS() as classic_mem:
+            computed = classic_generate(model, csv, args.image_size, root / "classic_embeddings.bin")
         classic_s = time.perf_counter() - t0
-        classic_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        classic_rss = classic_mem.peak_mb or float("nan")
 
     print(f"{args.arch}, {args.image_size} px, {args.embedding_dim}-d, CPU, {torch.get_num_threads()} torch threads; "
           f"{n_images} distinct train images")

@@ -14,7 +14,10 @@ outputs) and times, in a temporary folder:
 3. ours, binary: the same functions with a ``.npy`` name (plus its path/label sidecar).
 
 Prints seconds, file sizes, whether each round trip is exact
-(``np.array_equal``) and the speed-ups over the baseline. The default size is a
+(``np.array_equal``), the peak resident memory of this process during each write
+and read (bench_common.PeakRSS, as the rise above the RSS before it, which holds the
+embeddings themselves; the text writer's worker processes are not counted) and the
+speed-ups over the baseline. The default size is a
 ~5 GB text file; use fewer ``--rows`` on a small machine (time is linear in rows).
 """
 
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
+from bench_common import PeakRSS  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -44,9 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def clock(fn):
+    """(seconds, fn(), rise of the peak RSS in MB during the call, or NaN where not measurable)."""
     t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+    with PeakRSS() as mem:
+        out = fn()
+    return time.perf_counter() - t0, out, float("nan") if mem.extra_mb is None else mem.extra_mb
 
 
 def files_size(*paths: Path) -> int:
@@ -71,30 +76,33 @@ def main(args) -> None:
         nb = min(args.baseline_rows, args.rows)
         scale = args.rows / nb
         print(f"  baseline write ({nb} rows) ...", file=sys.stderr, flush=True)
-        w, _ = clock(lambda: np.savetxt(base, emb[:nb], fmt="%.8e", delimiter=","))
+        w, _, wm = clock(lambda: np.savetxt(base, emb[:nb], fmt="%.8e", delimiter=","))
         print("  baseline read ...", file=sys.stderr, flush=True)
-        r, back = clock(lambda: pd.read_csv(base, header=None, engine="c").to_numpy(dtype=np.float32))
+        r, back, rm = clock(lambda: pd.read_csv(base, header=None, engine="c").to_numpy(dtype=np.float32))
         name = "np.savetxt + pandas.read_csv" + (f" (x{scale:.3g} extrapolated)" if nb < args.rows else "")
-        rows.append((name, w * scale, r * scale, files_size(base) * scale, np.array_equal(back, emb[:nb])))
+        # memory scales with the rows read like the time does (the writer's is a constant buffer)
+        rows.append((name, w * scale, r * scale, files_size(base) * scale, np.array_equal(back, emb[:nb]),
+                     wm, rm * scale))
         base.unlink()
         del back
 
         for name, file in (("embedding_io text (.csv)", tmp / "emb.csv"), ("embedding_io .npy", tmp / "emb.npy")):
             print(f"  {name} ...", file=sys.stderr, flush=True)
-            w, _ = clock(lambda: embedding_io.write_embeddings(file, paths, labels, emb, progress=False))
-            r, back = clock(lambda: embedding_io.read_embeddings(file, progress=False))
+            w, _, wm = clock(lambda: embedding_io.write_embeddings(file, paths, labels, emb, progress=False))
+            r, back, rm = clock(lambda: embedding_io.read_embeddings(file, progress=False))
             size = files_size(file, embedding_io.meta_path(file)) if file.suffix == ".npy" else files_size(file)
             ok = np.array_equal(back.emb, emb) and list(back.paths) == paths and \
                 [str(x) for x in back.labels] == labels
-            rows.append((name, w, r, size, ok))
+            rows.append((name, w, r, size, ok, wm, rm))
             file.unlink()
             del back
     print(f"embedding files: {args.rows} rows x {args.dim} float32 values")
-    print(f"{'method':<44} {'write s':>9} {'read s':>9} {'total s':>9} {'size MB':>9} {'exact':>6}")
-    for name, w, r, size, ok in rows:
-        print(f"{name:<44} {w:>9.2f} {r:>9.2f} {w + r:>9.2f} {size / 1e6:>9.1f} {str(ok):>6}")
-    _, bw, br, _, _ = rows[0]
-    for name, w, r, _, _ in rows[1:]:
+    print(f"{'method':<44} {'write s':>9} {'read s':>9} {'total s':>9} {'size MB':>9} {'exact':>6} "
+          f"{'write +MB':>10} {'read +MB':>9}")
+    for name, w, r, size, ok, wm, rm in rows:
+        print(f"{name:<44} {w:>9.2f} {r:>9.2f} {w + r:>9.2f} {size / 1e6:>9.1f} {str(ok):>6} {wm:>10.0f} {rm:>9.0f}")
+    bw, br = rows[0][1:3]
+    for name, w, r, *_ in rows[1:]:
         print(f"{name}: write {bw / w:.1f}x, read {br / r:.1f}x, total {(bw + br) / (w + r):.1f}x faster than baseline")
 
 

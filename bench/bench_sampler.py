@@ -5,7 +5,8 @@
 Creates ``classes x per-class`` EMPTY files laid out like TinyImageNet
 (``train/<wnid>/images/<wnid>_<i>.JPEG``; the sampler never opens images) in a
 temporary folder, then times the whole command (listing + sampling + CSV
-write, through ``triplet_sampler.main``) at 1x1 and 2x2 triplets per query.
+write, through ``triplet_sampler.main``) at 1x1 and 2x2 triplets per query,
+and each run's peak resident memory (bench_common.PeakRSS).
 
 Baseline: the classic sampler's shape: one query at a time, the DataFrame
 grown row by row with ``pd.concat``, and every negative drawn by shuffling all
@@ -19,14 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import bench_common  # noqa: E402,F401  (puts the repo on sys.path)
+from bench_common import PeakRSS  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 import image_data  # noqa: E402
@@ -74,15 +74,15 @@ def classic_sample(paths: list[str], labels: np.ndarray, n_queries: int, rng: np
     return df
 
 
-def time_sampler(data_dir: Path, out: Path, num_pos: int, num_neg: int, seed: int) -> tuple[float, str]:
+def time_sampler(data_dir: Path, out: Path, num_pos: int, num_neg: int, seed: int) -> tuple[float, str, PeakRSS]:
     args = triplet_sampler.get_args_parser().parse_args(
         ["--data-dir", str(data_dir), "--num_pos_images", str(num_pos), "--num_neg_images", str(num_neg),
          "--output", str(out), "--seed", str(seed), "--force"])
     buf = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), PeakRSS() as mem:
         triplet_sampler.main(args)
-    return time.perf_counter() - t0, buf.getvalue().strip()
+    return time.perf_counter() - t0, buf.getvalue().strip(), mem
 
 
 def main(args) -> None:
@@ -95,22 +95,23 @@ def main(args) -> None:
 
         results = {}
         for num_pos, num_neg in TARGETS:
-            seconds, msg = time_sampler(root, tmp / f"t{num_pos}x{num_neg}.csv", num_pos, num_neg, args.seed)
+            seconds, msg, mem = time_sampler(root, tmp / f"t{num_pos}x{num_neg}.csv", num_pos, num_neg, args.seed)
             results[num_pos, num_neg] = seconds
             target = TARGETS[num_pos, num_neg]
             verdict = "ok" if seconds < target else "SLOWER THAN TARGET"
             print(f"triplet_sampler {num_pos}x{num_neg}: {seconds:6.2f} s  (target < {target:.0f} s: "
-                  f"{verdict})  [{msg}]")
+                  f"{verdict}), peak RSS {mem}  [{msg}]")
 
         listing = image_data.list_class_folder(root / "train")
         nq = min(args.baseline_queries, total)
         t0 = time.perf_counter()
-        df = classic_sample(listing.paths, listing.labels, nq, np.random.default_rng(args.seed))
+        with PeakRSS() as classic_mem:
+            df = classic_sample(listing.paths, listing.labels, nq, np.random.default_rng(args.seed))
         t_classic = time.perf_counter() - t0
         assert len(df) == nq
     extrapolated = t_classic * total / nq
     print(f"classic sampler, {nq} queries 1x1: {t_classic:.2f} s -> {extrapolated:.0f} s for {total} "
-          f"(linear extrapolation; a lower bound)")
+          f"(linear extrapolation; a lower bound), peak RSS {classic_mem} for the {nq}")
     print(f"speed-up at 1x1: {extrapolated / results[1, 1]:.0f}x (at least)")
 
 

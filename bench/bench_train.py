@@ -16,7 +16,9 @@ b. ours (as train_net.py): uint8 rows gathered from the image cache
    the device, one batched forward of 3B images, train_net.triplet_hinge_loss;
 c. bare model: forward + backward on random tensors [3B, 3, S, S].
 
-Prints images/s of each, (b)/(a) and (b)/(c) (the pipeline's efficiency).
+Prints images/s of each, its peak resident memory while timed (bench_common.PeakRSS:
+the whole process, and its rise above the start of the timed steps), (b)/(a) and
+(b)/(c) (the pipeline's efficiency); on CUDA also each method's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import run  # also puts the repo on sys.path
+from bench_common import PeakRSS, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -196,12 +198,21 @@ def main(args) -> None:
                 lambda m, o: bare_step_fn(m, o, args.batch_size, args.image_size, device),
         }
         results = dict.fromkeys(methods, 0.0)
+        peak_mb = dict.fromkeys(methods, (0.0, 0.0))  # name -> (process peak, rise during the steps), worst round
+        gpu_mb = dict.fromkeys(methods, 0.0)
         # Interleaved rounds: load from other processes hits every method alike; keep each one's best.
         for round_ in range(args.repeats):
             for name, make in methods.items():
                 model, opt = new_model_and_optimizer(args.arch, device, args.lr, channels_last=not name.startswith("a"))
-                secs = timed(make(model, opt), batches, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with PeakRSS() as mem:
+                    secs = timed(make(model, opt), batches, device)
                 results[name] = max(results[name], n_img / secs)
+                if mem.peak_mb is not None:
+                    peak_mb[name] = max(peak_mb[name], (mem.peak_mb, mem.extra_mb))
+                if device.type == "cuda":
+                    gpu_mb[name] = max(gpu_mb[name], torch.cuda.max_memory_allocated(device) / 2**20)
                 print(f"  round {round_ + 1}: {name}: {secs:.2f} s for {args.steps} steps", file=sys.stderr)
                 del model, opt
         threads = torch.get_num_threads()
@@ -209,9 +220,11 @@ def main(args) -> None:
     print(f"device {device}, torch threads {threads}, {args.arch}, image {args.image_size} px, "
           f"batch {args.batch_size} triplets ({3 * args.batch_size} images/step), {args.steps} timed steps "
           f"after {WARMUP_STEPS} warm-up, best of {args.repeats} interleaved rounds, cpu_count {os.cpu_count()}")
-    print(f"{'method':<50} {'images/s':>10}")
+    gpu_head = f" {'GPU peak MB':>12}" if device.type == "cuda" else ""
+    print(f"{'method':<50} {'images/s':>10} {'peak RSS MB':>12} {'+MB':>7}{gpu_head}")
     for name, rate in results.items():
-        print(f"{name:<50} {rate:>10.1f}")
+        gpu = f" {gpu_mb[name]:>12.0f}" if device.type == "cuda" else ""
+        print(f"{name:<50} {rate:>10.1f} {peak_mb[name][0]:>12.0f} {peak_mb[name][1]:>7.0f}{gpu}")
     print(f"speed-up (b)/(a): {b / a:.2f}x")
     print(f"pipeline efficiency (b)/(c): {b / c:.2f}")
 

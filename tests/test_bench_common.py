@@ -1,0 +1,54 @@
+"""The benchmarks' memory figures: PeakRSS per block in one process, run()'s per-child peak."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import bench_common  # noqa: E402
+
+from cli_utils import UserError  # noqa: E402
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+
+
+def touch_mb(mb: int) -> np.ndarray:
+    """A resident buffer of ``mb`` MB (every page written)."""
+    buf = np.empty(mb * 2**20, dtype=np.uint8)
+    buf[::4096] = 1
+    return buf
+
+
+@linux_only
+def test_peak_rss_gives_each_block_its_own_peak():
+    with bench_common.PeakRSS() as big:
+        buf = touch_mb(200)
+        del buf  # freed inside the block: only the high-water mark remembers it
+    with bench_common.PeakRSS() as small:
+        buf = touch_mb(20)
+        del buf
+    assert 190 <= big.extra_mb <= 260
+    # the second block was not charged for the first block's 200 MB
+    assert 10 <= small.extra_mb <= 60
+    assert big.peak_mb >= big.start_mb + big.extra_mb - 1e-6
+    assert str(small).endswith(f"(+{small.extra_mb:.0f})")
+
+
+@linux_only
+def test_run_returns_the_childs_own_peak(tmp_path, monkeypatch):
+    script = tmp_path / "alloc.py"
+    script.write_text("import sys\nbuf = bytearray(int(sys.argv[1]) * 2**20)\nbuf[::4096] = b'x' * len(buf[::4096])\n")
+    monkeypatch.setattr(bench_common, "REPO", tmp_path)
+    big = bench_common.run("alloc.py", 300)
+    small = bench_common.run("alloc.py", 1)  # RUSAGE_CHILDREN would still say 300+ here
+    assert big >= 300 > small
+
+
+def test_run_failure_is_a_user_error(tmp_path, monkeypatch):
+    (tmp_path / "fail.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(bench_common, "REPO", tmp_path)
+    with pytest.raises(UserError, match=r"fail.py failed \(exit 3\)"):
+        bench_common.run("fail.py")

@@ -22,7 +22,7 @@ Binary companions (same information, ~3x smaller, ~50x faster):
 
 Speed: text is formatted by a vectorised re-implementation of ``'%.8e'``
 (table lookups on the float32 bits, see :func:`format_values`), split over
-worker processes for big files, and parsed by one pandas C-engine call. See ``bench/bench_embedding_io.py``.
+worker processes for big files, and parsed by pandas' C engine in blocks of rows. See ``bench/bench_embedding_io.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,6 +48,8 @@ _WRITE_ROWS_PER_TASK = 512
 _FORMAT_ROWS = 16
 # Below this many values starting worker processes costs more than it saves.
 _PARALLEL_MIN_VALUES = 2_000_000
+# Values per pandas call when reading text: 8,192 rows of 4,096 (peak ~1 GB above the result).
+_READ_BLOCK_VALUES = 2**25
 
 
 @dataclass
@@ -407,12 +408,13 @@ def _line_of_row(path: Path, row: int) -> int:
 
 
 def _read_text(path: Path, progress: bool) -> Embeddings:
-    """One pandas C-engine call on the path.
+    """pandas C-engine calls on the path, ``_READ_BLOCK_VALUES // d`` rows at a time.
 
-    Measured here (10,000 x 4,096): a path is parsed 2x faster than the same bytes
-    given as a file object or BytesIO, and one call 3x faster than ``chunksize``
-    pieces (pandas builds d Series per piece); so no chunking and no worker
-    processes. Peak memory is about 3x the float32 matrix (a float64 frame first).
+    One call over the whole file peaks at ~8x the float32 matrix (tokens, per-column
+    float64 pieces and their concatenation, the consolidated frame): +13.9 GB for
+    100,000 x 4,096. Blocks bound that to ~8x one block; each block costs ~0.1 s of
+    pandas overhead per 4,096 columns, so blocks stay large. A path is parsed 2x faster
+    than the same bytes given as a file object, so pandas reads the path itself.
     """
     import pandas as pd
 
@@ -421,28 +423,41 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
         f.readline()
         if not any(line.strip() for line in _first_lines(f, 1)):
             raise UserError(f"embedding file holds no embeddings: {path}")
-    if progress:
-        print(f"reading {path} ...", file=sys.stderr, flush=True)
+    block_rows = max(1, _READ_BLOCK_VALUES // d)
     # Text columns get a dtype, numbers are inferred and cast once: a 4,096-entry float32
     # dtype map makes the C parser 2x slower (the cast is exact for values written from float32).
     try:
-        df = pd.read_csv(path, header=0, dtype={"path": str, "label": str}, engine="c",
-                         keep_default_na=False, na_filter=False, skip_blank_lines=True)
-    except pd.errors.ParserError as exc:
-        raise UserError(f"malformed embedding file {path}: {_locate(str(exc))}")
+        reader = pd.read_csv(path, header=0, dtype={"path": str, "label": str}, engine="c", chunksize=block_rows,
+                             low_memory=False, keep_default_na=False, na_filter=False, skip_blank_lines=True)
     except UnicodeDecodeError as exc:
         raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
-    if df.shape[1] != d + 2:
-        raise UserError(f"malformed embedding file {path}: {df.shape[1]} columns, expected {d + 2}")
-    try:
-        emb = df.iloc[:, 2:].to_numpy(dtype=np.float32)  # [N, d]
-    except (ValueError, TypeError):
-        raise UserError(f"malformed embedding file {path}: {_describe_bad_cell(path, df)}")
-    paths = df["path"].tolist()
+    blocks, paths, labels = [], [], []
+    with reader, _progress(None, f"reading {path.name}", progress) as bar:
+        while True:
+            try:
+                df = next(reader)
+            except StopIteration:
+                break
+            except pd.errors.ParserError as exc:
+                raise UserError(f"malformed embedding file {path}: {_locate(str(exc))}")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
+            first_row = len(paths)  # data row number of this block's first row (0-based)
+            if df.shape[1] != d + 2:
+                raise UserError(f"malformed embedding file {path}: {df.shape[1]} columns, expected {d + 2}")
+            try:
+                blocks.append(df.iloc[:, 2:].to_numpy(dtype=np.float32))  # [rows, d]
+            except (ValueError, TypeError):
+                raise UserError(f"malformed embedding file {path}: {_describe_bad_cell(path, df, first_row)}")
+            paths += df["path"].tolist()
+            labels.append(df["label"].to_numpy(dtype=object))
+            bar.update(len(df))
+            del df
     if "" in paths:
         raise UserError(f"malformed embedding file {path}: line {_line_of_row(path, paths.index(''))} "
                         f"has an empty path")
-    return Embeddings(_absolute(paths, path.resolve().parent), df["label"].to_numpy(dtype=object), emb)
+    emb = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)  # [N, d]
+    return Embeddings(_absolute(paths, path.resolve().parent), np.concatenate(labels), emb)
 
 
 def _first_lines(f, n: int):
@@ -464,8 +479,11 @@ def _locate(message: str) -> str:
     return message.strip().splitlines()[-1]
 
 
-def _describe_bad_cell(path: Path, df) -> str:
-    """Where the first non-numeric (or missing) value is: line, column and value."""
+def _describe_bad_cell(path: Path, df, first_row: int = 0) -> str:
+    """Where the first non-numeric (or missing) value of block ``df`` is: line, column and value.
+
+    ``first_row``: the file's data row number (0-based) of the block's first row.
+    """
     import pandas as pd
 
     for name in df.columns[2:]:
@@ -476,6 +494,7 @@ def _describe_bad_cell(path: Path, df) -> str:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             value = column.iloc[row]
+            row += first_row
             what = "a missing value (too few columns?)" if value == "" else f"non-numeric value {value!r}"
             return f"line {_line_of_row(path, row)} has {what} in column {name}"
     return "non-numeric values"

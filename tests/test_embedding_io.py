@@ -98,3 +98,23 @@ def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
     assert multi.read_bytes() == single.read_bytes()
     got = embedding_io.read_embeddings(multi, progress=False)
     assert np.array_equal(got.emb, emb) and got.paths == paths and list(got.labels) == labels
+
+
+def test_text_read_in_blocks_is_exact_and_locates_errors_in_later_blocks(tmp_path, monkeypatch):
+    paths, labels, emb = sample(tmp_path, n=11, d=4)
+    out = tmp_path / "emb.txt"
+    embedding_io.write_embeddings(out, paths, labels, emb, progress=False)
+    monkeypatch.setattr(embedding_io, "_READ_BLOCK_VALUES", 12)  # 3 rows of 4 values per block: 4 blocks
+    got = embedding_io.read_embeddings(out, progress=False)
+    assert np.array_equal(got.emb, emb) and got.paths == paths and list(got.labels) == labels
+
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    for line_no, broken, message in [
+        (9, "x.jpg,c,1,2,oops,4\n", "line 9 has non-numeric value 'oops' in column e2"),  # 3rd block
+        (11, "x.jpg,c,1,2\n", "line 11 has a missing value .* in column e2"),  # 4th block, short row
+        (10, "x.jpg,c,1,2,3,4,5\n", "line 10 has 7 columns, expected 6"),  # too many columns
+    ]:
+        bad = tmp_path / f"bad{line_no}.txt"
+        bad.write_text("".join(lines[:line_no - 1] + [broken] + lines[line_no:]), encoding="utf-8")
+        with pytest.raises(UserError, match=message):
+            embedding_io.read_embeddings(bad, progress=False)

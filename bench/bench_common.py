@@ -7,7 +7,6 @@ script run as ``python bench/bench_X.py`` can import the pipeline modules.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -23,30 +22,41 @@ if str(REPO) not in sys.path:
 def run(script: str, *argv) -> float:
     """Run a pipeline script of the repository as a user would (stdout hidden).
 
-    Returns that process's own peak resident memory in MB (os.wait4's ru_maxrss), which,
-    unlike RUSAGE_CHILDREN, does not mix in the other scripts a bench ran before it.
+    Returns that process's own peak resident memory in MB: its VmHWM, read from /proc
+    every 20 ms while it runs (NaN where /proc is missing). Not ru_maxrss: a child's
+    ru_maxrss also counts the pages of this (big, torch-loaded) process that it shared
+    between fork and exec, and RUSAGE_CHILDREN mixes every script a bench ran.
     A failure becomes a UserError naming the script; the script's own error line is
     already on stderr above it.
     """
     from cli_utils import UserError
 
     proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL)  # returns once the child has exec'd
+    readings = [float("nan")]
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            try:
+                readings.append(_status_mb("VmHWM", proc.pid))  # a high-water mark: never falls
+            except (OSError, AttributeError):  # exiting, or no /proc here
+                pass
+            try:
+                proc.wait(timeout=0.02)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     except BaseException:  # Ctrl-C: end the child too, then let the interrupt through
         proc.kill()
         proc.wait()
         raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); see its message above")
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+    return readings[-1]
 
 
-def _status_mb(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MB."""
-    with open("/proc/self/status") as f:
+def _status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory line of /proc/<pid>/status (VmRSS, VmHWM, ...) in MB."""
+    with open(f"/proc/{pid}/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
 
 

@@ -420,9 +420,12 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
 
     d = read_header(path)
     with open(path, "rb") as f:
-        f.readline()
-        if not any(line.strip() for line in _first_lines(f, 1)):
+        header_bytes = len(f.readline())
+        first = next(_first_lines(f, 1))
+        if not first.strip():
             raise UserError(f"embedding file holds no embeddings: {path}")
+    # rows for the progress bar: every '%.8e' value has the same width, so rows are of similar length
+    rows_estimate = max(1, round((path.stat().st_size - header_bytes) / len(first)))
     block_rows = max(1, _READ_BLOCK_VALUES // d)
     # Text columns get a dtype, numbers are inferred and cast once: a 4,096-entry float32
     # dtype map makes the C parser 2x slower (the cast is exact for values written from float32).
@@ -432,7 +435,7 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
     except UnicodeDecodeError as exc:
         raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
     blocks, paths, labels = [], [], []
-    with reader, _progress(None, f"reading {path.name}", progress) as bar:
+    with reader, _progress(rows_estimate, f"reading {path.name}", progress) as bar:
         while True:
             try:
                 df = next(reader)

@@ -33,6 +33,7 @@ DEMO_EMBEDDING_DIM = 128  # plenty for 10 classes; 4096 is the paper's size
 DEMO_EPOCHS = 3
 DEMO_BATCH_SIZE = 32
 DEMO_LR = 0.001
+DEMO_LR_SCHEDULE = "cosine"  # decay to 0 by the last epoch: a better model than a constant lr in the same steps
 DEMO_OPTIM = "adam"  # from scratch, Adam converges faster than SGD at this budget
 DEMO_MINING = "batch-hard"  # every image an anchor with its hardest positive and negative in the batch
 DEMO_MARGIN = 0.2  # with hard mining from scratch, a margin of 1.0 collapses the embeddings
@@ -109,7 +110,8 @@ def main(args) -> None:
               ["train_net.py", "--triplets", str(train_csv), "--val-triplets", str(val_csv),
                "--arch", args.arch, "--weights", args.weights, "--image-size", str(args.image_size),
                "--embedding-dim", str(DEMO_EMBEDDING_DIM), "--epochs", str(args.epochs),
-               "--batch-size", str(DEMO_BATCH_SIZE), "--lr", str(DEMO_LR), "--optim", DEMO_OPTIM,
+               "--batch-size", str(DEMO_BATCH_SIZE), "--lr", str(DEMO_LR), "--lr-schedule", DEMO_LR_SCHEDULE,
+               "--optim", DEMO_OPTIM,
                "--mining", DEMO_MINING, "--margin", str(DEMO_MARGIN), "--id-loss-weight", str(DEMO_ID_LOSS_WEIGHT),
                "--train-from", "conv1", "--output-dir", str(out),
                "--seed", str(args.seed), "--device", args.device, *force], model, args.force)

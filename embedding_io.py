@@ -48,7 +48,7 @@ _WRITE_ROWS_PER_TASK = 512
 _FORMAT_ROWS = 16
 # Below this many values starting worker processes costs more than it saves.
 _PARALLEL_MIN_VALUES = 2_000_000
-# Values per pandas call when reading text: 8,192 rows of 4,096 (peak ~1 GB above the result).
+# Values per pandas call when reading text: 8,192 rows of 4,096 (~1 GB of pandas temporaries).
 _READ_BLOCK_VALUES = 2**25
 
 
@@ -412,9 +412,13 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
 
     One call over the whole file peaks at ~8x the float32 matrix (tokens, per-column
     float64 pieces and their concatenation, the consolidated frame): +13.9 GB for
-    100,000 x 4,096. Blocks bound that to ~8x one block; each block costs ~0.1 s of
-    pandas overhead per 4,096 columns, so blocks stay large. A path is parsed 2x faster
-    than the same bytes given as a file object, so pandas reads the path itself.
+    100,000 x 4,096. Blocks bound the temporaries to ~8x one block; the float32 blocks
+    and their concatenation add 2x the result (measured: +3.3 GB in all for that file).
+    Each block costs ~0.1 s of pandas overhead per 4,096 columns, so blocks stay large.
+    A path is parsed 2x faster than the same bytes given as a file object, so pandas
+    reads the path itself. pandas infers each block's column types on its own, so a
+    column that is not int or float (bool: "True"; object: any text) is refused in
+    every block alike.
     """
     import pandas as pd
 
@@ -448,10 +452,10 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
             first_row = len(paths)  # data row number of this block's first row (0-based)
             if df.shape[1] != d + 2:
                 raise UserError(f"malformed embedding file {path}: {df.shape[1]} columns, expected {d + 2}")
-            try:
-                blocks.append(df.iloc[:, 2:].to_numpy(dtype=np.float32))  # [rows, d]
-            except (ValueError, TypeError):
+            values = df.iloc[:, 2:]
+            if any(not _is_number_dtype(t) for t in values.dtypes):
                 raise UserError(f"malformed embedding file {path}: {_describe_bad_cell(path, df, first_row)}")
+            blocks.append(values.to_numpy(dtype=np.float32))  # [rows, d]
             paths += df["path"].tolist()
             labels.append(df["label"].to_numpy(dtype=object))
             bar.update(len(df))
@@ -482,6 +486,11 @@ def _locate(message: str) -> str:
     return message.strip().splitlines()[-1]
 
 
+def _is_number_dtype(dtype) -> bool:
+    """int or float: what pandas infers for a column of numbers (not bool, not object)."""
+    return dtype.kind in "iuf"
+
+
 def _describe_bad_cell(path: Path, df, first_row: int = 0) -> str:
     """Where the first non-numeric (or missing) value of block ``df`` is: line, column and value.
 
@@ -491,8 +500,9 @@ def _describe_bad_cell(path: Path, df, first_row: int = 0) -> str:
 
     for name in df.columns[2:]:
         column = df[name]
-        if pd.api.types.is_numeric_dtype(column.dtype):
+        if _is_number_dtype(column.dtype):
             continue
+        column = column.astype(str)  # bool columns too: "True" is no number
         bad = pd.to_numeric(column, errors="coerce").isna().to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])

@@ -118,3 +118,8 @@ def test_text_read_in_blocks_is_exact_and_locates_errors_in_later_blocks(tmp_pat
         bad.write_text("".join(lines[:line_no - 1] + [broken] + lines[line_no:]), encoding="utf-8")
         with pytest.raises(UserError, match=message):
             embedding_io.read_embeddings(bad, progress=False)
+    # booleans alone in the last block (rows 9..): pandas types that block's columns bool, not text
+    bad = tmp_path / "bools.txt"
+    bad.write_text("".join(lines[:10] + ["x.jpg,c,True,False,True,False\n"]), encoding="utf-8")
+    with pytest.raises(UserError, match="line 11 has non-numeric value 'True' in column e0"):
+        embedding_io.read_embeddings(bad, progress=False)

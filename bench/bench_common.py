@@ -23,7 +23,8 @@ def run(script: str, *argv) -> float:
     """Run a pipeline script of the repository as a user would (stdout hidden).
 
     Returns that process's own peak resident memory in MB: its VmHWM, read from /proc
-    every 20 ms while it runs (NaN where /proc is missing). Not ru_maxrss: a child's
+    every 20 ms while it runs, so growth in its last 20 ms is missed (NaN where /proc is
+    missing). Not ru_maxrss: a child's
     ru_maxrss also counts the pages of this (big, torch-loaded) process that it shared
     between fork and exec, and RUSAGE_CHILDREN mixes every script a bench ran.
     A failure becomes a UserError naming the script; the script's own error line is

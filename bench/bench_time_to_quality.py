@@ -55,7 +55,8 @@ OUR_RECIPE = [
     "--margin", "0.2",  # a margin of 1.0 with hard mining collapses from scratch
     "--id-loss-weight", "1.0",  # class loss next to the ranking loss: P@30 0.763 vs 0.731 without, after 180 s
     # cosine lr decay to 0 over 4 epochs (628 steps): 0.867 (seed 0) and 0.866 (seed 1) when done at
-    # 341-371 s on 2 threads, 0.872 at 566 s on 1 thread; a constant lr stopped at 600 s gave 0.840
+    # 341-371 s on 2 threads, 0.872 at 566 s on 1 thread; a constant lr gave 0.821 at 300 s and 0.862
+    # at 600 s (0.840 in an earlier session with the cores shared)
     "--epochs", "4", "--lr-schedule", "cosine",
 ]
 CLASSIC = dict(arch="resnet18", image_size=224, embedding_dim=4096, batch_size=25, lr=0.001, margin=1.0)
@@ -98,6 +99,12 @@ def eval_times(args) -> list[float]:
     return sorted({min(t, args.budget) for t in args.eval_at} | {args.budget})
 
 
+def max_known(a: float, b: float | None) -> float:
+    """max of two memory readings where None or NaN means "not measurable here"."""
+    known = [x for x in (a, b) if x is not None and x == x]
+    return max(known) if known else float("nan")
+
+
 def run_classic(csv: Path, evaluator: Evaluator, times: list[float], args) -> list[dict]:
     """The classic loop, clock paused while evaluating."""
     import torch
@@ -117,7 +124,7 @@ def run_classic(csv: Path, evaluator: Evaluator, times: list[float], args) -> li
     step = classic_step_fn(model, opt, paths, CLASSIC["image_size"], evaluator.device)
     rng = np.random.default_rng(args.seed)
     order, cursor, steps, trained = rng.permutation(len(trip)), 0, 0, 0.0
-    results, peak_mb = [], 0.0
+    results, peak_mb = [], float("nan")
     for target in times:
         model.train()
         with PeakRSS() as mem:
@@ -130,7 +137,7 @@ def run_classic(csv: Path, evaluator: Evaluator, times: list[float], args) -> li
                 step(batch)
                 trained += time.perf_counter() - t0
                 steps += 1
-        peak_mb = max(peak_mb, mem.extra_mb or float("nan"))
+        peak_mb = max_known(peak_mb, mem.extra_mb)
         model.eval()
         results.append(dict(recipe="classic", seconds=trained, steps=steps,
                             images=3 * steps * CLASSIC["batch_size"], train_peak_mb=peak_mb,
@@ -152,12 +159,12 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
     flags = OUR_RECIPE + args.ours.split() + [
         "--triplets", csv, "--seed", args.seed, "--device", args.device,
         "--output-dir", out, "--no-progress", "--num-workers", 0]
-    results, resume, wall, peak_mb = [], [], 0.0, 0.0
+    results, resume, wall, peak_mb = [], [], 0.0, float("nan")
     for target in times:
         done = results[-1]["seconds"] if results else 0.0
         t0 = time.perf_counter()
-        peak_mb = max(peak_mb, run("train_net.py", *flags, "--time-limit", max(target - done, 1.0),
-                                   *(resume or ["--force"])))
+        peak_mb = max_known(peak_mb, run("train_net.py", *flags, "--time-limit", max(target - done, 1.0),
+                                         *(resume or ["--force"])))
         wall += time.perf_counter() - t0
         ckpt_path = latest_checkpoint(out)
         resume = ["--resume", ckpt_path]

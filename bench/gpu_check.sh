@@ -13,8 +13,10 @@
 # 224 px; four times that at 64 px), TTQ_BUDGET (60 s). A CPU dry run of the script itself:
 #   DEVICE=cpu PYTHON=.venv/bin/python STEPS=1 BATCH=2 TTQ_BUDGET=5 bash bench/gpu_check.sh /tmp/gpu_dry
 set -euo pipefail
-cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-runs/gpu_check}}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)  # relative to where it was called from, before the cd below
+cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-20}

@@ -7,6 +7,7 @@ script run as ``python bench/bench_X.py`` can import the pipeline modules.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 import sys
@@ -24,9 +25,9 @@ def run(script: str, *argv) -> float:
 
     Returns that process's own peak resident memory in MB: its VmHWM, read from /proc
     every 20 ms while it runs, so growth in its last 20 ms is missed (NaN where /proc is
-    missing). Not ru_maxrss: a child's
-    ru_maxrss also counts the pages of this (big, torch-loaded) process that it shared
-    between fork and exec, and RUSAGE_CHILDREN mixes every script a bench ran.
+    missing). Not ru_maxrss: a child's ru_maxrss also counts the pages of this (big,
+    torch-loaded) process that it shared between fork and exec, and RUSAGE_CHILDREN
+    mixes every script a bench ran.
     A failure becomes a UserError naming the script; the script's own error line is
     already on stderr above it.
     """
@@ -67,11 +68,13 @@ class PeakRSS:
     Entry resets the kernel's high-water mark (``5`` into /proc/self/clear_refs), exit reads
     VmHWM, so methods timed one after another in one process each get their own peak:
     ``peak_mb`` (the whole process) and ``extra_mb`` (the peak above the RSS at entry: the
-    method's own working memory). Both stay None where /proc does not allow this.
+    method's own working memory). Both are NaN where /proc does not allow this, as
+    run()'s figure is.
     """
 
     def __init__(self):
-        self.start_mb = self.peak_mb = self.extra_mb = None
+        self.start_mb = None
+        self.peak_mb = self.extra_mb = float("nan")
 
     def __enter__(self) -> "PeakRSS":
         try:
@@ -88,7 +91,13 @@ class PeakRSS:
             self.extra_mb = self.peak_mb - self.start_mb
 
     def __str__(self) -> str:
-        return "n/a" if self.peak_mb is None else f"{self.peak_mb:.0f} MB (+{self.extra_mb:.0f})"
+        return "n/a" if math.isnan(self.peak_mb) else f"{self.peak_mb:.0f} MB (+{self.extra_mb:.0f})"
+
+
+def max_known(*readings: float) -> float:
+    """The largest memory reading, NaN ("not measurable here") ones ignored; NaN if all are."""
+    known = [x for x in readings if not math.isnan(x)]
+    return max(known) if known else float("nan")
 
 
 def comma_list(item_type):

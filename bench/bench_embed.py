@@ -105,7 +105,7 @@ def main(args) -> None:
         with PeakRSS() as classic_mem:
             computed = classic_generate(model, csv, args.image_size, root / "classic_embeddings.bin")
         classic_s = time.perf_counter() - t0
-        classic_rss = classic_mem.peak_mb or float("nan")
+        classic_rss = classic_mem.peak_mb
 
     print(f"{args.arch}, {args.image_size} px, {args.embedding_dim}-d, CPU, {torch.get_num_threads()} torch threads; "
           f"{n_images} distinct train images")

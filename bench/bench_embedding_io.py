@@ -47,11 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def clock(fn):
-    """(seconds, fn(), rise of the peak RSS in MB during the call, or NaN where not measurable)."""
+    """(seconds, fn(), rise of the peak RSS in MB during the call: NaN where not measurable)."""
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         out = fn()
-    return time.perf_counter() - t0, out, float("nan") if mem.extra_mb is None else mem.extra_mb
+    return time.perf_counter() - t0, out, mem.extra_mb
 
 
 def files_size(*paths: Path) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import Evaluator, PeakRSS, comma_list, fashion_mnist, latest_checkpoint, run  # also puts the repo on sys.path
+from bench_common import Evaluator, PeakRSS, comma_list, fashion_mnist, latest_checkpoint, max_known, run  # also puts the repo on sys.path
 
 import cli_utils  # noqa: E402
 
@@ -97,12 +97,6 @@ def prepare(root: Path, args) -> tuple[Path, Path]:
 def eval_times(args) -> list[float]:
     """The evaluation times, capped at --budget, which is always one of them."""
     return sorted({min(t, args.budget) for t in args.eval_at} | {args.budget})
-
-
-def max_known(a: float, b: float | None) -> float:
-    """max of two memory readings where None or NaN means "not measurable here"."""
-    known = [x for x in (a, b) if x is not None and x == x]
-    return max(known) if known else float("nan")
 
 
 def run_classic(csv: Path, evaluator: Evaluator, times: list[float], args) -> list[dict]:

@@ -22,7 +22,6 @@ PY=${PYTHON:-python3}
 STEPS=${STEPS:-20}
 BATCH=${BATCH:-32}
 TTQ_BUDGET=${TTQ_BUDGET:-60}
-mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 
 { nvidia-smi || true; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \

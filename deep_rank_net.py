@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli_utils import UserError, atomic_path, check_input_file
+from deepranking.cli import UserError, atomic_path, check_input_file
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Stages in forward order; train_from=X trains X and everything after it.
@@ -325,7 +325,7 @@ def preprocess(
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """Decode one image as uint8 [H,W,3] (UserError naming the path if unreadable)."""
-    from image_data import load_rgb
+    from deepranking.image_data import load_rgb
 
     return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
 

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import cli_utils
-from cli_utils import UserError
+from deepranking import cli
+from deepranking.cli import UserError
 
 REPO = Path(__file__).resolve().parent
 
@@ -49,10 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true",
                    help="download TinyImageNet into --data-dir first (needs internet)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where every output goes")
-    p.add_argument("--epochs", type=cli_utils.positive_int, default=DEMO_EPOCHS, help="training epochs")
+    p.add_argument("--epochs", type=cli.positive_int, default=DEMO_EPOCHS, help="training epochs")
     p.add_argument("--arch", default=DEMO_ARCH, help="backbone architecture")
     p.add_argument("--weights", default="none", help="backbone weights: none, imagenet or a state-dict path")
-    p.add_argument("--image-size", type=cli_utils.positive_int, default=DEMO_IMAGE_SIZE, help="training image size")
+    p.add_argument("--image-size", type=cli.positive_int, default=DEMO_IMAGE_SIZE, help="training image size")
     p.add_argument("--seed", type=int, default=0, help="seed for every stage")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
@@ -140,4 +140,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

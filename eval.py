@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-import cli_utils
-import embedding_io
-import image_data
-import plots
-import retrieval
-from cli_utils import UserError
+from deepranking import cli
+from deepranking import embedding_io
+from deepranking import image_data
+from deepranking import plots
+from deepranking import retrieval
+from deepranking.cli import UserError
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
 
@@ -35,16 +35,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="database embedding file (train split)")
     p.add_argument("--test-embeddings", type=Path, default=Path("test_embedding.txt"),
                    help="query embedding file (val split)")
-    p.add_argument("--k", type=cli_utils.positive_int, default=30, help="neighbours per query (top-k)")
+    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query (top-k)")
     p.add_argument("--output-dir", type=Path, default=Path("eval_results"), help="where results go")
     p.add_argument("--queries", nargs="*", default=None,
                    help="test images to draw: row indices into the test file or image paths")
-    p.add_argument("--num-demo-queries", type=cli_utils.non_negative_int, default=5,
+    p.add_argument("--num-demo-queries", type=cli.non_negative_int, default=5,
                    help="random test queries to draw when --queries is not given")
     p.add_argument("--triplets", type=Path, default=None, help="triplet CSV to score (fraction ranked correctly)")
-    p.add_argument("--max-train-queries", type=cli_utils.positive_int, default=10_000,
+    p.add_argument("--max-train-queries", type=cli.positive_int, default=10_000,
                    help="train precision uses a seeded subset of at most this many train queries")
-    p.add_argument("--chunk-size", type=cli_utils.positive_int, default=None,
+    p.add_argument("--chunk-size", type=cli.positive_int, default=None,
                    help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
                         "distance block within 256 MB)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train subset and demo queries")
@@ -159,8 +159,8 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex) ->
 def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
-    cli_utils.check_output_path(metrics_path, args.force, "metrics file")
-    device = cli_utils.pick_device(args.device)
+    cli.check_output_path(metrics_path, args.force, "metrics file")
+    device = cli.pick_device(args.device)
     train = embedding_io.read_embeddings(args.train_embeddings)
     test = embedding_io.read_embeddings(args.test_embeddings)
     if len(train) == 0 or len(test) == 0:
@@ -171,7 +171,7 @@ def main(args) -> None:
     if args.k > len(train):
         raise UserError(f"--k {args.k} is larger than the database ({len(train)} images)")
     if args.triplets is not None:
-        cli_utils.check_input_file(args.triplets, "triplet CSV")
+        cli.check_input_file(args.triplets, "triplet CSV")
     queries = pick_queries(args, test)
 
     index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
@@ -181,7 +181,7 @@ def main(args) -> None:
                     "triplets": str(args.triplets) if args.triplets else None})
 
     out.mkdir(parents=True, exist_ok=True)
-    with cli_utils.atomic_path(out / "per_class_precision.csv") as tmp:
+    with cli.atomic_path(out / "per_class_precision.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
     curve = metrics["precision_at_k_curve"]
     series = {"test (val queries)": (curve["k"], curve["test"])}
@@ -190,7 +190,7 @@ def main(args) -> None:
     plots.line_chart(out / "precision_at_k.png", series, "precision@k", "k", "precision", y_range=(0.0, 1.0))
     for n, qi in enumerate(queries):
         draw_query(out / f"retrieval_{n}.png", qi, train, test, index)
-    cli_utils.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    cli.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
     k = args.k
     print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f}  ({len(test)} val queries, {len(train)} db)")
@@ -209,4 +209,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

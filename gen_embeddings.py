@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-import cli_utils
-from cli_utils import UserError
+from deepranking import cli
+from deepranking.cli import UserError
 
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
 
@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=None,
                    help="comma-separated splits to embed, from train,val (default: train,val; "
                         "val is skipped with a message when the dataset has none)")
-    p.add_argument("--batch-size", type=cli_utils.positive_int, default=256, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast: auto = on for CUDA, off for CPU")
@@ -83,7 +83,7 @@ def parse_splits(text: str | None) -> tuple[list[str], bool]:
 
 def plan_jobs(args) -> list[SplitJob]:
     """List every split to embed and check every output path; raises UserError before any work."""
-    from image_data import list_class_folder, resolve_split_dir
+    from deepranking.image_data import list_class_folder, resolve_split_dir
 
     splits, val_optional = parse_splits(args.splits)
     if not args.data_dir.is_dir():
@@ -97,7 +97,7 @@ def plan_jobs(args) -> list[SplitJob]:
             print(f"no val split in {args.data_dir} (a plain class folder is the train split): "
                   f"not writing {outputs['val']}", file=sys.stderr)
             continue
-        cli_utils.check_output_path(outputs[split], args.force, f"{split} embeddings output")
+        cli.check_output_path(outputs[split], args.force, f"{split} embeddings output")
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
         jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names))
     return jobs
@@ -155,7 +155,7 @@ def pick_rank_device(name: str, dist_info: Dist):
     """--device resolved for this rank: under torchrun, CUDA means GPU LOCAL_RANK."""
     import torch
 
-    device = cli_utils.pick_device(name)
+    device = cli.pick_device(name)
     if dist_info.active and device.type == "cuda" and device.index is None:
         local = int(os.environ.get("LOCAL_RANK", dist_info.rank))
         if local >= torch.cuda.device_count():
@@ -182,7 +182,7 @@ def agree_on_errors(dist_info: Dist, error: str | None) -> None:
         return
     if dist_info.main:
         raise UserError(first)
-    raise SystemExit(cli_utils.EXIT_USER_ERROR)
+    raise SystemExit(cli.EXIT_USER_ERROR)
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def agree_on_errors(dist_info: Dist, error: str | None) -> None:
 def embed_paths(paths: list[str], model, image_size: int, args, device, progress: bool) -> tuple[np.ndarray, float]:
     """Decode (cached) and embed ``paths``; returns (float32 [N, D], seconds spent embedding)."""
     from deep_rank_net import embed_images
-    from image_cache import cache_images, choose_cache_size
+    from deepranking.image_cache import cache_images, choose_cache_size
 
     if not paths:
         dim = model.config["embedding_dim"]
@@ -218,7 +218,7 @@ def merge_shards(job: SplitJob, world_size: int) -> np.ndarray:
 
 def run_job(job: SplitJob, model, image_size: int, args, device, dist_info: Dist) -> tuple[int, float]:
     """Embed one split (this rank's shard) and write its file; returns (images embedded here, seconds)."""
-    from embedding_io import write_embeddings
+    from deepranking.embedding_io import write_embeddings
 
     progress = not args.no_progress and dist_info.main
     bounds = shard_bounds(len(job.paths), dist_info.world_size)
@@ -227,7 +227,7 @@ def run_job(job: SplitJob, model, image_size: int, args, device, dist_info: Dist
     try:
         emb, seconds = embed_paths(job.paths[lo:hi], model, image_size, args, device, progress)
         if dist_info.active:
-            with cli_utils.atomic_path(shard_file(job.output, dist_info.rank), suffix=".npy") as tmp:
+            with cli.atomic_path(shard_file(job.output, dist_info.rank), suffix=".npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, emb)
     except UserError as exc:
@@ -253,7 +253,7 @@ def run_job(job: SplitJob, model, image_size: int, args, device, dist_info: Dist
 def main(args) -> None:
     from deep_rank_net import load_checkpoint, model_from_checkpoint
 
-    cli_utils.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     dist_info = dist_from_env()
     device = pick_rank_device(args.device, dist_info)
     # Every check happens on every rank before the process group exists: a bad input
@@ -293,4 +293,4 @@ def report_throughput(embedded: int, seconds: float, device, dist_info: Dist) ->
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

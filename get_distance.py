@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli_utils
+from deepranking import cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,9 +35,9 @@ def main(args) -> None:
     from deep_rank_net import load_checkpoint, model_from_checkpoint
     from query import embed_query_images
 
-    paths = [str(cli_utils.check_input_file(p, f"image{i}").resolve()) for i, p in
+    paths = [str(cli.check_input_file(p, f"image{i}").resolve()) for i, p in
              enumerate((args.image1, args.image2), start=1)]
-    device = cli_utils.pick_device(args.device)
+    device = cli.pick_device(args.device)
     model, image_size = model_from_checkpoint(load_checkpoint(args.model, map_location="cpu"), device)
     # The same decode -> resize -> embed path as gen_embeddings.py, so the number matches the
     # distance between the two images' rows in an embedding file.
@@ -46,4 +46,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

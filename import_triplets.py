@@ -48,9 +48,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import cli_utils
-from cli_utils import UserError
-from image_data import is_image_file
+from deepranking import cli
+from deepranking.cli import UserError
+from deepranking.image_data import is_image_file
 
 USER_AGENT = "deep-ranking-import-triplets/1.0 (+python-urllib; research dataset download)"
 MANIFEST_NAME = "manifest.csv"
@@ -83,18 +83,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("auto", "lines", "csv", "tsv"), default="auto",
                    help="input format (auto: CSV/TSV if the first line holds 2+ image columns or the "
                    "header, else 4-line records)")
-    p.add_argument("--workers", type=cli_utils.positive_int, default=8, help="parallel downloads")
-    p.add_argument("--retries", type=cli_utils.non_negative_int, default=3,
+    p.add_argument("--workers", type=cli.positive_int, default=8, help="parallel downloads")
+    p.add_argument("--retries", type=cli.non_negative_int, default=3,
                    help="retries per URL after connection errors, timeouts, 408/429 and 5xx (not after 404 etc.)")
-    p.add_argument("--timeout", type=cli_utils.positive_float, default=20.0,
+    p.add_argument("--timeout", type=cli.positive_float, default=20.0,
                    help="seconds per network operation (connect, each read)")
-    p.add_argument("--backoff", type=cli_utils.positive_float, default=0.5,
+    p.add_argument("--backoff", type=cli.positive_float, default=0.5,
                    help="first retry delay in seconds; doubles per retry, plus up to 100%% seeded jitter")
-    p.add_argument("--max-bytes", type=cli_utils.positive_int, default=10_000_000,
+    p.add_argument("--max-bytes", type=cli.positive_int, default=10_000_000,
                    help="largest accepted download per image (checked on Content-Length and while streaming)")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-request URLs that failed permanently (404, not an image, ...) in an earlier run")
-    p.add_argument("--val-fraction", type=cli_utils.fraction, default=0.0,
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
                    help="fraction of query images held out into <csv stem>_val.csv (split by query image, "
                    "so no query is in both files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the retry jitter and of the --val-fraction split")
@@ -326,7 +326,7 @@ def verify_image(path: Path) -> str:
     """Fully decode ``path`` (truncated files fail); return its stored extension or raise FetchError."""
     from PIL import Image
 
-    import image_data
+    from deepranking import image_data
 
     try:
         image_data.load_rgb(path)
@@ -342,7 +342,7 @@ def _finalize(tmp: Path, images_dir: Path, stem: str) -> str:
     """Verify a fully written temp file and move it to ``<stem><ext>``; returns the file name."""
     ext = verify_image(tmp)
     if not ext:  # decodable but unusual format: store as PNG so every stage can read it
-        import image_data
+        from deepranking import image_data
 
         image_data.load_rgb(tmp).save(tmp, format="PNG")
         ext = ".png"
@@ -477,10 +477,10 @@ def read_manifest(path: Path) -> dict[str, dict]:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        cli_utils.warn(f"ignoring unreadable manifest {path}: {exc}")
+        cli.warn(f"ignoring unreadable manifest {path}: {exc}")
         return {}
     if rows and not {"url", "file", "status", "reason"} <= set(rows[0]):
-        cli_utils.warn(f"ignoring manifest with unexpected columns: {path}")
+        cli.warn(f"ignoring manifest with unexpected columns: {path}")
         return {}
     return {r["url"]: r for r in rows if r.get("url")}
 
@@ -491,7 +491,7 @@ def write_rows_csv(path: Path, header: tuple, rows) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    cli_utils.atomic_write_text(path, buf.getvalue())
+    cli.atomic_write_text(path, buf.getvalue())
 
 
 def write_manifest(path: Path, previous: dict[str, dict], outcomes: dict[str, Outcome]) -> None:
@@ -538,7 +538,7 @@ def _scan_images(images_dir: Path) -> dict[str, list[Path]]:
 
 
 def _show(problems: list[str], what: str, report: Path) -> None:
-    cli_utils.warn(f"{len(problems)} {what} (all listed in {report}):")
+    cli.warn(f"{len(problems)} {what} (all listed in {report}):")
     for p in problems[:SHOWN_PROBLEMS]:
         print(f"  {p}", file=sys.stderr)
     if len(problems) > SHOWN_PROBLEMS:
@@ -585,7 +585,7 @@ def fetch_all(refs: list[Ref], images_dir: Path, manifest_path: Path, previous: 
 
 
 def main(args) -> None:
-    input_path = cli_utils.check_input_file(args.input, "triplet list")
+    input_path = cli.check_input_file(args.input, "triplet list")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir is not a folder: {out_dir}")
@@ -633,7 +633,7 @@ def main(args) -> None:
     def paths(recs):
         return [[str(images_dir / outcomes[rec.refs[i].key].file) for rec in recs] for i in range(3)]
 
-    import image_data
+    from deepranking import image_data
 
     csv_path = out_dir / args.csv
     val_path = csv_path.with_name(f"{csv_path.stem}_val{csv_path.suffix or '.csv'}")
@@ -641,11 +641,11 @@ def main(args) -> None:
     train = [rec for rec in kept if rec.refs[0].key not in held]
     val = [rec for rec in kept if rec.refs[0].key in held]
     if args.val_fraction > 0 and not val:
-        cli_utils.warn("--val-fraction: only one query image survived, nothing held out")
+        cli.warn("--val-fraction: only one query image survived, nothing held out")
     if val:
         image_data.write_triplet_csv(val_path, *paths(val))
     elif val_path.exists():
-        cli_utils.warn(f"{val_path} is from an earlier run and may share queries with {csv_path}")
+        cli.warn(f"{val_path} is from an earlier run and may share queries with {csv_path}")
     image_data.write_triplet_csv(csv_path, *paths(train))
 
     actions = [o.action for o in outcomes.values()]
@@ -657,4 +657,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

@@ -26,34 +26,34 @@ from pathlib import Path
 
 import numpy as np
 
-import cli_utils
-import retrieval
-from cli_utils import UserError
+from deepranking import cli
+from deepranking import retrieval
+from deepranking.cli import UserError
 
 GLOB_CHARS = set("*?[")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from ann_search import ANN_CHOICES, DEFAULT_NPROBE
+    from deepranking.ann_search import ANN_CHOICES, DEFAULT_NPROBE
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("queries", nargs="+", metavar="QUERY", help="image files, folders or glob patterns")
     p.add_argument("--model", type=Path, required=True, help="checkpoint that made the embeddings")
     p.add_argument("--embeddings", type=Path, required=True,
                    help="database embedding file from gen_embeddings.py (.txt, .npz or .npy)")
-    p.add_argument("--top", type=cli_utils.positive_int, default=10, help="neighbours to show per query")
+    p.add_argument("--top", type=cli.positive_int, default=10, help="neighbours to show per query")
     p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of the results")
     p.add_argument("--force", action="store_true", help="overwrite an existing --grid file")
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out database rows that are the query image itself")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=cli_utils.positive_int, default=256, help="query images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="query images per forward pass")
     p.add_argument("--ann", choices=ANN_CHOICES, default="auto",
                    help="exact search, FAISS cluster search (pip install faiss-cpu), or auto "
                         "(FAISS above 200,000 rows when installed)")
-    p.add_argument("--nprobe", type=cli_utils.positive_int, default=DEFAULT_NPROBE,
+    p.add_argument("--nprobe", type=cli.positive_int, default=DEFAULT_NPROBE,
                    help="FAISS: clusters searched per query (more = slower, closer to exact)")
-    p.add_argument("--nlist", type=cli_utils.positive_int, default=None,
+    p.add_argument("--nlist", type=cli.positive_int, default=None,
                    help="FAISS: clusters in the index (default about 4 * sqrt(rows))")
     p.add_argument("--index", type=Path, default=None,
                    help="FAISS: keep the built index in this file and reuse it while it is newer than --embeddings")
@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _images_in_folder(folder: Path) -> list[str]:
-    from image_data import is_image_file
+    from deepranking.image_data import is_image_file
 
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -83,7 +83,7 @@ def expand_queries(items: list[str]) -> list[str]:
     everywhere. A path that does not exist is an error; a pattern or folder that
     matches no image only counts towards the 'no query images' error.
     """
-    from image_data import is_image_file
+    from deepranking.image_data import is_image_file
 
     out: list[str] = []
     for item in items:
@@ -110,7 +110,7 @@ def expand_queries(items: list[str]) -> list[str]:
 def embed_query_images(paths: list[str], model, image_size: int, device, batch_size: int) -> np.ndarray:
     """Embed query images exactly as gen_embeddings.py embeds the database: float32 [Q, D]."""
     from deep_rank_net import embed_images
-    from image_cache import cache_images, choose_cache_size
+    from deepranking.image_cache import cache_images, choose_cache_size
 
     images = cache_images(paths, choose_cache_size(paths, image_size), progress=False)  # uint8 [Q, s, s, 3]
     return embed_images(model, images, image_size, batch_size=batch_size, device=device, progress=False)
@@ -124,7 +124,7 @@ def embed_query_images(paths: list[str], model, image_size: int, device, batch_s
 def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None):
     """Index the database once (part of loading): a retrieval.ExactIndex or a FAISS IVF index."""
     if backend == "faiss":
-        from ann_search import load_or_build_index
+        from deepranking.ann_search import load_or_build_index
 
         return load_or_build_index(args.index, database, source, nlist=args.nlist, seed=args.seed)
     return retrieval.ExactIndex(database, device)
@@ -139,7 +139,7 @@ def search(searcher, queries: np.ndarray, k: int, args,
     if isinstance(searcher, retrieval.ExactIndex):
         excludes = self_rows is not None and bool((self_rows >= 0).any())
         return searcher.search(queries, min(k, len(searcher) - excludes), exclude_rows=self_rows)
-    from ann_search import ivf_search
+    from deepranking.ann_search import ivf_search
 
     n = int(searcher.ntotal)
     k_search = min(k + (1 if self_rows is not None else 0), n)
@@ -174,8 +174,8 @@ def format_results(query_paths: list[str], dist: np.ndarray, idx: np.ndarray, db
 def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.ndarray, db_paths: list[str],
                db_labels) -> None:
     """One row per query: the query, then its neighbours captioned with distance and label."""
-    from image_data import label_from_path
-    from plots import GREEN, RED, image_grid
+    from deepranking.image_data import label_from_path
+    from deepranking.plots import GREEN, RED, image_grid
 
     known = {str(x) for x in db_labels}
     rows, titles = [], []
@@ -195,16 +195,16 @@ def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.nda
 
 
 def main(args) -> None:
-    from ann_search import choose_backend
+    from deepranking.ann_search import choose_backend
     from deep_rank_net import load_checkpoint, model_from_checkpoint
-    from embedding_io import read_embeddings
+    from deepranking.embedding_io import read_embeddings
 
     # Cheap checks first: nothing is loaded or embedded if an input is wrong.
     if args.grid is not None:
-        cli_utils.check_output_path(args.grid, args.force, "grid picture")
+        cli.check_output_path(args.grid, args.force, "grid picture")
     query_paths = expand_queries(args.queries)
-    cli_utils.check_input_file(args.embeddings, "embedding file")
-    device = cli_utils.pick_device(args.device)
+    cli.check_input_file(args.embeddings, "embedding file")
+    device = cli.pick_device(args.device)
     ckpt = load_checkpoint(args.model, map_location="cpu")
     model, image_size = model_from_checkpoint(ckpt, device)
     del ckpt
@@ -239,4 +239,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

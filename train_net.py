@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli_utils
+from deepranking import cli
 import deep_rank_net
-import image_cache
-import image_data
-from cli_utils import UserError
+from deepranking import image_cache
+from deepranking import image_data
+from deepranking.cli import UserError
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: edit here (each is also a command-line flag).
@@ -78,35 +78,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-triplets", type=Path, default=None,
                    help=f"validation triplet CSV (default: {DEFAULT_VAL_TRIPLETS} next to --triplets, "
                         "skipped with a warning if absent)")
-    p.add_argument("--val-fraction", type=cli_utils.fraction, default=0.0,
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
                    help="hold out this fraction of the training queries (seeded) for validation instead "
                         "(for CSVs without a validation file)")
-    p.add_argument("--epochs", type=cli_utils.positive_int, default=EPOCHS, help="training epochs")
+    p.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="training epochs")
     p.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER,
                    help="optimizer (case-insensitive)")
-    p.add_argument("--batch-size", type=cli_utils.positive_int, default=BATCH_SIZE, help="triplets per step")
-    p.add_argument("--lr", type=cli_utils.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="triplets per step")
+    p.add_argument("--lr", type=cli.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LR_SCHEDULE,
                    help="constant, or cosine decay to 0 over all --epochs (--max-steps/--time-limit "
                         "stop early without shortening it)")
-    p.add_argument("--warmup-steps", type=cli_utils.non_negative_int, default=WARMUP_STEPS,
+    p.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS,
                    help="linear learning-rate warm-up over the first N optimizer steps")
     p.add_argument("--momentum", type=float, default=MOMENTUM, help="momentum (sgd, rms)")
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="weight decay")
-    p.add_argument("--margin", type=cli_utils.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
+    p.add_argument("--margin", type=cli.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
     p.add_argument("--arch", choices=deep_rank_net.ARCHITECTURES, default=ARCH, help="backbone architecture")
     p.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
     p.add_argument("--train-from", choices=deep_rank_net.TRAIN_FROM_STAGES, default=TRAIN_FROM,
                    help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen")
     p.add_argument("--single-scale", action="store_true", default=not MULTISCALE,
                    help="drop the two shallow paths (deep path only)")
-    p.add_argument("--image-size", type=cli_utils.positive_int, default=IMAGE_SIZE, help="training image size")
-    p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=EMBEDDING_DIM, help="embedding size")
+    p.add_argument("--image-size", type=cli.positive_int, default=IMAGE_SIZE, help="training image size")
+    p.add_argument("--embedding-dim", type=cli.positive_int, default=EMBEDDING_DIM, help="embedding size")
     p.add_argument("--mining", choices=MINING_MODES, default=MINING,
                    help="online mining inside each batch (needs class folders): batch-hard = every image is an "
                         "anchor with its hardest positive and negative; hard-negative / semi-hard = each "
                         "triplet's negative replaced")
-    p.add_argument("--id-loss-weight", type=cli_utils.non_negative_float, default=ID_LOSS_WEIGHT,
+    p.add_argument("--id-loss-weight", type=cli.non_negative_float, default=ID_LOSS_WEIGHT,
                    help="weight of a class (cosine softmax) loss added to the ranking loss (needs class "
                         "folders; 0: ranking loss only)")
     p.add_argument("--output-dir", type=Path, default=Path("."), help="where checkpoints and logs go")
@@ -114,20 +114,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start afresh: delete an earlier run's checkpoints, metrics.jsonl and curves in --output-dir")
     p.add_argument("--seed", type=int, default=SEED, help="random seed (init, triplet order, flips)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--num-workers", type=cli_utils.non_negative_int, default=NUM_WORKERS,
+    p.add_argument("--num-workers", type=cli.non_negative_int, default=NUM_WORKERS,
                    help="DataLoader worker processes (0: gather in the main process)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast: auto = on for CUDA, off for CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster steps, slow start)")
-    p.add_argument("--max-steps", type=cli_utils.positive_int, default=None,
+    p.add_argument("--max-steps", type=cli.positive_int, default=None,
                    help="stop after this many optimizer steps in total, saving a resumable checkpoint")
-    p.add_argument("--time-limit", type=cli_utils.positive_float, default=None,
+    p.add_argument("--time-limit", type=cli.positive_float, default=None,
                    help="stop after this many seconds of training (like --max-steps: resumable checkpoint)")
-    p.add_argument("--save-every", type=cli_utils.non_negative_int, default=0,
+    p.add_argument("--save-every", type=cli.non_negative_int, default=0,
                    help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only)")
-    p.add_argument("--cache-size", type=cli_utils.non_negative_int, default=0,
+    p.add_argument("--cache-size", type=cli.non_negative_int, default=0,
                    help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
-    p.add_argument("--log-every", type=cli_utils.positive_int, default=LOG_EVERY,
+    p.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY,
                    help="steps between metrics.jsonl training records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -314,13 +314,13 @@ def resolve_val_path(args) -> Path | None:
     if args.val_triplets is not None:
         if args.val_fraction > 0:
             raise UserError("give either --val-triplets or --val-fraction, not both")
-        return cli_utils.check_input_file(args.val_triplets, "validation triplet CSV")
+        return cli.check_input_file(args.val_triplets, "validation triplet CSV")
     if args.val_fraction > 0:
         return None
     default = args.triplets.parent / DEFAULT_VAL_TRIPLETS
     if default.is_file():
         return default
-    cli_utils.warn(f"no validation CSV ({default} not found): training without validation "
+    cli.warn(f"no validation CSV ({default} not found): training without validation "
                    "(use --val-triplets CSV or --val-fraction F)")
     return None
 
@@ -459,7 +459,7 @@ def main(args) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir is not a folder: {out}")
     check_outputs(out, args.force, args.resume is not None)
-    device = cli_utils.pick_device(args.device)
+    device = cli.pick_device(args.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -487,7 +487,7 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
     images = image_cache.cache_images(list(paths), cache_size, progress=is_main and not args.no_progress)
 
     # --- model and optimizer ---
-    cli_utils.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     model = deep_rank_net.build_model(args.arch, args.embedding_dim, not args.single_scale,
                                       "none" if ckpt is not None else args.weights, args.train_from)
     # channels_last helps GPU convolutions; on CPU (oneDNN, small images) NCHW measured ~1.6x faster.
@@ -620,7 +620,7 @@ def train(args, out: Path, device: torch.device, rank: int, world: int, is_main:
             log_stats.add(**stats)
             spread = torch.pdist(emb.detach()).mean().item() if emb.shape[0] > 1 else 1.0
             if spread < COLLAPSE_DISTANCE and not collapse_warned and is_main:
-                cli_utils.warn(f"epoch {epoch + 1}: embeddings collapsed to a point (mean pairwise distance "
+                cli.warn(f"epoch {epoch + 1}: embeddings collapsed to a point (mean pairwise distance "
                                f"{spread:.2g}; loss stuck at the margin {args.margin}): try a lower --lr, "
                                "a smaller --margin or --mining semi-hard")
                 collapse_warned = True
@@ -695,7 +695,7 @@ def check_finite(loss: torch.Tensor, epoch: int, global_step: int, last_good: Pa
 
 def plot_curves(out: Path) -> None:
     """Training loss (per log record and per epoch) and val accuracy/loss per epoch vs step."""
-    import plots
+    from deepranking import plots
 
     records = [json.loads(line) for line in (out / METRICS_NAME).read_text(encoding="utf-8").splitlines()
                if line.strip()]
@@ -714,4 +714,4 @@ def plot_curves(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

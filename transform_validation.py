@@ -34,8 +34,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import cli_utils
-from cli_utils import UserError
+from deepranking import cli
+from deepranking.cli import UserError
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 DEFAULT_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -190,7 +190,7 @@ def restructure(root: Path) -> int:
             raise UserError(f"cannot move {src} to {dst}: {exc.strerror or exc}; "
                             f"fix that and re-run to continue")
     for wnid, text in boxes_text(annotations).items():
-        cli_utils.atomic_write_text(val_dir / wnid / f"{wnid}_boxes.txt", text)
+        cli.atomic_write_text(val_dir / wnid / f"{wnid}_boxes.txt", text)
     images_dir = val_dir / "images"
     if images_dir.is_dir():
         images_dir.rmdir()  # empty: plan_moves rejected unannotated files
@@ -392,4 +392,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

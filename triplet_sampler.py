@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-import cli_utils
-import image_data
-from cli_utils import UserError
+from deepranking import cli
+from deepranking import image_data
+from deepranking.cli import UserError
 
 DEFAULT_OUTPUT = {1: "training_triplet_sample.csv", 0: "val_triplet_sample.csv"}
 # Row-chunk bound (elements) for the random-keys path of the positive sampler.
@@ -38,10 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", type=int, choices=(0, 1), default=1,
                    help="1: sample the train split, 0: the val split (default 1)")
     p.add_argument("--num_pos_images", "--num-pos-images", dest="num_pos_images",
-                   type=cli_utils.positive_int, default=1,
+                   type=cli.positive_int, default=1,
                    help="positives per query, drawn without replacement from its class (default 1)")
     p.add_argument("--num_neg_images", "--num-neg-images", dest="num_neg_images",
-                   type=cli_utils.positive_int, default=1,
+                   type=cli.positive_int, default=1,
                    help="negatives per (query, positive) pair, from other classes (default 1)")
     p.add_argument("--data-dir", default="tiny-imagenet-200",
                    help="TinyImageNet root (with train/ and val/) or a plain folder of class "
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "val_triplet_sample.csv by split); paths in it are relative to its folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--val-fraction", type=cli_utils.fraction, default=0.0,
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
                    help="hold out this fraction of each class's images as queries in a second "
                    "CSV <output stem>_heldout.csv; held-out images never appear in the main "
                    "CSV (default 0: no held-out file)")
@@ -189,7 +189,7 @@ def _warn_small_classes(images: image_data.ImageList) -> None:
     small = [f"{images.class_names[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
     if small:
         shown = ", ".join(small[:10]) + (" ..." if len(small) > 10 else "")
-        cli_utils.warn(f"skipped {len(small)} class(es) with fewer than 2 images as queries "
+        cli.warn(f"skipped {len(small)} class(es) with fewer than 2 images as queries "
                        f"(no positive possible; their images still serve as negatives): {shown}")
 
 
@@ -198,7 +198,7 @@ def _note_short_classes(images: image_data.ImageList, short: np.ndarray, num_pos
         counts = np.bincount(images.labels, minlength=len(images.class_names))
         smallest = int(counts[short].min())
         names = ", ".join(images.class_names[c] for c in short[:5]) + (" ..." if len(short) > 5 else "")
-        cli_utils.warn(f"--num_pos_images {num_pos} is more than {len(short)} class(es) can give "
+        cli.warn(f"--num_pos_images {num_pos} is more than {len(short)} class(es) can give "
                        f"(smallest has {smallest} images: {smallest - 1} positives per query); "
                        f"their queries take all other images of their class: {names}")
 
@@ -206,10 +206,10 @@ def _note_short_classes(images: image_data.ImageList, short: np.ndarray, num_pos
 def main(args) -> None:
     split = "train" if args.training == 1 else "val"
     output = Path(args.output or DEFAULT_OUTPUT[args.training])
-    cli_utils.check_output_path(output, args.force, "output CSV")
+    cli.check_output_path(output, args.force, "output CSV")
     held_out = heldout_path(output) if args.val_fraction > 0 else None
     if held_out is not None:
-        cli_utils.check_output_path(held_out, args.force, "held-out CSV")
+        cli.check_output_path(held_out, args.force, "held-out CSV")
     split_dir = image_data.resolve_split_dir(args.data_dir, split)
     images = image_data.list_class_folder(split_dir)
     labels = images.labels
@@ -250,4 +250,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

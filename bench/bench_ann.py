@@ -25,18 +25,18 @@ import numpy as np
 
 from bench_common import comma_list  # also puts the repo on sys.path
 
-import cli_utils  # noqa: E402
-from cli_utils import UserError  # noqa: E402
+from deepranking import cli  # noqa: E402
+from deepranking.cli import UserError  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=cli_utils.positive_int, default=1_000_000, help="synthetic database rows")
-    p.add_argument("--dim", type=cli_utils.positive_int, default=128, help="synthetic embedding dimension")
-    p.add_argument("--queries", type=cli_utils.positive_int, default=1000, help="queries per database")
-    p.add_argument("--k", type=cli_utils.positive_int, default=30, help="neighbours per query (recall@k)")
-    p.add_argument("--nlist", type=cli_utils.positive_int, default=1024, help="IVF clusters")
-    p.add_argument("--nprobe", type=comma_list(cli_utils.positive_int), default="1,8,32",
+    p.add_argument("--rows", type=cli.positive_int, default=1_000_000, help="synthetic database rows")
+    p.add_argument("--dim", type=cli.positive_int, default=128, help="synthetic embedding dimension")
+    p.add_argument("--queries", type=cli.positive_int, default=1000, help="queries per database")
+    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query (recall@k)")
+    p.add_argument("--nlist", type=cli.positive_int, default=1024, help="IVF clusters")
+    p.add_argument("--nprobe", type=comma_list(cli.positive_int), default="1,8,32",
                    help="comma-separated clusters searched per query")
     p.add_argument("--datasets", default="random,clustered", help="synthetic databases: random, clustered")
     p.add_argument("--embeddings", type=Path, default=None,
@@ -77,8 +77,8 @@ def bench_one(name: str, database: np.ndarray, queries: np.ndarray, args, nprobe
 
     speed-up is relative to the exact search, its neighbours the ground truth for recall.
     """
-    from ann_search import build_ivf_index, ivf_search, recall_at_k
-    from retrieval import ExactIndex
+    from deepranking.ann_search import build_ivf_index, ivf_search, recall_at_k
+    from deepranking.retrieval import ExactIndex
 
     k = min(args.k, len(database))
     common = dict(db=name, q=len(queries), n=len(database), d=database.shape[1])
@@ -113,7 +113,7 @@ def print_table(rows: list[dict], k: int, file=sys.stdout) -> None:
 
 
 def main(args) -> None:
-    from ann_search import require_faiss
+    from deepranking.ann_search import require_faiss
 
     faiss = require_faiss()
     import torch
@@ -131,7 +131,7 @@ def main(args) -> None:
         print_table(rows[-1 - len(nprobes):], args.k, file=sys.stderr)
         print(file=sys.stderr)
     if args.embeddings is not None:
-        from embedding_io import read_embeddings
+        from deepranking.embedding_io import read_embeddings
 
         db = read_embeddings(args.embeddings).emb
         if args.test_embeddings is not None:
@@ -144,4 +144,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

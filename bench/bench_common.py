@@ -31,7 +31,7 @@ def run(script: str, *argv) -> float:
     A failure becomes a UserError naming the script; the script's own error line is
     already on stderr above it.
     """
-    from cli_utils import UserError
+    from deepranking.cli import UserError
 
     proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
                             stdout=subprocess.DEVNULL)  # returns once the child has exec'd
@@ -101,7 +101,7 @@ def max_known(*readings: float) -> float:
 
 
 def comma_list(item_type):
-    """argparse type: "a,b,c" -> [item_type("a"), ...], at least one item (item_type: e.g. cli_utils.positive_int)."""
+    """argparse type: "a,b,c" -> [item_type("a"), ...], at least one item (item_type: e.g. cli.positive_int)."""
 
     def parse(text: str) -> list:
         items = [item_type(t.strip()) for t in text.split(",") if t.strip()]
@@ -133,7 +133,7 @@ class Evaluator:
     """Test precision@k of a model: val images query the train images (as eval.py)."""
 
     def __init__(self, data: Path, k: int, device):
-        import image_data
+        from deepranking import image_data
 
         self.train = image_data.list_class_folder(data / "train")
         self.val = image_data.list_class_folder(data / "val")
@@ -141,7 +141,7 @@ class Evaluator:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        import image_cache
+        from deepranking import image_cache
 
         if size not in self._cache:
             side = image_cache.choose_cache_size(self.train.paths, size)
@@ -150,7 +150,7 @@ class Evaluator:
         return self._cache[size]
 
     def score(self, db: np.ndarray, queries: np.ndarray) -> float:
-        import retrieval
+        from deepranking import retrieval
 
         _, idx = retrieval.knn_search(queries, db, self.k, device=self.device)
         neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]

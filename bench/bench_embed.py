@@ -31,7 +31,7 @@ import numpy as np
 
 from bench_common import PeakRSS, fashion_mnist, run  # also puts the repo on sys.path
 
-import cli_utils  # noqa: E402
+from deepranking import cli  # noqa: E402
 
 CLASSIC_BATCH = 25
 
@@ -39,10 +39,10 @@ CLASSIC_BATCH = 25
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
-    p.add_argument("--train-per-class", type=cli_utils.positive_int, default=200, help="train images per class")
+    p.add_argument("--train-per-class", type=cli.positive_int, default=200, help="train images per class")
     p.add_argument("--arch", default="resnet18", help="backbone of the (untrained) model")
-    p.add_argument("--image-size", type=cli_utils.positive_int, default=64, help="model input size (both methods)")
-    p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=4096, help="embedding size")
+    p.add_argument("--image-size", type=cli.positive_int, default=64, help="model input size (both methods)")
+    p.add_argument("--embedding-dim", type=cli.positive_int, default=4096, help="embedding size")
     p.add_argument("--seed", type=int, default=0, help="seed of data, triplets and weights")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: temporary)")
     return p
@@ -54,7 +54,7 @@ def classic_generate(model, csv: Path, size: int, output: Path) -> int:
     from torchvision import transforms
 
     import deep_rank_net
-    import image_data
+    from deepranking import image_data
 
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
                              transforms.Normalize(deep_rank_net.IMAGENET_MEAN, deep_rank_net.IMAGENET_STD)])
@@ -75,7 +75,7 @@ def main(args) -> None:
     import torch
 
     import deep_rank_net
-    import image_data
+    from deepranking import image_data
 
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp:
         root = args.work_dir or Path(tmp)
@@ -87,7 +87,7 @@ def main(args) -> None:
                 "--num_neg_images", 2, "--output", csv, "--seed", args.seed)
         n_images = len(image_data.list_class_folder(data / "train").paths)
 
-        cli_utils.seed_everything(args.seed)
+        cli.seed_everything(args.seed)
         model = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1")
         ckpt = root / "untrained.model"
         deep_rank_net.save_checkpoint(ckpt, model, None, epoch=0, step=0, image_size=args.image_size, args={})
@@ -119,4 +119,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

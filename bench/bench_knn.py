@@ -31,18 +31,18 @@ import numpy as np
 
 from bench_common import comma_list  # also puts the repo on sys.path
 
-import cli_utils  # noqa: E402
-from cli_utils import UserError  # noqa: E402
+from deepranking import cli  # noqa: E402
+from deepranking.cli import UserError  # noqa: E402
 
 METHODS = ("ours", "sklearn")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=cli_utils.positive_int, default=10_000, help="query vectors")
-    p.add_argument("--database", type=cli_utils.positive_int, default=100_000, help="database vectors")
-    p.add_argument("--dims", type=comma_list(cli_utils.positive_int), default=[4096, 128], help="comma-separated dimensions")
-    p.add_argument("--k", type=cli_utils.positive_int, default=30, help="neighbours per query")
+    p.add_argument("--queries", type=cli.positive_int, default=10_000, help="query vectors")
+    p.add_argument("--database", type=cli.positive_int, default=100_000, help="database vectors")
+    p.add_argument("--dims", type=comma_list(cli.positive_int), default=[4096, 128], help="comma-separated dimensions")
+    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query")
     p.add_argument("--device", default="cpu", help="device for knn_search (cpu for a like-for-like comparison)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     # Internal: run one method in this (child) process.
@@ -71,7 +71,7 @@ def run_child(args) -> None:
     # Import the method's library first, so that "data" RSS = libraries + vectors, and
     # peak - data = the search's own working memory.
     if args.child == "ours":
-        import retrieval
+        from deepranking import retrieval
     else:
         from sklearn.neighbors import NearestNeighbors
     rng = np.random.default_rng([args.seed, args.dim])
@@ -138,4 +138,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

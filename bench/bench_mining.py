@@ -26,20 +26,20 @@ import numpy as np
 
 from bench_common import Evaluator, latest_checkpoint, run  # also puts the repo on sys.path
 
-import cli_utils  # noqa: E402
+from deepranking import cli  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=cli_utils.positive_float, default=60.0, help="training seconds per mode")
+    p.add_argument("--budget", type=cli.positive_float, default=60.0, help="training seconds per mode")
     p.add_argument("--modes", nargs="+", default=["none", "hard-negative"],
                    choices=["none", "batch-hard", "hard-negative", "semi-hard"], help="mining modes to compare")
     p.add_argument("--arch", default="resnet18", help="backbone architecture")
-    p.add_argument("--image-size", type=cli_utils.positive_int, default=32, help="training image size")
-    p.add_argument("--embedding-dim", type=cli_utils.positive_int, default=64, help="embedding size")
-    p.add_argument("--batch-size", type=cli_utils.positive_int, default=25, help="triplets per step")
-    p.add_argument("--lr", type=cli_utils.positive_float, default=0.001, help="Adam learning rate")
-    p.add_argument("--k", type=cli_utils.positive_int, default=30, help="k of precision@k")
+    p.add_argument("--image-size", type=cli.positive_int, default=32, help="training image size")
+    p.add_argument("--embedding-dim", type=cli.positive_int, default=64, help="embedding size")
+    p.add_argument("--batch-size", type=cli.positive_int, default=25, help="triplets per step")
+    p.add_argument("--lr", type=cli.positive_float, default=0.001, help="Adam learning rate")
+    p.add_argument("--k", type=cli.positive_int, default=30, help="k of precision@k")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, init, order)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the data and runs here (default: temporary)")
@@ -63,9 +63,9 @@ def evaluate(evaluator: Evaluator, model, image_size: int, val_csv: Path) -> dic
     """Val triplet accuracy and precision@k (val images query the train images)."""
     import torch
 
-    import image_cache
-    import image_data
-    import retrieval
+    from deepranking import image_cache
+    from deepranking import image_data
+    from deepranking import retrieval
 
     q, p, n = image_data.read_triplet_csv(val_csv)
     uniq, inverse = np.unique(np.concatenate([q, p, n]).astype(str), return_inverse=True)
@@ -81,7 +81,7 @@ def main(args) -> None:
 
     import deep_rank_net
 
-    device = cli_utils.pick_device(args.device)
+    device = cli.pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_mining_") as tmp:
         root = args.work_dir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def main(args) -> None:
                   "--time-limit", args.budget, "--seed", args.seed, "--device", args.device, "--no-progress",
                   "--force"]
         rows = []
-        cli_utils.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
+        cli.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
         untrained = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1").to(device)
         rows.append({"mode": "untrained", "steps": 0, "seconds": 0.0,
                      **evaluate(evaluator, untrained, args.image_size, val_csv)})
@@ -121,4 +121,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

@@ -35,7 +35,7 @@ import numpy as np
 
 from bench_common import PeakRSS, run  # also puts the repo on sys.path
 
-import cli_utils  # noqa: E402
+from deepranking import cli  # noqa: E402
 
 WARMUP_STEPS = 2
 EMBEDDING_DIM = 128
@@ -44,20 +44,20 @@ EMBEDDING_DIM = 128
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="backbone architecture")
-    p.add_argument("--image-size", type=cli_utils.positive_int, default=64, help="training image size S")
-    p.add_argument("--batch-size", type=cli_utils.positive_int, default=25, help="triplets per step B")
-    p.add_argument("--steps", type=cli_utils.positive_int, default=8, help="timed steps per method")
+    p.add_argument("--image-size", type=cli.positive_int, default=64, help="training image size S")
+    p.add_argument("--batch-size", type=cli.positive_int, default=25, help="triplets per step B")
+    p.add_argument("--steps", type=cli.positive_int, default=8, help="timed steps per method")
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--repeats", type=cli_utils.positive_int, default=2,
+    p.add_argument("--repeats", type=cli.positive_int, default=2,
                    help="rounds over the three methods (interleaved; the best round counts, as timeit does)")
     return p
 
 
 def make_sample(root: Path) -> list[str]:
     """Write the bundled sample under ``root``; returns the train image paths."""
-    import image_data
+    from deepranking import image_data
 
     run("make_sample_data.py", "--output", root, "--no-progress")
     return list(image_data.list_class_folder(image_data.resolve_split_dir(root, "train")).paths)
@@ -102,7 +102,7 @@ def classic_step_fn(model, opt, paths: list[str], size: int, device):
     from torchvision import transforms
 
     import deep_rank_net
-    import image_data
+    from deepranking import image_data
 
     tf = transforms.Compose([
         transforms.Resize((size, size)),
@@ -177,9 +177,9 @@ def bare_step_fn(model, opt, batch_size: int, size: int, device):
 def main(args) -> None:
     import torch
 
-    import image_cache
+    from deepranking import image_cache
 
-    device = cli_utils.pick_device(args.device)
+    device = cli.pick_device(args.device)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         paths = make_sample(Path(tmp) / "sample")
@@ -232,4 +232,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli_utils.run(main, get_args_parser())
+    cli.run(main, get_args_parser())

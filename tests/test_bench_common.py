@@ -11,7 +11,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import bench_common  # noqa: E402
 
-from cli_utils import UserError  # noqa: E402
+from deepranking.cli import UserError  # noqa: E402
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 

@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 import deep_rank_net as drn
-from cli_utils import UserError
-from image_data import UnreadableImageError
+from deepranking.cli import UserError
+from deepranking.image_data import UnreadableImageError
 
 DIM = 32
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import embedding_io
-from cli_utils import UserError
+from deepranking import embedding_io
+from deepranking.cli import UserError
 
 
 def sample(tmp_path, n=7, d=5):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli_utils
-import embedding_io
+from deepranking import cli
+from deepranking import embedding_io
 import eval as eval_script
 
 
@@ -31,7 +31,7 @@ def write_files(tmp_path, dim_test=2):
 
 def run(capsys, *argv):
     with pytest.raises(SystemExit) as exc:
-        cli_utils.run(eval_script.main, eval_script.get_args_parser(), [str(a) for a in argv])
+        cli.run(eval_script.main, eval_script.get_args_parser(), [str(a) for a in argv])
     return exc.value.code, capsys.readouterr()
 
 
@@ -64,7 +64,7 @@ def test_metrics_and_pictures_by_hand(tmp_path, capsys):
 
 
 def test_triplet_accuracy(tmp_path):
-    import image_data
+    from deepranking import image_data
 
     train, test = write_files(tmp_path)
     imgs = sorted((tmp_path / "imgs").glob("*.png"), key=lambda p: int(p.stem))

@@ -13,9 +13,9 @@ import torch
 
 import deep_rank_net as drn
 import gen_embeddings
-from cli_utils import UserError
-from embedding_io import read_embeddings
-from image_data import list_class_folder
+from deepranking.cli import UserError
+from deepranking.embedding_io import read_embeddings
+from deepranking.image_data import list_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_cache
-import image_data
+from deepranking import image_cache
+from deepranking import image_data
 from conftest import class_image, write_class_folder
-from image_data import UnreadableImageError
+from deepranking.image_data import UnreadableImageError
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_data
+from deepranking import image_data
 import import_triplets
-from cli_utils import UserError
+from deepranking.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")

@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-import plots
+from deepranking import plots
 
 
 def test_line_chart_draws_each_series_in_its_colour(tmp_path):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ann_search
+from deepranking import ann_search
 import gen_embeddings
 import get_distance
 import query
-from cli_utils import UserError
-from embedding_io import read_embeddings
+from deepranking.cli import UserError
+from deepranking.embedding_io import read_embeddings
 from test_gen_embeddings import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_choose_backend(monkeypatch):
 
 def test_search_paths_of_query_py_equal_knn_search():
     """query.py's exact path (one ExactIndex, many searches, self exclusion) gives knn_search's answers."""
-    from retrieval import knn_search
+    from deepranking.retrieval import knn_search
 
     rng = np.random.default_rng(1)
     db = rng.standard_normal((300, 16)).astype(np.float32)
@@ -175,7 +175,7 @@ def test_recall_at_k():
 def test_ivf_matches_exact_when_all_clusters_probed():
     import torch
 
-    from retrieval import knn_search
+    from deepranking.retrieval import knn_search
 
     rng = np.random.default_rng(0)
     db = rng.standard_normal((2000, 8)).astype(np.float32)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval
-from cli_utils import UserError
+from deepranking import retrieval
+from deepranking.cli import UserError
 
 
 def brute_force(q, db, k, exclude_self=False, largest=False):

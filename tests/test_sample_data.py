@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_data
+from deepranking import image_data
 import make_sample_data as msd
-from cli_utils import UserError
+from deepranking.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "make_sample_data.py"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import cli_utils
+from deepranking import cli
 import deep_rank_net
-import image_data
+from deepranking import image_data
 import train_net
 from conftest import REPO, class_image, write_tiny_imagenet
 
@@ -63,7 +63,7 @@ def train(*argv):
 def fails(capsys, *argv) -> str:
     """Run the CLI in this process; assert exit status 2 and a one-line error; return stderr."""
     with pytest.raises(SystemExit) as exc:
-        cli_utils.run(train_net.main, train_net.get_args_parser(), [str(a) for a in argv])
+        cli.run(train_net.main, train_net.get_args_parser(), [str(a) for a in argv])
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     assert "Traceback" not in err
@@ -167,9 +167,9 @@ def test_label_check_accepts_classes_and_rejects_label_free_rows():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0, 1, 2], [2, 3, 0]])
     train_net.check_labels_usable(good, labels, 2)
-    with pytest.raises(cli_utils.UserError, match="--id-loss-weight need class labels"):
+    with pytest.raises(cli.UserError, match="--id-loss-weight need class labels"):
         train_net.check_labels_usable(np.array([[0, 2, 3], [2, 3, 0]]), labels, 2)  # q, p differ
-    with pytest.raises(cli_utils.UserError, match="use --mining none"):
+    with pytest.raises(cli.UserError, match="use --mining none"):
         train_net.check_labels_usable(good, np.zeros(4, dtype=np.int64), 1)  # one folder
 
 
@@ -211,7 +211,7 @@ def test_one_epoch_writes_every_output(trained, csvs, capsys):
 
 def test_training_keeps_frozen_layers_and_bn_stats(trained):
     torched = state(trained / "deepranknet.model")
-    cli_utils.seed_everything(0)  # the script seeds with --seed 0 before building the model
+    cli.seed_everything(0)  # the script seeds with --seed 0 before building the model
     fresh = deep_rank_net.build_model("resnet18", 32, True, "none", "layer4").state_dict()
     frozen = ("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2", "backbone.layer3")
     for key, value in fresh.items():
@@ -284,7 +284,7 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
     assert record["val_triplets"] == 2 and record["step"] == 1  # 2 of 6 queries held out; 4 train triplets
 
     # The search tools work on a model trained without labels (issue: imported triplets).
-    import cli_utils as cu
+    from deepranking import cli as cu
     import gen_embeddings
     import get_distance
     import query

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_imagenet
 
-import cli_utils
-import image_data
+from deepranking import cli
+from deepranking import image_data
 import transform_validation as tv
 
 
@@ -29,7 +29,7 @@ def run_cli(argv, capsys):
     """Run the script in-process; return (exit code, stdout, stderr)."""
     code = 0
     try:
-        cli_utils.run(tv.main, tv.get_args_parser(), [str(a) for a in argv])
+        cli.run(tv.main, tv.get_args_parser(), [str(a) for a in argv])
     except SystemExit as exc:
         code = exc.code
     out, err = capsys.readouterr()
@@ -75,7 +75,7 @@ def assert_restructured(root: Path, annotations: list[list[str]]) -> None:
 def test_restructure_then_noop(tiny_imagenet_raw, capsys):
     root = tiny_imagenet_raw
     annotations = read_annotations(root)
-    with pytest.raises(cli_utils.UserError, match="transform_validation"):
+    with pytest.raises(cli.UserError, match="transform_validation"):
         image_data.resolve_split_dir(root, "val")
     code, out, err = run_cli(["--data-dir", root], capsys)
     assert code == 0, err

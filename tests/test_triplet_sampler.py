@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import image_data
+from deepranking import image_data
 import triplet_sampler
-from cli_utils import UserError
+from deepranking.cli import UserError
 from conftest import REPO, write_class_folder
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_utils import UserError
+from deepranking.cli import UserError
 
 ANN_CHOICES = ("auto", "exact", "faiss")
 AUTO_MIN_ROWS = 200_000  # below this, exact search on a CPU answers in well under a second
@@ -136,7 +136,7 @@ def load_or_build_index(index_path: str | os.PathLike | None, database: np.ndarr
                 return index
     index = build_ivf_index(database, nlist=nlist, seed=seed)
     if index_path is not None:
-        from cli_utils import atomic_path
+        from deepranking.cli import atomic_path
 
         with atomic_path(index_path, suffix=".faiss") as tmp:
             faiss.write_index(index, str(tmp))

@@ -35,9 +35,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-import cli_utils
-import image_data
-from image_data import UnreadableImageError
+from deepranking import cli
+from deepranking import image_data
+from deepranking.image_data import UnreadableImageError
 
 CACHE_FORMAT = "deep-ranking-image-cache"
 # Bump when the decoded pixels would change (resampling, colour conversion, ...).
@@ -166,7 +166,7 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise cli_utils.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
+        raise cli.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
     data, header = _entry_files(cache_dir, key)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
     os.close(fd)
@@ -186,7 +186,7 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
         if tmp.exists():
             tmp.unlink()
     # The header goes last: its presence marks the entry complete.
-    cli_utils.atomic_write_text(header, json.dumps(
+    cli.atomic_write_text(header, json.dumps(
         {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": size}))
     return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cli_utils import UserError, pick_device
+from deepranking.cli import UserError, pick_device
 
 
 # Per-chunk budget for the [C, N] float32 distance block: 2**26 floats = 256 MB, whatever

@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cli_utils import UserError, atomic_path, check_input_file
+from deepranking.cli import UserError, atomic_path, check_input_file
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1

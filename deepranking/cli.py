@@ -5,7 +5,7 @@ Every script at the repository root follows the same shape::
     def get_args_parser() -> argparse.ArgumentParser: ...
     def main(args) -> None: ...
     if __name__ == "__main__":
-        cli_utils.run(main, get_args_parser())
+        cli.run(main, get_args_parser())
 
 Bad input raises :class:`UserError`; :func:`run` turns it into a one-line
 ``error: ...`` message on stderr and exit status 2 (never a traceback).

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cli_utils import UserError, check_input_file
+from deepranking.cli import UserError, check_input_file
 
 # Lower-case extensions; matching is case-insensitive (TinyImageNet uses .JPEG).
 IMAGE_EXTENSIONS = frozenset(
@@ -228,7 +228,7 @@ def write_triplet_rows(
     Each path is made relative to the CSV's folder once, however many rows
     use it (the sampler's fast path). Returns the row count R.
     """
-    from cli_utils import atomic_path
+    from deepranking.cli import atomic_path
 
     idx = np.stack([np.asarray(query), np.asarray(positive), np.asarray(negative)]).astype(np.int64)  # [3, R]
     csv_dir = Path(csv_path).resolve().parent

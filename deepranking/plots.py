@@ -12,7 +12,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cli_utils import atomic_path
+from deepranking.cli import atomic_path
 
 # Colour-blind-friendly palette (Okabe-Ito) for up to 8 series.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
@@ -144,7 +144,7 @@ def image_grid(
     image or None (grey placeholder, e.g. a file that is gone); ``border_colour``
     None for no border (e.g. green/red for same/different class).
     """
-    from image_data import UnreadableImageError, load_rgb
+    from deepranking.image_data import UnreadableImageError, load_rgb
 
     f_small, f_title = font(11), font(14)
     n_cols = max((len(r) for r in rows), default=1)

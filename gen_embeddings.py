@@ -19,7 +19,6 @@ the original order, so the output is the same as a single-process run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,8 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli
+from deep_rank_net import model_from_checkpoint
+from deepranking import cli, distributed, embedding, runtime
+from deepranking.checkpoint import load_checkpoint
 from deepranking.cli import UserError
+from deepranking.embedding_io import write_embeddings
+from deepranking.preprocessing import Preprocessing
 
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
 
@@ -47,8 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "val is skipped with a message when the dataset has none)")
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="bf16 autocast: auto = on for CUDA, off for CPU")
+    p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",
+                   help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -103,86 +106,9 @@ def plan_jobs(args) -> list[SplitJob]:
     return jobs
 
 
-def shard_bounds(n: int, world_size: int) -> list[int]:
-    """Contiguous shard boundaries: rank r embeds [b[r], b[r+1]) of n items."""
-    return [n * r // world_size for r in range(world_size + 1)]
-
-
 def shard_file(output: Path, rank: int) -> Path:
     """Where rank ``rank`` leaves its shard: a hidden .npy beside the final output."""
     return output.parent / f".{output.name}.shard{rank}.npy"
-
-
-# ----------------------------------------------------------------------------
-# Distributed plumbing
-# ----------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> Dist:
-    """RANK/WORLD_SIZE set by torchrun (absent: one process)."""
-    try:
-        return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise UserError("RANK and WORLD_SIZE must be integers")
-
-
-def init_distributed(dist_info: Dist, device):
-    """Start the process group: NCCL for CUDA, gloo for CPU."""
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=dist_info.rank, world_size=dist_info.world_size)
-
-
-def pick_rank_device(name: str, dist_info: Dist):
-    """--device resolved for this rank: under torchrun, CUDA means GPU LOCAL_RANK."""
-    import torch
-
-    device = cli.pick_device(name)
-    if dist_info.active and device.type == "cuda" and device.index is None:
-        local = int(os.environ.get("LOCAL_RANK", dist_info.rank))
-        if local >= torch.cuda.device_count():
-            raise UserError(f"rank {dist_info.rank} needs GPU {local} but only {torch.cuda.device_count()} are visible")
-        device = torch.device("cuda", local)
-    return device
-
-
-def agree_on_errors(dist_info: Dist, error: str | None) -> None:
-    """Every rank learns whether any rank failed, so none waits forever at a barrier.
-
-    Rank 0 raises the first error as a UserError; the other ranks exit quietly with status 2.
-    """
-    if not dist_info.active:
-        if error is not None:
-            raise UserError(error)
-        return
-    import torch.distributed as dist
-
-    errors: list = [None] * dist_info.world_size
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is None:
-        return
-    if dist_info.main:
-        raise UserError(first)
-    raise SystemExit(cli.EXIT_USER_ERROR)
 
 
 # ----------------------------------------------------------------------------
@@ -190,20 +116,15 @@ def agree_on_errors(dist_info: Dist, error: str | None) -> None:
 # ----------------------------------------------------------------------------
 
 
-def embed_paths(paths: list[str], model, image_size: int, args, device, progress: bool) -> tuple[np.ndarray, float]:
-    """Decode (cached) and embed ``paths``; returns (float32 [N, D], seconds spent embedding)."""
-    from deep_rank_net import embed_images
-    from deepranking.image_cache import cache_images, choose_cache_size
-
+def embed_shard(paths: list[str], model, spec: Preprocessing, args, device, env: distributed.DistEnv,
+                progress: bool) -> tuple[np.ndarray, float]:
+    """Decode (through the cache) and embed this rank's images: (float32 [N, D], seconds embedding)."""
     if not paths:
-        dim = model.config["embedding_dim"]
-        return np.zeros((0, dim), dtype=np.float32), 0.0
-    images = cache_images(paths, choose_cache_size(paths, image_size), cache_dir=args.cache_dir,
-                          progress=progress)  # uint8 [N, s, s, 3]
-    amp = {"auto": None, "on": True, "off": False}[args.amp]
+        return np.zeros((0, model.config["embedding_dim"]), dtype=np.float32), 0.0
+    precision = runtime.resolve_precision(device, args.amp)
     start = time.perf_counter()
-    emb = embed_images(model, images, image_size, batch_size=args.batch_size, device=device, amp=amp,
-                       progress=progress)
+    emb = embedding.embed_paths(paths, model, spec, batch_size=args.batch_size, device=device,
+                                precision=precision, cache_dir=args.cache_dir, progress=progress)
     return emb, time.perf_counter() - start
 
 
@@ -216,79 +137,61 @@ def merge_shards(job: SplitJob, world_size: int) -> np.ndarray:
     return emb
 
 
-def run_job(job: SplitJob, model, image_size: int, args, device, dist_info: Dist) -> tuple[int, float]:
+def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distributed.DistEnv) -> tuple[int, float]:
     """Embed one split (this rank's shard) and write its file; returns (images embedded here, seconds)."""
-    from deepranking.embedding_io import write_embeddings
+    progress = not args.no_progress and env.main
+    bounds = distributed.shard_bounds(len(job.paths), env.world_size)
+    lo, hi = bounds[env.rank], bounds[env.rank + 1]
 
-    progress = not args.no_progress and dist_info.main
-    bounds = shard_bounds(len(job.paths), dist_info.world_size)
-    lo, hi = bounds[dist_info.rank], bounds[dist_info.rank + 1]
-    error, emb, seconds = None, None, 0.0
-    try:
-        emb, seconds = embed_paths(job.paths[lo:hi], model, image_size, args, device, progress)
-        if dist_info.active:
-            with cli.atomic_path(shard_file(job.output, dist_info.rank), suffix=".npy") as tmp:
+    def work():
+        emb, seconds = embed_shard(job.paths[lo:hi], model, spec, args, device, env, progress)
+        if env.active:
+            with cli.atomic_path(shard_file(job.output, env.rank), suffix=".npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, emb)
-    except UserError as exc:
-        error = str(exc)
-    agree_on_errors(dist_info, error)
-    if dist_info.active:
-        import torch.distributed as dist
+        return emb, seconds
 
+    emb, seconds = distributed.run_agreed(env, work)
+    if env.active:
         try:
-            if dist_info.main:
-                emb = merge_shards(job, dist_info.world_size)
+            if env.main:
+                emb = merge_shards(job, env.world_size)
         finally:
-            dist.barrier()  # every shard is read before any is removed
-            if dist_info.main:
-                for r in range(dist_info.world_size):
+            distributed.barrier(env)  # every shard is read before any is removed
+            if env.main:
+                for r in range(env.world_size):
                     shard_file(job.output, r).unlink(missing_ok=True)
-    if dist_info.main:
+    if env.main:
         write_embeddings(job.output, job.paths, job.labels, emb, progress=progress)
         print(f"wrote {job.output}: {len(job.paths)} {job.split} images x {emb.shape[1]} dims", file=sys.stderr)
     return hi - lo, seconds
 
 
 def main(args) -> None:
-    from deep_rank_net import load_checkpoint, model_from_checkpoint
-
     cli.seed_everything(args.seed)
-    dist_info = dist_from_env()
-    device = pick_rank_device(args.device, dist_info)
+    env = distributed.from_env()
+    device = distributed.rank_device(args.device, env)
     # Every check happens on every rank before the process group exists: a bad input
     # stops all ranks with the same message instead of leaving some at a barrier.
-    ckpt = load_checkpoint(args.model, map_location="cpu")
+    ckpt = load_checkpoint(args.model)
     jobs = plan_jobs(args)
-    model, image_size = model_from_checkpoint(ckpt, device)
+    model, spec = model_from_checkpoint(ckpt, device)
     del ckpt
-    if dist_info.active:
-        init_distributed(dist_info, device)
-    try:
+    with distributed.session(env, device):
         embedded, seconds = 0, 0.0
         for job in jobs:
-            n, s = run_job(job, model, image_size, args, device, dist_info)
+            n, s = run_job(job, model, spec, args, device, env)
             embedded, seconds = embedded + n, seconds + s
-        report_throughput(embedded, seconds, device, dist_info)
-    finally:
-        if dist_info.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        report_throughput(embedded, seconds, device, env)
 
 
-def report_throughput(embedded: int, seconds: float, device, dist_info: Dist) -> None:
+def report_throughput(embedded: int, seconds: float, device, env: distributed.DistEnv) -> None:
     """Print images/s of the embedding step (all ranks together: total images / slowest rank)."""
-    total, slowest = embedded, seconds
-    if dist_info.active:
-        import torch.distributed as dist
-
-        stats: list = [None] * dist_info.world_size
-        dist.all_gather_object(stats, (embedded, seconds))
-        total, slowest = sum(s[0] for s in stats), max(s[1] for s in stats)
-    if dist_info.main:
+    stats = distributed.all_gather(env, (embedded, seconds))
+    total, slowest = sum(s[0] for s in stats), max(s[1] for s in stats)
+    if env.main:
         rate = total / slowest if slowest > 0 else float("nan")
-        where = f"{dist_info.world_size} x {device.type}" if dist_info.active else str(device)
+        where = f"{env.world_size} x {device.type}" if env.active else str(device)
         print(f"embedded {total} images in {slowest:.2f} s: {rate:.1f} images/s on {where}")
 
 

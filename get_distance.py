@@ -32,16 +32,18 @@ def embedding_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(args) -> None:
-    from deep_rank_net import load_checkpoint, model_from_checkpoint
-    from query import embed_query_images
+    from deep_rank_net import model_from_checkpoint
+    from deepranking import runtime
+    from deepranking.checkpoint import load_checkpoint
+    from deepranking.embedding import embed_paths
 
     paths = [str(cli.check_input_file(p, f"image{i}").resolve()) for i, p in
              enumerate((args.image1, args.image2), start=1)]
-    device = cli.pick_device(args.device)
-    model, image_size = model_from_checkpoint(load_checkpoint(args.model, map_location="cpu"), device)
-    # The same decode -> resize -> embed path as gen_embeddings.py, so the number matches the
-    # distance between the two images' rows in an embedding file.
-    emb = embed_query_images(paths, model, image_size, device, batch_size=2)  # [2, D]
+    device = runtime.pick_device(args.device)
+    model, spec = model_from_checkpoint(load_checkpoint(args.model), device)
+    # The checkpoint's decode -> resize -> embed path, as gen_embeddings.py, so the number matches
+    # the distance between the two images' rows in an embedding file.
+    emb = embed_paths(paths, model, spec, batch_size=2, device=device, progress=False)  # [2, D]
     print(f"{embedding_distance(emb[0], emb[1]):.6f}")
 
 

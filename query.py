@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli
+from deepranking import cli, runtime
 from deepranking import retrieval
 from deepranking.cli import UserError
 
@@ -105,15 +105,6 @@ def expand_queries(items: list[str]) -> list[str]:
     if not uniq:
         raise UserError(f"no query images matched {' '.join(items)}")
     return uniq
-
-
-def embed_query_images(paths: list[str], model, image_size: int, device, batch_size: int) -> np.ndarray:
-    """Embed query images exactly as gen_embeddings.py embeds the database: float32 [Q, D]."""
-    from deep_rank_net import embed_images
-    from deepranking.image_cache import cache_images, choose_cache_size
-
-    images = cache_images(paths, choose_cache_size(paths, image_size), progress=False)  # uint8 [Q, s, s, 3]
-    return embed_images(model, images, image_size, batch_size=batch_size, device=device, progress=False)
 
 
 # ----------------------------------------------------------------------------
@@ -196,7 +187,9 @@ def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.nda
 
 def main(args) -> None:
     from deepranking.ann_search import choose_backend
-    from deep_rank_net import load_checkpoint, model_from_checkpoint
+    from deep_rank_net import model_from_checkpoint
+    from deepranking.checkpoint import load_checkpoint
+    from deepranking.embedding import embed_paths
     from deepranking.embedding_io import read_embeddings
 
     # Cheap checks first: nothing is loaded or embedded if an input is wrong.
@@ -204,9 +197,9 @@ def main(args) -> None:
         cli.check_output_path(args.grid, args.force, "grid picture")
     query_paths = expand_queries(args.queries)
     cli.check_input_file(args.embeddings, "embedding file")
-    device = cli.pick_device(args.device)
-    ckpt = load_checkpoint(args.model, map_location="cpu")
-    model, image_size = model_from_checkpoint(ckpt, device)
+    device = runtime.pick_device(args.device)
+    ckpt = load_checkpoint(args.model)
+    model, spec = model_from_checkpoint(ckpt, device)
     del ckpt
 
     start = time.perf_counter()
@@ -220,7 +213,9 @@ def main(args) -> None:
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    queries = embed_query_images(query_paths, model, image_size, device, args.batch_size)  # [Q, D]
+    # The checkpoint's preprocessing, as in gen_embeddings.py: the same image gives the same vector.
+    queries = embed_paths(query_paths, model, spec, batch_size=args.batch_size, device=device,
+                          progress=False)  # [Q, D]
     embed_s = time.perf_counter() - start
     self_rows = None
     if args.exclude_self:

@@ -128,6 +128,16 @@ positive_float = _bounded(float, 0.0, True, "a positive number")  # finite, > 0
 non_negative_float = _bounded(float, 0.0, False, "a non-negative number")  # finite, >= 0
 
 
+def bounded_int(low: int):
+    """argparse type: an integer >= ``low`` (e.g. --image-size >= 32)."""
+    return _bounded(int, low, False, f"an integer >= {low}")
+
+
+def unit_interval(value: str) -> float:
+    """argparse type: a float in [0, 1) (momentum)."""
+    return fraction(value)
+
+
 def fraction(value: str) -> float:
     """argparse type: a float in [0, 1)."""
     try:
@@ -137,6 +147,14 @@ def fraction(value: str) -> float:
     if not (0.0 <= x < 1.0):
         raise _arg_error(f"expected a fraction in [0, 1), got {value}")
     return x
+
+
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm progress bar on stderr, drawn only when stderr is a terminal (a log file gets none)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr,
+                **kwargs)
 
 
 def _arg_error(message: str):

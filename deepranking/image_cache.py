@@ -17,7 +17,7 @@ reused. Both files are built under temporary names and moved into place with
 
 Every image is decoded before any work starts; if some cannot be read
 (missing, truncated, not an image) the call fails with
-:class:`image_data.UnreadableImageError` giving the count and the first paths.
+:class:`preprocessing.UnreadableImageError` giving the count and the first paths.
 Nothing is skipped silently.
 """
 
@@ -36,8 +36,7 @@ import numpy as np
 from PIL import Image
 
 from deepranking import cli
-from deepranking import image_data
-from deepranking.image_data import UnreadableImageError
+from deepranking.preprocessing import UnreadableImageError, decode_resized
 
 CACHE_FORMAT = "deep-ranking-image-cache"
 # Bump when the decoded pixels would change (resampling, colour conversion, ...).
@@ -71,16 +70,6 @@ def cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
             missing.append(str(p))
             h.update(f"{ap}\0missing\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest(), missing
-
-
-def decode_resized(path: str, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: ``path`` decoded as RGB, resized (bilinear) when needed."""
-    im = image_data.load_rgb(path)
-    if im.size != (size, size):
-        # reducing_gap: fast JPEG-style box reduction first, then bilinear (only helps downsizing).
-        shrink = im.width > size or im.height > size
-        im = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0 if shrink else None)
-    return np.asarray(im, dtype=np.uint8)
 
 
 def _entry_files(cache_dir: Path, key: str) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
 
 from deepranking.cli import UserError, check_input_file
 
@@ -34,10 +34,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 TRIPLET_COLUMNS = ("query", "positive", "negative")
 SPLITS = ("train", "val")
-
-
-class UnreadableImageError(UserError):
-    """An image file that PIL cannot decode; the message names the path."""
 
 
 def is_image_file(name: str | os.PathLike) -> bool:
@@ -151,28 +147,6 @@ def label_from_path(path: str | os.PathLike) -> str:
     return parent.name
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, palette, RGBA and CMYK included).
-
-    Raises UnreadableImageError naming the path if the file cannot be decoded.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "RGB":
-                return im.copy()
-            if im.mode in ("P", "LA", "PA") or (im.mode == "RGBA"):
-                # Composite transparency on white rather than on black garbage.
-                rgba = im.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise UnreadableImageError(f"image not found: {path}")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImageError(f"cannot read image {path}: {exc}")
-
-
 # ----------------------------------------------------------------------------
 # Triplet CSV
 # ----------------------------------------------------------------------------
@@ -283,3 +257,154 @@ def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
         resolved = np.array([os.path.normpath(os.path.join(base, p)) for p in uniq], dtype=object)
         out.append(resolved[inverse])
     return out[0], out[1], out[2]
+
+
+# ----------------------------------------------------------------------------
+# Training data: triplets over the cached images
+# ----------------------------------------------------------------------------
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes (a resumed run must train on the very same triplet CSV)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TripletData:
+    """The training input: unique image paths [N] and triplets as indices into them.
+
+    train: int64 [T, 3] (query, positive, negative); val: [V, 3] or None;
+    fingerprint: {"triplets": sha1, "val_triplets": sha1 or None} of the CSVs read.
+    """
+
+    paths: np.ndarray
+    train: np.ndarray
+    val: np.ndarray | None
+    fingerprint: dict
+
+
+def split_by_query(trip: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, val) [T]: a seeded ``fraction`` of the query images goes to val."""
+    queries = np.unique(trip[:, 0])
+    n_val = max(1, int(round(fraction * len(queries))))
+    held = np.random.default_rng([seed, 7919]).choice(queries, size=n_val, replace=False)
+    val = np.isin(trip[:, 0], held)
+    if val.all():
+        raise UserError(f"--val-fraction {fraction} leaves no training triplets")
+    return ~val, val
+
+
+def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float, seed: int) -> TripletData:
+    """Read the CSV(s) once; ``val_fraction`` > 0 holds out queries of the training CSV instead."""
+    train_cols = read_triplet_csv(train_csv)
+    val_cols = read_triplet_csv(val_csv) if val_csv is not None else None
+    all_paths = np.concatenate(list(train_cols) + (list(val_cols) if val_cols is not None else []))
+    paths, inverse = np.unique(all_paths.astype(str), return_inverse=True)
+    t = len(train_cols[0])
+    train = inverse[:3 * t].reshape(3, t).T.copy()
+    val = inverse[3 * t:].reshape(3, -1).T.copy() if val_cols is not None else None
+    if val_fraction > 0:
+        keep, held = split_by_query(train, val_fraction, seed)
+        train, val = train[keep], train[held]
+    fingerprint = {"triplets": file_fingerprint(train_csv),
+                   "val_triplets": file_fingerprint(val_csv) if val_csv is not None else None}
+    return TripletData(paths, train, val, fingerprint)
+
+
+def label_ids(paths: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Integer class id [N] of each image path from its folder name, and the number of classes."""
+    names = np.array([label_from_path(p) for p in paths])
+    uniq, ids = np.unique(names, return_inverse=True)
+    return ids.astype(np.int64), len(uniq)
+
+
+def check_labels_usable(trip: np.ndarray, labels: np.ndarray, n_classes: int, min_fit: float = 0.9) -> None:
+    """Mining and the class loss need folder classes: q and p share one and n does not, for ``min_fit`` of the rows."""
+    lq, lp, ln = labels[trip[:, 0]], labels[trip[:, 1]], labels[trip[:, 2]]
+    fit = float(((lq == lp) & (lq != ln)).mean())
+    if n_classes < 2 or fit < min_fit:
+        raise UserError("--mining and --id-loss-weight need class labels from folder names; this CSV has none "
+                        f"({n_classes} folder(s), {fit:.0%} of triplets fit them) — use --mining none "
+                        "--id-loss-weight 0")
+
+
+def epoch_batches(n_triplets: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[np.ndarray]:
+    """This rank's batches of triplet indices for ``epoch``: a seeded permutation cut into batches.
+
+    The last batch may be partial (it is trained, not dropped). Every rank sees
+    the same global order and takes every ``world``-th batch; the first batches
+    are repeated to give all ranks the same step count (DDP syncs every step).
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n_triplets)
+    batches = [perm[i:i + batch_size] for i in range(0, n_triplets, batch_size)]
+    batches += batches[:(-len(batches)) % world]
+    return batches[rank::world]
+
+
+class EpochBatchSampler:
+    """Yields this rank's batches (arrays of triplet indices) of the current epoch, minus ``skip`` done ones.
+
+    Iterated in the main process, so ``set_epoch`` works with persistent workers.
+    """
+
+    def __init__(self, n_triplets: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.args = (n_triplets, batch_size, seed)
+        self.rank, self.world = rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def batches(self) -> list[np.ndarray]:
+        n, b, seed = self.args
+        return epoch_batches(n, b, seed, self.epoch, self.rank, self.world)[self.skip:]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class TripletImages:
+    """dataset[batch] = (uint8 images [3b, H, W, 3]: queries, positives, negatives; their image ids [3b]).
+
+    ``images`` is the memory-mapped cache [N, H, W, 3]; workers only gather rows, so no
+    image is decoded during training. A worker never receives the cache itself: pickling
+    (the spawn and forkserver start methods) sends the file's path and shape, and the
+    worker maps the file again on first use (a pickled memmap would be a full copy).
+    """
+
+    def __init__(self, images: np.ndarray, triplets: np.ndarray):
+        self.triplets = triplets  # [T, 3]
+        self._rows = images  # [N, H, W, 3]
+        self._file = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
+        self._shape = tuple(images.shape)
+        self._offset = int(getattr(images, "offset", 0) or 0)
+
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self._shape, offset=self._offset)
+        return self._rows
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._file is not None:
+            state["_rows"] = None  # reopened by path in the worker
+        return state
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, batch: np.ndarray) -> tuple:
+        import torch
+
+        order = self.triplets[batch].T.reshape(-1)  # [3b]: queries, then positives, then negatives
+        return torch.from_numpy(np.ascontiguousarray(self.rows()[order])), torch.from_numpy(order)

@@ -16,7 +16,8 @@ import torch
 
 from deepranking import cli
 import deep_rank_net
-from deepranking import image_data
+from deepranking import checkpoint, image_data, losses
+from deepranking.training_log import RunningStats
 import train_net
 from conftest import REPO, class_image, write_tiny_imagenet
 
@@ -70,8 +71,18 @@ def fails(capsys, *argv) -> str:
     return err
 
 
+def untimed(metrics_path):
+    """metrics.jsonl records without the wall-clock fields, rounded to 1e-6."""
+    out = []
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()
+                    if k not in ("images_per_s", "train_seconds")})
+    return out
+
+
 def state(path):
-    return deep_rank_net.load_checkpoint(path)["model"]
+    return checkpoint.load_checkpoint(path)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -84,48 +95,6 @@ def trained(csvs, tmp_path_factory):
 
 
 # --- pure functions ----------------------------------------------------------------------------
-
-
-def test_hinge_loss_exact_values():
-    q = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    p = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # D(q,p) = 5, 1 (Euclidean, not squared)
-    n = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # D(q,n) = 1, 3
-    # max(0, 1 + 5 - 1) = 5 and max(0, 1 + 1 - 3) = 0 -> mean 2.5
-    assert train_net.triplet_hinge_loss(q, p, n, 1.0).item() == pytest.approx(2.5, abs=1e-5)
-    assert train_net.triplet_hinge_loss(q, p, n, 3.0).item() == pytest.approx((7 + 1) / 2, abs=1e-5)
-    assert train_net.triplet_hinge_loss(q, p, n, 0.5).item() == pytest.approx(4.5 / 2, abs=1e-5)
-
-
-def test_mining_picks_hardest_and_semi_hard_negatives():
-    q = torch.tensor([[0.0], [10.0]])
-    pool = torch.tensor([[0.0], [0.5], [2.0], [3.0], [10.0]])
-    pool_labels = torch.tensor([0, 1, 1, 1, 0])
-    q_labels = torch.tensor([0, 0])
-    pos_dist = torch.tensor([1.0, 1.0])
-    mine = train_net.mine_negatives
-    # hard-negative: the closest other-class point, 0.5 for q=0 and 3.0 for q=10
-    assert mine(q, pos_dist, pool, q_labels, pool_labels, "hard-negative", 1.0).tolist() == [1, 3]
-    # semi-hard, margin 1.5: for q=0 the band (1, 2.5) holds 2.0; q=10 has none (D=7) -> hardest
-    assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.5).tolist() == [2, 3]
-    # margin 1.0: band (1, 2) is empty -> hardest
-    assert mine(q, pos_dist, pool, q_labels, pool_labels, "semi-hard", 1.0).tolist() == [1, 3]
-    one_class = torch.zeros(5, dtype=torch.long)
-    assert mine(q, pos_dist, pool, q_labels, one_class, "hard-negative", 1.0).tolist() == [-1, -1]
-
-
-def test_batch_hard_takes_farthest_positive_and_closest_negative_of_every_anchor():
-    # Points on a line: class 0 at 0, 1, 4; class 1 at 2, 10; class 2 at 7 (alone: no positive).
-    emb = torch.tensor([[0.0], [1.0], [4.0], [2.0], [10.0], [7.0]], requires_grad=True)
-    labels = torch.tensor([0, 0, 0, 1, 1, 2])
-    d_pos, d_neg = train_net.batch_hard_distances(emb, labels)
-    # anchor 0: farthest same 4 (4), closest other 2 (2); 1: 3 and 1; 4: 4 and 2;
-    # 2: farthest same 10 (8), closest other 1 (1); 10: 8 and 3; 7 has no positive: dropped.
-    assert d_pos.tolist() == pytest.approx([4, 3, 4, 8, 8], abs=1e-4)
-    assert d_neg.tolist() == pytest.approx([2, 1, 2, 1, 3], abs=1e-4)
-    train_net.hinge_terms(d_pos, d_neg, 0.2).mean().backward()
-    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
-    d_pos, d_neg = train_net.batch_hard_distances(emb, torch.zeros(6, dtype=torch.long))
-    assert len(d_pos) == len(d_neg) == 0  # one class: no negatives, no anchors
 
 
 def test_scheduled_lr_warmup_and_cosine_exact_values():
@@ -153,35 +122,38 @@ def test_cosine_schedule_logs_decaying_lr(csvs, tmp_path):
 
 
 def test_running_stats_average_each_key_over_the_steps_that_report_it():
-    stats = train_net.RunningStats()
-    stats.add(loss=1.0, id_loss=0.0, d_pos=2.0, d_neg=4.0, active_fraction=1.0)
-    stats.add(loss=3.0, id_loss=1.0)  # a batch-hard step without any usable anchor: no distances
+    stats = RunningStats()
+    t = torch.tensor
+    stats.add({"loss": (t(1.0), t(1.0)), "class_loss": (t(0.0), t(1.0)), "d_pos": (t(4.0), t(2.0))})
+    stats.add({"loss": (t(3.0), t(1.0)), "class_loss": (t(1.0), t(1.0)), "d_pos": (t(0.0), t(0.0))})  # no anchor
     means = stats.means()
-    assert (means["loss"], means["id_loss"]) == (2.0, 0.5)
-    assert (means["d_pos"], means["d_neg"], means["active_fraction"]) == (2.0, 4.0, 1.0)
+    assert (means["loss"], means["class_loss"], means["d_pos"]) == (2.0, 0.5, 2.0)
+    again = RunningStats()
+    again.load_state(stats.state())  # what a checkpoint keeps of a half-finished window
+    assert again.means() == means
     stats.reset()
-    assert all(np.isnan(v) for v in stats.means().values())
+    assert stats.means() == {}
 
 
 def test_label_check_accepts_classes_and_rejects_label_free_rows():
     labels = np.array([0, 0, 1, 1])
     good = np.array([[0, 1, 2], [2, 3, 0]])
-    train_net.check_labels_usable(good, labels, 2)
+    image_data.check_labels_usable(good, labels, 2)
     with pytest.raises(cli.UserError, match="--id-loss-weight need class labels"):
-        train_net.check_labels_usable(np.array([[0, 2, 3], [2, 3, 0]]), labels, 2)  # q, p differ
+        image_data.check_labels_usable(np.array([[0, 2, 3], [2, 3, 0]]), labels, 2)  # q, p differ
     with pytest.raises(cli.UserError, match="use --mining none"):
-        train_net.check_labels_usable(good, np.zeros(4, dtype=np.int64), 1)  # one folder
+        image_data.check_labels_usable(good, np.zeros(4, dtype=np.int64), 1)  # one folder
 
 
 def test_epoch_batches_partial_last_batch_seeded_and_sharded():
-    batches = train_net.epoch_batches(7, 3, seed=0, epoch=0)
+    batches = image_data.epoch_batches(7, 3, seed=0, epoch=0)
     assert [len(b) for b in batches] == [3, 3, 1]  # 7 triplets, batch 3 -> 3 steps, last one partial
     assert sorted(np.concatenate(batches).tolist()) == list(range(7))
-    again = train_net.epoch_batches(7, 3, seed=0, epoch=0)
+    again = image_data.epoch_batches(7, 3, seed=0, epoch=0)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    other = np.concatenate(train_net.epoch_batches(7, 3, seed=0, epoch=1))
+    other = np.concatenate(image_data.epoch_batches(7, 3, seed=0, epoch=1))
     assert not np.array_equal(np.concatenate(batches), other)  # a new order each epoch
-    r0, r1 = (train_net.epoch_batches(7, 3, 0, 0, rank, 2) for rank in (0, 1))
+    r0, r1 = (image_data.epoch_batches(7, 3, 0, 0, rank, 2) for rank in (0, 1))
     assert len(r0) == len(r1) == 2  # 3 batches over 2 ranks: the first is repeated to even them out
     assert np.array_equal(r0[0], batches[0]) and np.array_equal(r1[0], batches[1])
 
@@ -198,7 +170,7 @@ def test_one_epoch_writes_every_output(trained, csvs, capsys):
     assert record["val_triplet_accuracy"] >= 0.5  # colour-coded classes: easy after one epoch
     for key in ("loss", "d_pos", "d_neg", "active_fraction", "images_per_s", "val_loss"):
         assert np.isfinite(record[key]), key
-    ckpt = deep_rank_net.load_checkpoint(trained / "deepranknet.model")
+    ckpt = checkpoint.load_checkpoint(trained / "deepranknet.model")
     assert ckpt["model_config"] == {"arch": "resnet18", "embedding_dim": 32, "multiscale": True,
                                     "train_from": "layer4", "image_size": 32}
     assert ckpt["args"]["optim"] == "adam" and ckpt["optimizer"] is not None and ckpt["rng"] is not None
@@ -231,21 +203,23 @@ def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     train(*common, "--output-dir", tmp_path / "a", "--num-workers", 2)  # worker processes gather the batches
     train(*common, "--output-dir", tmp_path / "b", "--max-steps", 3)
     assert not (tmp_path / "b" / "deepranknet.model").exists()
-    mid = deep_rank_net.load_checkpoint(tmp_path / "b" / "temp_0.model")
+    mid = checkpoint.load_checkpoint(tmp_path / "b" / "temp_0.model")
     assert (mid["epoch"], mid["step"], mid["step_in_epoch"]) == (0, 3, 3)
     train(*common, "--output-dir", tmp_path / "b", "--resume", tmp_path / "b" / "temp_0.model")
-    a = deep_rank_net.load_checkpoint(tmp_path / "a" / "deepranknet.model")
-    b = deep_rank_net.load_checkpoint(tmp_path / "b" / "deepranknet.model")
+    a = checkpoint.load_checkpoint(tmp_path / "a" / "deepranknet.model")
+    b = checkpoint.load_checkpoint(tmp_path / "b" / "deepranknet.model")
     assert a["step"] == b["step"] == 10
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-    assert ("id_head" in a) == ("--id-loss-weight" in loss)  # the class loss's classifier is saved for --resume
+    assert ("class_head" in a) == ("--id-loss-weight" in loss)  # the class loss's classifier is saved for --resume
     assert 0 < mid["train_seconds"] < b["train_seconds"]  # training time adds up across --resume
     if "--id-loss-weight" in loss:
-        assert torch.allclose(a["id_head"], b["id_head"], atol=1e-6)
+        assert torch.allclose(a["class_head"]["weight"], b["class_head"]["weight"], atol=1e-6)
         record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
-        assert record["id_loss"] > 0
-    init = deep_rank_net.load_checkpoint(tmp_path / "b" / "temp_0.model")  # overwritten by epoch 1's end
+        assert record["class_loss"] > 0
+    # The resumed run's log is the uninterrupted one's: same records, same figures (timings aside).
+    assert untimed(tmp_path / "a" / "metrics.jsonl") == untimed(tmp_path / "b" / "metrics.jsonl")
+    init = checkpoint.load_checkpoint(tmp_path / "b" / "temp_0.model")  # overwritten by epoch 1's end
     assert not torch.equal(init["model"]["fuse.weight"], mid["model"]["fuse.weight"])
 
 
@@ -305,29 +279,40 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, monkeypatch):
-    real = train_net.hinge_terms
+    real = losses.RankingLoss.__call__
     calls = []
 
-    def nan_on_third_step(d_pos, d_neg, margin):
+    def nan_on_third_step(self, emb, labels, n_triplets):
         calls.append(1)
-        out = real(d_pos, d_neg, margin)
-        return out * float("nan") if len(calls) == 3 else out
+        loss, stats = real(self, emb, labels, n_triplets)
+        return (loss * float("nan") if len(calls) == 3 else loss), stats
 
-    monkeypatch.setattr(train_net, "hinge_terms", nan_on_third_step)
+    monkeypatch.setattr(losses.RankingLoss, "__call__", nan_on_third_step)
     out = tmp_path / "nan"
-    err = fails(capsys, "--triplets", csvs[0], "--save-every", 1, "--output-dir", out, *TINY)
+    # --log-every 1: the NaN check runs on log steps (the only steps that sync with a GPU) and before saves
+    err = fails(capsys, "--triplets", csvs[0], "--save-every", 1, "--log-every", 1, "--output-dir", out, *TINY)
     assert "training without validation" in err  # no val_triplet_sample.csv next to the CSV
-    assert "loss became nan at epoch 1, step 3" in err and "temp_0.model" in err
-    ckpt = deep_rank_net.load_checkpoint(out / "temp_0.model")
-    assert ckpt["step"] == 2 and train_net.weights_finite_state(ckpt["model"])
+    assert "the loss became NaN/inf by step 3" in err and "the last good checkpoint is" in err
+    assert "temp_0.model" in err.splitlines()[-1]
+    ckpt = checkpoint.load_checkpoint(out / "temp_0.model")
+    assert ckpt["step"] == 2 and checkpoint.weights_finite(ckpt["model"])
     assert not (out / "deepranknet.model").exists()
 
 
-def test_collapse_warning(csvs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_net, "COLLAPSE_DISTANCE", 10.0)  # unit vectors are never 10 apart
-    train("--triplets", csvs[0], "--max-steps", 1, "--output-dir", tmp_path, *TINY)
-    err = capsys.readouterr().err
-    assert err.count("embeddings collapsed to a point") == 1 and "loss stuck at the margin" in err
+def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys, monkeypatch):
+    real = losses.RankingLoss.__call__
+    calls = []
+
+    def nan_from_second_step(self, emb, labels, n_triplets):
+        calls.append(1)
+        loss, stats = real(self, emb, labels, n_triplets)
+        return (loss * float("nan") if len(calls) >= 2 else loss), stats
+
+    monkeypatch.setattr(losses.RankingLoss, "__call__", nan_from_second_step)
+    out = tmp_path / "nan"
+    err = fails(capsys, "--triplets", csvs[0], "--log-every", 100, "--output-dir", out, *TINY)
+    assert "the loss became NaN/inf by step 5" in err and "no checkpoint was written" in err
+    assert not list(out.glob("*.model"))  # the epoch's end found the NaN before writing temp_0.model
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -391,7 +376,7 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
 def test_time_limit_stops_with_a_resumable_checkpoint(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--output-dir", tmp_path, *TINY)
     assert "continue with --resume" in capsys.readouterr().out
-    ckpt = deep_rank_net.load_checkpoint(tmp_path / "temp_0.model")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "temp_0.model")
     assert (ckpt["step"], ckpt["step_in_epoch"]) == (1, 1)  # one step, then the limit
     assert not (tmp_path / "deepranknet.model").exists()
 
@@ -403,5 +388,5 @@ def test_force_removes_the_earlier_runs_model(trained, csvs, tmp_path):
     train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--force", "--output-dir", out, *TINY)
     # stopped after one step: no final model, and temp_0.model is this run's, not the earlier one's
     assert not (out / "deepranknet.model").exists() and not (out / "training_curves.png").exists()
-    assert deep_rank_net.load_checkpoint(out / "temp_0.model")["step"] == 1
+    assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 1
     assert not (out / "metrics.jsonl").exists()  # the earlier log is gone; one step wrote no record yet

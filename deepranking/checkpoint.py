@@ -1,0 +1,260 @@
+"""Checkpoint files (``.model``): the format, safe loading, and the one writer training uses.
+
+A checkpoint is a plain dict of tensors and Python values written with ``torch.save``
+and read with ``torch.load(weights_only=True)`` — never a pickled module::
+
+    {"format": "deep-ranking-checkpoint", "version": 2,
+     "model": state_dict, "model_config": {"arch", "embedding_dim", "multiscale", "train_from", "image_size", ...},
+     "preprocessing": Preprocessing.to_dict(),        # v2: the pixels every later stage must rebuild
+     "epoch": int, "step": int, "args": {...}, "rng": {...} | None,
+     # training checkpoints also hold: "optimizer", "grad_scaler", "step_in_epoch", "train_seconds",
+     # "run" (what a resume must match), "stats" (running sums), "class_head" (with --id-loss-weight)}
+
+Version 1 files (before the preprocessing record) still load: their later stages choose the
+cache size from the images, as version-1 code did.
+
+:class:`Checkpointer` owns the names (``temp_<epoch>.model``, ``deepranknet.model``), atomic
+writes, the NaN guard (a non-finite model is never written; the last good file stays),
+clean-up of partial files a kill left behind, and the "continue with --resume" hint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from deepranking.cli import UserError, atomic_path, check_input_file
+
+CHECKPOINT_FORMAT = "deep-ranking-checkpoint"
+CHECKPOINT_VERSION = 2
+FINAL_NAME = "deepranknet.model"
+EPOCH_PATTERN = "temp_*.model"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes (torch.load adds some)."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------
+# Plain values
+# ----------------------------------------------------------------------------
+
+
+def to_plain(obj: Any) -> Any:
+    """Values torch.load(weights_only=True) accepts: Paths -> str, numpy -> tensors/Python scalars."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        # int keys stay ints: an optimizer's state is keyed by parameter index
+        return {k if isinstance(k, (str, int)) else str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, (str, int, float, bool, type(None), torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)  # Path, torch.device, dtype, ...
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states in a weights_only-safe form."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of capture_rng_state (after a weights_only load)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` key prefixes."""
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in _WRAPPER_PREFIXES:
+                if k.startswith(pre):
+                    k, changed = k[len(pre):], True
+        out[k] = v
+    return out
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def weights_finite(state: dict) -> bool:
+    """True when every floating-point tensor of a state dict is finite (no NaN/inf)."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------
+
+
+def read_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """torch.load(weights_only=True) with one-line errors for missing, truncated and pickled files."""
+    p = check_input_file(path, what)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(p):  # torch.save writes zip archives; anything else is damaged
+            raise UserError(f"{what} {p} is truncated or corrupt (not a torch.save file)")
+        if what == "checkpoint":  # e.g. a classic temp_net<N>.model: a whole pickled module
+            raise UserError(
+                f"{p} is not a deep-ranking checkpoint: it holds pickled Python objects (like the classic "
+                f"whole-model .model files), which are not loaded for safety")
+        raise UserError(
+            f"{what} {p} holds pickled Python objects (e.g. a whole model saved with torch.save(model), "
+            f"like the classic .model files), which are not loaded for safety; save model.state_dict() "
+            f"instead ({first_line(exc)})")
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
+        raise UserError(f"{what} {p} is truncated or corrupt: {first_line(exc)}")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by this project (weights_only); UserError for anything else."""
+    ckpt = read_torch_file(path, "checkpoint")
+    p = Path(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise UserError(f"{p} is a plain state dict, not a deep-ranking checkpoint "
+                            f"(a torchvision ResNet state dict can be used with --weights PATH)")
+        raise UserError(f"{p} is not a deep-ranking checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {p} has version {version!r}; this code reads versions 1 to {CHECKPOINT_VERSION}")
+    for key in ("model", "model_config"):
+        if not isinstance(ckpt.get(key), dict):
+            raise UserError(f"checkpoint {p} is incomplete: no {key!r} entry")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------
+
+
+def write_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
+    """Write ``ckpt`` (plain values) atomically: a crash or a full disk leaves any earlier file as it was."""
+    body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **to_plain(ckpt)}
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(body, tmp)
+    except (OSError, RuntimeError) as exc:  # torch wraps ENOSPC in a RuntimeError without the reason
+        raise UserError(f"cannot write {path}: {_os_reason(exc, Path(path))}")
+
+
+def _os_reason(exc: BaseException, path: Path) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:  # torch.save's RuntimeError hides the errno: a full disk is the usual cause
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < 64 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return first_line(exc)
+
+
+class Checkpointer:
+    """The one writer of training checkpoints (rank 0 only; other ranks get ``enabled=False``).
+
+    Names: ``temp_<epoch>.model`` (epoch counted from 0, the classic ``temp_net<epoch>.model``),
+    rewritten mid-epoch by --save-every / a stop, and ``deepranknet.model`` at the end.
+    ``last_good`` is the newest file that was written completely with finite weights.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resumed_from: Path | None = None):
+        self.out_dir, self.enabled = Path(out_dir), enabled
+        self.last_good: Path | None = resumed_from
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.out_dir / f"temp_{epoch}.model"
+
+    @property
+    def final_path(self) -> Path:
+        return self.out_dir / FINAL_NAME
+
+    def existing(self) -> list[Path]:
+        """Checkpoints of an earlier run in the folder (final first, then by epoch)."""
+        epochs = sorted(self.out_dir.glob(EPOCH_PATTERN), key=lambda p: (len(p.name), p.name))
+        return [p for p in [self.final_path, *epochs] if p.exists()]
+
+    def remove_stale_partials(self) -> list[Path]:
+        """Delete the partial ``.<name>.*.tmp`` files a killed save left behind; returns them."""
+        stale = [p for pattern in (f".{EPOCH_PATTERN}.*.tmp", f".{FINAL_NAME}.*.tmp")
+                 for p in self.out_dir.glob(pattern)]
+        if self.enabled:
+            for p in stale:
+                p.unlink(missing_ok=True)
+        return stale
+
+    def remove_all(self) -> None:
+        """--force: an earlier run's checkpoints must never pass for this run's."""
+        if self.enabled:
+            for p in self.existing():
+                p.unlink(missing_ok=True)
+
+    def save(self, path: Path, ckpt: dict) -> None:
+        """Write ``ckpt`` to ``path`` unless its weights are not finite (then keep the last good one)."""
+        if not self.enabled:
+            return
+        if not weights_finite(ckpt["model"]):
+            raise UserError(f"the weights became NaN/inf at step {ckpt.get('step')}; not saving {path} "
+                            f"({self.kept()}; try a lower --lr)")
+        try:
+            write_checkpoint(path, ckpt)
+        except UserError as exc:
+            raise UserError(f"{exc} ({self.kept()})")
+        self.last_good = path
+
+    def kept(self) -> str:
+        return f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+
+    def resume_hint(self) -> str:
+        return f"continue with --resume {self.last_good}" if self.last_good else "no checkpoint to resume from"

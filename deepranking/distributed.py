@@ -1,0 +1,160 @@
+"""One distributed helper for training and embedding (torchrun: RANK, WORLD_SIZE, LOCAL_RANK).
+
+* :func:`from_env` parses the environment; :func:`session` resolves each rank's device
+  (CUDA: GPU ``LOCAL_RANK``), starts the process group (NCCL on CUDA, gloo on CPU) and
+  always tears it down.
+* :func:`agree_on_errors` makes every rank learn that one failed, so none waits forever
+  at a collective: rank 0 reports the message, the others exit quietly with status 2.
+* :func:`rank_zero_first` runs a step (building the image cache) on rank 0 while the
+  other ranks wait, then on the others — who find the finished cache and only map it.
+* :func:`any_rank` agrees on a flag (stop now?) across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from deepranking import cli, runtime
+from deepranking.cli import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(environ=os.environ) -> DistEnv:
+    """The torchrun variables (absent: one process)."""
+    try:
+        rank, world = int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers")
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"invalid RANK={rank} / WORLD_SIZE={world}")
+    return DistEnv(rank, world, local)
+
+
+def rank_device(name: str, env: DistEnv) -> torch.device:
+    """--device resolved for this rank: under torchrun, ``auto``/``cuda`` mean GPU LOCAL_RANK."""
+    device = runtime.pick_device(name)
+    if env.active and device.type == "cuda" and device.index is None:
+        if env.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {env.rank} needs GPU {env.local_rank} but only "
+                            f"{torch.cuda.device_count()} are visible")
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def session(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """The process group for the duration of the block (nothing to do for one process)."""
+    if not env.active:
+        yield
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def agree_on_errors(env: DistEnv, error: str | None) -> None:
+    """Raise on every rank if any rank failed (rank 0: UserError with the first message)."""
+    if not env.active:
+        if error is not None:
+            raise UserError(error)
+        return
+    import torch.distributed as dist
+
+    errors: list = [None] * env.world_size
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    if env.main:
+        raise UserError(first)
+    raise SystemExit(cli.EXIT_USER_ERROR)
+
+
+def run_agreed(env: DistEnv, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank; a UserError on any rank stops all of them (see agree_on_errors)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = str(exc)
+    agree_on_errors(env, error)
+    return result
+
+
+def rank_zero_first(env: DistEnv, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0, then (once it succeeded) on the other ranks.
+
+    For the image cache: rank 0 decodes every image into the cache entry while the others
+    wait; they then find the complete entry and only memory-map it (one decode, not N racing).
+    """
+    if not env.active:
+        return fn()
+    result = run_agreed(env, fn) if env.main else None
+    if not env.main:
+        agree_on_errors(env, None)  # pairs with rank 0's agreement: rank 0 finished (or failed)
+    other = run_agreed(env, fn) if not env.main else None
+    if env.main:
+        agree_on_errors(env, None)  # pairs with the other ranks' run
+    return result if env.main else other
+
+
+def any_rank(env: DistEnv, flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a collective: call it on all ranks)."""
+    if not env.active:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather(env: DistEnv, obj) -> list:
+    """[obj of rank 0, ..., obj of rank W-1] on every rank."""
+    if not env.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shard_bounds(n: int, world_size: int) -> list[int]:
+    """Contiguous shard boundaries: rank r handles [b[r], b[r+1]) of n items."""
+    return [n * r // world_size for r in range(world_size + 1)]

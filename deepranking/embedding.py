@@ -1,0 +1,98 @@
+"""Images -> embeddings, the same way in every stage (validation, gen_embeddings, query, get_distance).
+
+``embed_paths`` decodes through the image cache at the checkpoint's ``cache_size`` and
+``embed_images`` runs the net on the device with the checkpoint's preprocessing, so an
+image gives the same vector wherever it is embedded.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deepranking import image_cache, runtime
+from deepranking.preprocessing import Preprocessing, preprocess
+
+
+def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
+    """uint8 CPU tensors [b,H,W,3]; the next batch is read (from a memmap) while this one computes."""
+    starts = range(0, len(images), batch_size)
+
+    def read(i: int) -> torch.Tensor:
+        t = torch.from_numpy(np.array(images[i:i + batch_size]))  # a writable copy of the (read-only) cache rows
+        return t.pin_memory() if pin else t
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i in starts:
+            nxt = pool.submit(read, i)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+def embed_images(
+    model: nn.Module,
+    images,
+    spec: Preprocessing | int,
+    batch_size: int = 256,
+    device=None,
+    precision: runtime.Precision | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Embed uint8 images [N,H,W,3] (array or memmap); returns float32 [N, D], unit rows.
+
+    ``precision`` defaults to the --amp auto policy of the device.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision = precision or runtime.resolve_precision(device, "auto")
+    layout = runtime.memory_format(device)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), bar:
+        for batch in _batches(images, batch_size, pin=device.type == "cuda"):
+            x = preprocess(batch.to(device, non_blocking=True), spec, memory_format=layout)  # [b,3,S,S]
+            with precision.autocast():
+                emb = model(x)  # [b, D]
+            chunks.append(F.normalize(emb.float(), dim=1).cpu())
+            bar.update(len(batch))
+    model.train(was_training)
+    if not chunks:
+        dim = getattr(model, "config", {}).get("embedding_dim", 0)
+        return np.zeros((0, dim), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+
+
+def embed_paths(
+    paths: Sequence[str],
+    model: nn.Module,
+    spec: Preprocessing,
+    batch_size: int = 256,
+    device=None,
+    precision: runtime.Precision | None = None,
+    cache_dir=None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them: float32 [N, D].
+
+    ``spec.cache_size`` 0 (a version-1 checkpoint, which did not record it) chooses the size
+    from the images, as version-1 code did.
+    """
+    paths = list(paths)
+    cache_size = spec.cache_size or image_cache.choose_cache_size(paths, spec.image_size)
+    images = image_cache.cache_images(paths, cache_size, cache_dir=cache_dir,
+                                      progress=progress)  # uint8 [N, c, c, 3]
+    return embed_images(model, images, spec, batch_size=batch_size, device=device, precision=precision,
+                        progress=progress)

@@ -24,6 +24,15 @@ URLs that failed permanently in an earlier run are not requested again (unless
 ``--retry-failed``), the rest are fetched. Images are written atomically
 (temporary file + ``os.replace``), so an interrupted run never leaves a partial
 file under a final name; just run the same command again.
+
+What is fetched: only http and https URLs whose host resolves to public addresses
+only (no loopback, private, link-local, CGNAT, multicast, reserved, ... address),
+checked again on every redirect; the connection goes to the address that was
+checked, so a second DNS answer cannot point it elsewhere. Local files (plain
+paths and ``file://`` URLs) are copied only with ``--allow-local-files``.
+Anything else is refused: listed in failures.csv as ``refused <url>: <reason>``,
+never requested (a later run checks it again, so adding the option is enough).
+``--allow-private-hosts`` lifts the address check (for a test server on this machine).
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
+import functools
 import hashlib
 import http.client
 import io
+import ipaddress
 import os
 import random
 import re
@@ -45,11 +56,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepranking import cli
 from deepranking.cli import UserError
+from deepranking import preprocessing
 from deepranking.image_data import is_image_file
 
 USER_AGENT = "deep-ranking-import-triplets/1.0 (+python-urllib; research dataset download)"
@@ -99,6 +111,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "so no query is in both files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the retry jitter and of the --val-fraction split")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="copy local files (plain paths and file:// URLs in the list); without it they are "
+                   "refused and listed in failures.csv")
+    p.add_argument("--allow-private-hosts", action="store_true",
+                   help="also fetch from hosts that resolve to loopback, private or link-local addresses "
+                   "(for testing against a server on this machine); without it only public addresses are "
+                   "contacted")
     return p
 
 
@@ -113,6 +132,7 @@ class Ref:
 
     key: str
     kind: str  # "url" | "file"
+    source: str = field(default="", compare=False)  # the cell as written (names a refused local file)
 
 
 @dataclass(frozen=True)
@@ -161,13 +181,13 @@ def parse_ref(cell: str, base_dir: Path) -> Ref | str:
         scheme = parsed.scheme.lower()
         if scheme == "file":
             path = Path(urllib.request.url2pathname(parsed.path))
-            return Ref(str(path.resolve()), "file") if _is_file(path) else f"file not found: {cell}"
+            return Ref(str(path.resolve()), "file", cell) if _is_file(path) else f"file not found: {cell}"
         if scheme in ("http", "https") and parsed.hostname:
             return Ref(cell, "url")
         return f"not an http(s) URL: {cell}"
     path = _local_path(cell, base_dir)
     if _is_file(path):
-        return Ref(str(path.resolve()), "file")
+        return Ref(str(path.resolve()), "file", cell)
     return f"neither an http(s) URL nor an existing file: {cell}"
 
 
@@ -294,13 +314,15 @@ class FetchOptions:
     backoff: float = 0.5
     max_bytes: int = 10_000_000
     seed: int = 0
+    allow_private_hosts: bool = False
+    allow_local_files: bool = False
 
 
 @dataclass
 class Outcome:
     key: str
     file: str  # file name inside DIR/images, "" when failed
-    status: str  # "ok" | "failed" (permanent) | "transient" (retried on the next run)
+    status: str  # "ok" | "failed" (permanent) | "transient" (retried on the next run) | "refused" (checked again)
     reason: str = ""
     action: str = ""  # "downloaded" | "copied" | "reused" | "skipped" | ""
 
@@ -317,6 +339,166 @@ class FetchError(Exception):
         return self.reason
 
 
+class Refused(FetchError):
+    """A reference that is not fetched at all (scheme, local file, non-public address); never retried."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"refused {url}: {why}")
+
+
+# ----------------------------------------------------------------------------
+# What may be fetched
+# ----------------------------------------------------------------------------
+
+_FETCHED_SCHEMES = ("http", "https")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT, not global but not "private" either
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: judged by the IPv4 address inside
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to, in resolver order (the only name lookup of the import)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not a public unicast address ("private", "loopback", ...), or None if it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "unrecognised"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        if embedded is not None:  # ::ffff:a.b.c.d and 64:ff9b::a.b.c.d reach a.b.c.d
+            return address_problem(str(embedded))
+        if ip.sixtofour is not None and address_problem(str(ip.sixtofour)):
+            return address_problem(str(ip.sixtofour))
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("carrier-grade NAT", ip in _SHARED_V4),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("site-local", getattr(ip, "is_site_local", False)),
+        ("non-public", not ip.is_global),
+    )
+    return next((name for name, bad in checks if bad), None)
+
+
+def check_url(url: str, allow_private: bool = False) -> list[str]:
+    """The checked addresses to connect to for ``url``.
+
+    Raises Refused (not http(s), no host, a non-public address among the
+    resolved ones unless ``allow_private``), FetchError (bad port, no address)
+    or socket.gaierror (unknown host).
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _FETCHED_SCHEMES:
+        raise Refused(url, f"only http and https URLs are fetched, not {scheme + ':' if scheme else 'this'}")
+    host = parts.hostname
+    if not host:
+        raise Refused(url, "the URL has no host")
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise FetchError(f"invalid URL ({exc})")
+    addresses = resolve_host(host, port)
+    if not addresses:
+        raise FetchError("host not found (no address)", transient=True, retry=False)
+    if not allow_private:
+        for address in addresses:
+            problem = address_problem(address)
+            if problem:
+                raise Refused(url, f"host resolves to {problem} address {address}")
+    return addresses
+
+
+def _connect_pinned(addresses: list[str], address: tuple, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
+                    source_address=None) -> socket.socket:
+    """http.client's create_connection, but to the checked ``addresses`` instead of a fresh lookup."""
+    error: OSError | None = None
+    for ip in addresses:
+        try:
+            return socket.create_connection((ip, address[1]), timeout, source_address)
+        except OSError as exc:
+            error = exc
+    raise error if error is not None else OSError("no address to connect to")
+
+
+class _CheckedOpenMixin:
+    """Checks each request's URL (every hop: redirects open new requests) and pins its connection."""
+
+    allow_private = False
+
+    def do_open(self, http_class, req, **kwargs):
+        addresses = getattr(req, "checked_addresses", None)  # set by _CheckedRedirectHandler
+        if addresses is None:
+            addresses = check_url(req.full_url, self.allow_private)
+        if not (req.has_proxy() or req._tunnel_host):  # through a proxy the proxy connects: nothing to pin
+            plain = http_class
+
+            def http_class(host, **kw):
+                conn = plain(host, **kw)
+                conn._create_connection = functools.partial(_connect_pinned, addresses)
+                return conn
+
+        return super().do_open(http_class, req, **kwargs)
+
+
+class _CheckedHTTPHandler(_CheckedOpenMixin, urllib.request.HTTPHandler):
+    pass
+
+
+class _CheckedHTTPSHandler(_CheckedOpenMixin, urllib.request.HTTPSHandler):
+    pass
+
+
+class _CheckedRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an http(s) URL whose host passes check_url."""
+
+    allow_private = False
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            target = urllib.parse.urljoin(req.full_url, location.strip())
+            scheme = urllib.parse.urlsplit(target).scheme.lower()
+            if scheme not in _FETCHED_SCHEMES:  # urllib itself would follow ftp:
+                fp.close()
+                raise Refused(target, f"redirect to a {scheme}: URL, only http and https are fetched "
+                                      f"(redirected from {req.full_url})")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            try:
+                new.checked_addresses = check_url(newurl, self.allow_private)
+            except Refused as exc:
+                fp.close()
+                exc.reason += f" (redirected from {req.full_url})"
+                raise
+        return new
+
+
+def _opener(opts: FetchOptions) -> urllib.request.OpenerDirector:
+    """urlopen's handlers minus ftp/file/data, with every hop checked."""
+    opener = urllib.request.OpenerDirector()
+    checked = [_CheckedHTTPHandler(), _CheckedHTTPSHandler(), _CheckedRedirectHandler()]
+    for handler in checked:
+        handler.allow_private = opts.allow_private_hosts
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), *checked,
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
 def image_stem(key: str) -> str:
     """File name stem of an image: the first 16 hex digits of sha1(url or absolute path)."""
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
@@ -329,7 +511,7 @@ def verify_image(path: Path) -> str:
     from deepranking import image_data
 
     try:
-        image_data.load_rgb(path)
+        preprocessing.load_rgb(path)
         with Image.open(path) as im:
             fmt = im.format or ""
     except Exception as exc:  # UnreadableImageError, DecompressionBombError, ...: never crash on data
@@ -344,7 +526,7 @@ def _finalize(tmp: Path, images_dir: Path, stem: str) -> str:
     if not ext:  # decodable but unusual format: store as PNG so every stage can read it
         from deepranking import image_data
 
-        image_data.load_rgb(tmp).save(tmp, format="PNG")
+        preprocessing.load_rgb(tmp).save(tmp, format="PNG")
         ext = ".png"
     name = stem + ext
     os.replace(tmp, images_dir / name)
@@ -375,7 +557,7 @@ def _download_once(url: str, tmp: Path, opts: FetchOptions) -> None:
     """One GET of ``url`` streamed into ``tmp``; raises FetchError."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
     try:
-        with urllib.request.urlopen(request, timeout=opts.timeout) as resp:
+        with _opener(opts).open(request, timeout=opts.timeout) as resp:
             # Reject HTML error pages ("soft 404") before reading them. A missing type or
             # application/octet-stream (common on old CDNs) is left to the decode check.
             if resp.headers.get("Content-Type"):
@@ -444,6 +626,8 @@ def fetch_ref(ref: Ref, images_dir: Path, existing: list[Path], previous: dict |
                 return Outcome(ref.key, path.name, "ok", action="reused")
         if previous and previous.get("status") == "failed" and not retry_failed:
             return Outcome(ref.key, "", "failed", previous.get("reason", ""), action="skipped")
+        if ref.kind == "file" and not opts.allow_local_files:
+            raise Refused(ref.source or ref.key, "local files need --allow-local-files")
         fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".part", dir=images_dir)
         os.close(fd)
         tmp = Path(tmp_name)
@@ -459,7 +643,8 @@ def fetch_ref(ref: Ref, images_dir: Path, existing: list[Path], previous: dict |
             tmp.unlink(missing_ok=True)
         return Outcome(ref.key, name, "ok", action=action)
     except FetchError as exc:
-        return Outcome(ref.key, "", "transient" if exc.transient else "failed", exc.reason)
+        status = "refused" if isinstance(exc, Refused) else "transient" if exc.transient else "failed"
+        return Outcome(ref.key, "", status, exc.reason)
     except Exception as exc:  # a disk error or a bug must not take the whole import down
         return Outcome(ref.key, "", "transient", f"{type(exc).__name__}: {exc}")
 
@@ -612,7 +797,8 @@ def main(args) -> None:
     manifest_path = out_dir / MANIFEST_NAME
     previous = read_manifest(manifest_path)
     opts = FetchOptions(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                        max_bytes=args.max_bytes, seed=args.seed)
+                        max_bytes=args.max_bytes, seed=args.seed, allow_private_hosts=args.allow_private_hosts,
+                        allow_local_files=args.allow_local_files)
     outcomes = fetch_all(refs, images_dir, manifest_path, previous, opts, args.workers,
                          args.retry_failed, not args.no_progress)
 

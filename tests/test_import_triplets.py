@@ -1,9 +1,13 @@
-"""import_triplets.py against a local HTTP server (127.0.0.1 only) serving generated images."""
+"""import_triplets.py against a local HTTP server (127.0.0.1 only) serving generated images.
+
+Name resolution is faked (``dns`` fixture): no test looks up a real host name.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import os
 import socket
 import subprocess
@@ -34,9 +38,15 @@ def image_bytes(seed: int, fmt: str = "PNG", size: int = 16) -> bytes:
 
 
 class Resp:
-    def __init__(self, body=b"", status=200, ctype="image/png", delay=0.0, send_length=True, length=None):
+    def __init__(self, body=b"", status=200, ctype="image/png", delay=0.0, send_length=True, length=None,
+                 headers=None):
         self.body, self.status, self.ctype, self.delay, self.send_length = body, status, ctype, delay, send_length
         self.length = len(body) if length is None else length  # a larger value: the connection drops mid-body
+        self.headers = headers or {}
+
+
+def redirect(location: str, status: int = 302) -> Resp:
+    return Resp(b"moved", status, "text/plain", headers={"Location": location})
 
 
 class LocalServer:
@@ -61,6 +71,8 @@ class LocalServer:
                 try:
                     self.send_response(route.status)
                     self.send_header("Content-Type", route.ctype)
+                    for name, value in route.headers.items():
+                        self.send_header(name, value)
                     if route.send_length:
                         self.send_header("Content-Length", str(route.length))
                     self.end_headers()
@@ -86,17 +98,46 @@ class LocalServer:
 
 
 @pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch):
-    """No proxy, and any connection to a host other than 127.0.0.1 fails the test."""
+def connections(monkeypatch):
+    """No proxy, and any connection to a host other than 127.0.0.1 fails the test; returns the addresses
+    connected to (a refused URL must add none)."""
     for var in PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
     real = socket.create_connection
+    seen = []
 
     def guarded(address, *args, **kwargs):
         assert address[0] == "127.0.0.1", f"test tried to reach {address}"
+        seen.append(address)
         return real(address, *args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", guarded)
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def dns(monkeypatch):
+    """Fake resolver: IP literals resolve to themselves, names to ``dns[name]`` (a list of addresses), any
+    other name is unknown. ``dns.lookups`` lists the names looked up."""
+
+    class FakeDNS(dict):
+        lookups: list
+
+    table = FakeDNS()
+    table.lookups = []
+
+    def resolve(host, port):
+        table.lookups.append(host)
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(table[host])
+
+    monkeypatch.setattr(import_triplets, "resolve_host", resolve)
+    return table
 
 
 @pytest.fixture
@@ -109,11 +150,13 @@ def server():
     s.close()
 
 
-def run_import(input_path, out_dir, *extra):
-    """main() with fast network settings; returns nothing (raises UserError on bad input)."""
+def run_import(input_path, out_dir, *extra, private_hosts=True):
+    """main() with fast network settings (and --allow-private-hosts for the 127.0.0.1 server unless
+    ``private_hosts=False``); returns nothing (raises UserError on bad input)."""
+    flags = ["--allow-private-hosts"] if private_hosts else []
     args = import_triplets.get_args_parser().parse_args(
         [str(input_path), "--output-dir", str(out_dir), "--timeout", "2", "--retries", "1",
-         "--backoff", "0.01", "--workers", "4", "--no-progress", *map(str, extra)])
+         "--backoff", "0.01", "--workers", "4", "--no-progress", *flags, *map(str, extra)])
     import_triplets.main(args)
 
 
@@ -221,7 +264,7 @@ def test_plain_csv_with_local_files_and_tsv(tmp_path, server):
                    f"pics/a.png,pics/b.jpg,{server.url('/img5.png')}\n"
                    f"{data / 'pics' / 'b.jpg'},pics/a.png,pics/broken.jpg\n")
     out = tmp_path / "out"
-    run_import(src, out)
+    run_import(src, out, "--allow-local-files")
     q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
     assert len(q) == 1
     assert Path(q[0]).read_bytes() == image_bytes(30)  # copied (relative to the input's folder)
@@ -232,7 +275,7 @@ def test_plain_csv_with_local_files_and_tsv(tmp_path, server):
     # Same content as TSV without header, into a fresh folder.
     tsv = data / "triplets.tsv"
     tsv.write_text(f"pics/a.png\tpics/b.jpg\t{server.url('/img5.png')}\n")
-    run_import(tsv, tmp_path / "out_tsv")
+    run_import(tsv, tmp_path / "out_tsv", "--allow-local-files")
     assert len(image_data.read_triplet_csv(tmp_path / "out_tsv" / "triplets.csv")[0]) == 1
 
 
@@ -453,3 +496,173 @@ def test_backoff_is_exponential_seeded_and_not_used_for_404(monkeypatch):
     with pytest.raises(import_triplets.FetchError):
         import_triplets.download("http://127.0.0.1/x", Path("unused"), opts, sleep=delays.append)
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------
+# What may be fetched: local files, schemes, non-public addresses, redirects
+# ----------------------------------------------------------------------------
+
+
+def test_local_files_refused_without_allow_local_files(tmp_path, server, connections):
+    data = tmp_path / "data"
+    (data / "pics").mkdir(parents=True)
+    (data / "pics" / "a.png").write_bytes(image_bytes(30))
+    (data / "pics" / "b.jpg").write_bytes(image_bytes(31, "JPEG"))
+    file_url = (data / "pics" / "b.jpg").resolve().as_uri()
+    src = data / "triplets.csv"
+    src.write_text(f"query,positive,negative\npics/a.png,{file_url},{server.url('/img5.png')}\n")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="none of the 1 triplet"):
+        run_import(src, out)
+    reasons = {r["url"]: r["reason"] for r in read_rows(out / "failures.csv")}
+    assert reasons == {
+        str((data / "pics" / "a.png").resolve()): "refused pics/a.png: local files need --allow-local-files",
+        str((data / "pics" / "b.jpg").resolve()): f"refused {file_url}: local files need --allow-local-files",
+    }
+    assert images_of(out) == [import_triplets.image_stem(server.url("/img5.png")) + ".png"]  # nothing copied
+    status = {r["url"]: r["status"] for r in read_rows(out / "manifest.csv")}
+    assert status[str((data / "pics" / "a.png").resolve())] == "refused"
+
+    # The same folder with the option: the refusals are checked again (not skipped as earlier failures).
+    run_import(src, out, "--allow-local-files")
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+    assert Path(q[0]).read_bytes() == image_bytes(30) and Path(p[0]).read_bytes() == image_bytes(31, "JPEG")
+    assert read_rows(out / "failures.csv") == []
+    assert server.counts["/img5.png"] == 1  # reused, not fetched again
+
+
+def test_non_public_addresses_refused_without_a_request(tmp_path, server, dns, connections, capsys):
+    port = server.httpd.server_address[1]
+    answers = {
+        "ten.test": ["10.0.0.5"], "metadata.test": ["169.254.169.254"], "loop.test": ["127.0.0.2"],
+        "v6loop.test": ["::1"], "ula.test": ["fc00::1"], "mapped.test": ["::ffff:10.0.0.5"],
+        "cgnat.test": ["100.64.0.1"], "mixed.test": ["93.184.216.34", "192.168.1.1"],
+        "zero.test": ["0.0.0.0"], "mcast.test": ["224.0.0.1"],
+    }
+    dns.update(answers)
+    expected = {f"http://{host}:{port}/img0.png": f"host resolves to {kind} address {addrs[-1]}"
+                for (host, addrs), kind in zip(answers.items(), ["private", "link-local", "loopback", "loopback",
+                                                                "private", "private", "carrier-grade NAT",
+                                                                "private", "unspecified", "multicast"])}
+    expected[server.url("/img1.png")] = "host resolves to loopback address 127.0.0.1"  # the real server
+    expected[f"http://10.0.0.5:{port}/a.jpg"] = "host resolves to private address 10.0.0.5"
+    urls = list(expected)
+    src = tmp_path / "list.csv"
+    src.write_text("".join(f"{urls[i]},{urls[i + 1]},{urls[i + 2]}\n" for i in range(0, len(urls) - 2, 3)))
+    out = tmp_path / "out"
+    assert len(urls) == 12
+    with pytest.raises(UserError, match="none of the 4 triplet"):
+        run_import(src, out, private_hosts=False)
+    reasons = {r["url"]: r["reason"] for r in read_rows(out / "failures.csv")}
+    assert reasons == {u: f"refused {u}: {why}" for u, why in expected.items()}
+    assert server.counts == Counter() and connections == []  # never requested, no socket opened
+    assert "refused http://ten.test:" in capsys.readouterr().err
+
+    # Refused in the same run are not retried; a second run checks (and refuses) again without a request.
+    n_lookups = len(dns.lookups)
+    assert n_lookups == 12
+    with pytest.raises(UserError):
+        run_import(src, out, private_hosts=False)
+    assert len(dns.lookups) == 2 * n_lookups and connections == []
+    # --allow-private-hosts lifts the address check (the real server at 127.0.0.1 is then fetched).
+    assert import_triplets.check_url(server.url("/img1.png"), allow_private=True) == ["127.0.0.1"]
+
+
+def test_redirect_to_private_address_refused_on_the_hop(tmp_path, server, dns, connections, monkeypatch):
+    # cdn.test is the test server, counted as public; intranet.test is a private address.
+    real_problem = import_triplets.address_problem
+    monkeypatch.setattr(import_triplets, "address_problem", lambda a: None if a == "127.0.0.1" else real_problem(a))
+    dns.update({"cdn.test": ["127.0.0.1"], "intranet.test": ["10.0.0.5"]})
+    port = server.httpd.server_address[1]
+    cdn = f"http://cdn.test:{port}"
+    server.routes.update({
+        "/r-ok.png": redirect("/img3.png"),  # relative Location, same (public) host: followed
+        "/r-private.png": redirect("http://intranet.test/secret.png"),
+        "/r-twice.png": redirect(f"{cdn}/r-private.png", 301),  # refused on the second hop
+        "/r-ftp.png": redirect("ftp://cdn.test/x.png", 307),
+        "/r-file.png": redirect("file:///etc/passwd"),
+    })
+    bad = ["/r-private.png", "/r-twice.png", "/r-ftp.png", "/r-file.png"]
+    triplets = [(f"{cdn}/img0.png", f"{cdn}/img1.png", f"{cdn}/r-ok.png")]
+    triplets += [(f"{cdn}/img0.png", f"{cdn}{path}", f"{cdn}/img2.png") for path in bad]
+    src = tmp_path / "list.txt"
+    src.write_text(four_line(triplets))
+    out = tmp_path / "out"
+    run_import(src, out, private_hosts=False)
+
+    q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+    assert len(q) == 1 and Path(n[0]).read_bytes() == image_bytes(3)
+    reasons = {r["url"]: r["reason"] for r in read_rows(out / "failures.csv")}
+    assert reasons == {
+        f"{cdn}/r-private.png": "refused http://intranet.test/secret.png: host resolves to private address "
+                                f"10.0.0.5 (redirected from {cdn}/r-private.png)",
+        f"{cdn}/r-twice.png": "refused http://intranet.test/secret.png: host resolves to private address "
+                              f"10.0.0.5 (redirected from {cdn}/r-private.png)",
+        f"{cdn}/r-ftp.png": "refused ftp://cdn.test/x.png: redirect to a ftp: URL, only http and https are "
+                            f"fetched (redirected from {cdn}/r-ftp.png)",
+        f"{cdn}/r-file.png": "refused file:///etc/passwd: redirect to a file: URL, only http and https are "
+                             f"fetched (redirected from {cdn}/r-file.png)",
+    }
+    # Each redirect was requested once (refusals are not retried) and nothing else was.
+    assert server.counts == Counter({"/img0.png": 1, "/img1.png": 1, "/img2.png": 1, "/r-ok.png": 1,
+                                     "/img3.png": 1, "/r-private.png": 2, "/r-twice.png": 1, "/r-ftp.png": 1,
+                                     "/r-file.png": 1})
+    # Every connection went to the checked address, one lookup per hop; intranet.test was looked up, never reached.
+    assert len(connections) == sum(server.counts.values())
+    assert dns.lookups.count("intranet.test") == 2
+    assert dns.lookups.count("cdn.test") == sum(server.counts.values())
+
+
+def test_connection_goes_to_the_checked_address(tmp_path, server, dns, connections, monkeypatch):
+    """DNS rebinding: a second lookup would answer a private address; the import never makes one."""
+    real_problem = import_triplets.address_problem
+    monkeypatch.setattr(import_triplets, "address_problem", lambda a: None if a == "127.0.0.1" else real_problem(a))
+    answers = iter([["127.0.0.1"]])
+    monkeypatch.setattr(import_triplets, "resolve_host", lambda host, port: next(answers, ["10.0.0.5"]))
+    tmp = tmp_path / "x.part"
+    url = f"http://rebind.test:{server.httpd.server_address[1]}/img0.png"
+    import_triplets._download_once(url, tmp, import_triplets.FetchOptions(timeout=2))
+    assert tmp.read_bytes() == image_bytes(0)
+    assert connections == [("127.0.0.1", server.httpd.server_address[1])]
+    with pytest.raises(import_triplets.Refused, match="private address 10.0.0.5"):
+        import_triplets._download_once(url, tmp, import_triplets.FetchOptions(timeout=2))
+    assert len(connections) == 1
+
+
+def test_other_schemes_refused(tmp_path, server, connections):
+    for url in ("ftp://example.org/x.jpg", "gopher://example.org/x.jpg", "file:///etc/passwd"):
+        with pytest.raises(import_triplets.Refused, match=f"refused {url}: only http and https URLs are fetched"):
+            import_triplets.check_url(url)
+    for url in ("ftp://example.org/x.jpg", "gopher://example.org/x.jpg", "sftp://example.org/x.jpg"):
+        assert import_triplets.parse_ref(url, tmp_path) == f"not an http(s) URL: {url}"
+    with pytest.raises(import_triplets.Refused, match="no host"):
+        import_triplets.check_url("http:///x.jpg")
+    # In an input file an ftp:// cell makes its record malformed: reported with its line, never fetched.
+    src = tmp_path / "t.csv"
+    src.write_text(f"{server.url('/img0.png')},ftp://127.0.0.1/x.jpg,{server.url('/img2.png')}\n"
+                   f"{server.url('/img0.png')},{server.url('/img1.png')},{server.url('/img2.png')}\n")
+    run_import(src, tmp_path / "out")
+    malformed = read_rows(tmp_path / "out" / "malformed.csv")
+    assert [(r["line"], r["reason"]) for r in malformed] == [("1", "positive: not an http(s) URL: ftp://127.0.0.1/x.jpg")]
+    assert all(addr[1] == server.httpd.server_address[1] for addr in connections)
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.0.1", "private"), ("127.0.0.1", "loopback"),
+    ("169.254.169.254", "link-local"), ("100.64.0.1", "carrier-grade NAT"), ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"), ("192.0.2.1", "private"), ("::1", "loopback"),
+    ("::", "unspecified"), ("fe80::1", "link-local"), ("fc00::1", "private"), ("fd12:3456::1", "private"),
+    ("ff02::1", "multicast"), ("fec0::1", "site-local"), ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:10.0.0.5", "private"), ("64:ff9b::a00:5", "private"), ("2002:a00:5::1", "private"),
+    ("2001:db8::1", "private"), ("not-an-ip", "unrecognised"),
+    ("93.184.216.34", None), ("8.8.8.8", None), ("2606:4700::1111", None), ("::ffff:8.8.8.8", None),
+    ("64:ff9b::808:808", None),
+])
+def test_address_problem(address, problem):
+    assert import_triplets.address_problem(address) == problem
+
+
+def test_help_documents_the_safety_options():
+    text = " ".join(import_triplets.get_args_parser().format_help().split())
+    assert "--allow-local-files" in text
+    assert "for testing against a server on this machine" in text

@@ -184,10 +184,10 @@ def main(args) -> None:
     with cli.atomic_path(out / "per_class_precision.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
     curve = metrics["precision_at_k_curve"]
-    series = {"test (val queries)": (curve["k"], curve["test"])}
+    curves = {"test (val queries)": curve["test"]}
     if "train" in curve:
-        series["train (self excluded)"] = (curve["k"], curve["train"])
-    plots.line_chart(out / "precision_at_k.png", series, "precision@k", "k", "precision", y_range=(0.0, 1.0))
+        curves["train (self excluded)"] = curve["train"]
+    plots.precision_at_k(out / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
     for n, qi in enumerate(queries):
         draw_query(out / f"retrieval_{n}.png", qi, train, test, index)
     cli.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")

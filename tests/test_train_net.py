@@ -324,6 +324,12 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--id-loss-weight", "-1"], "expected a non-negative number"),
     (["--lr-schedule", "step"], "invalid choice"),
     (["--warmup-steps", "-3"], "expected a non-negative integer"),
+    (["--momentum", "-1"], "expected a fraction in [0, 1)"),
+    (["--momentum", "1"], "expected a fraction in [0, 1)"),
+    (["--weight-decay", "-1"], "expected a non-negative number"),
+    (["--image-size", "1"], "expected an integer >= 32"),
+    (["--collapse-distance", "nan"], "expected a non-negative number"),
+    (["--id-loss-scale", "0"], "expected a positive number"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -390,3 +396,191 @@ def test_force_removes_the_earlier_runs_model(trained, csvs, tmp_path):
     assert not (out / "deepranknet.model").exists() and not (out / "training_curves.png").exists()
     assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 1
     assert not (out / "metrics.jsonl").exists()  # the earlier log is gone; one step wrote no record yet
+
+
+def test_every_hyperparameter_constant_is_a_flag_default_and_booleans_go_both_ways():
+    parse = train_net.get_args_parser().parse_args
+    defaults = parse([])
+    block = {name: value for name, value in vars(train_net).items()
+             if name.isupper() and isinstance(value, (int, float, str, bool)) and not name.endswith("_NAME")
+             and name not in ("DEFAULT_VAL_TRIPLETS",)}
+    flag_of = {"LEARNING_RATE": "lr", "OPTIMIZER": "optim", "MULTISCALE": "multiscale"}
+    for name, value in block.items():
+        assert getattr(defaults, flag_of.get(name, name.lower())) == value, name
+    for flag in ("multiscale", "nesterov", "deterministic", "compile"):
+        assert getattr(parse([f"--{flag}"]), flag) is True
+        assert getattr(parse([f"--no-{flag}"]), flag) is False
+    assert parse(["--single-scale"]).multiscale is False  # the old spelling still works
+
+
+def _kill_mid_epoch(cmd, ckpt, timeout=120):
+    """Start cmd, SIGKILL it as soon as ``ckpt`` exists (a mid-epoch save), return the exit code."""
+    import signal as sig
+    import time
+
+    # one thread, as this process: the float sums of 2 threads would differ in the last bits
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig.SIGKILL)
+    proc.communicate()
+    return proc.returncode
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(csvs, tmp_path):
+    """A kill -9 mid-epoch: --resume gives the uninterrupted run's weights, optimizer and metrics.jsonl."""
+    common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
+              "--log-every", 1, "--save-every", 2, *TINY]
+    train(*common, "--output-dir", tmp_path / "a")
+    run_b = tmp_path / "b"
+    cmd = [sys.executable, str(REPO / "train_net.py"), *map(str, common), "--output-dir", str(run_b)]
+    rc = _kill_mid_epoch(cmd, run_b / "temp_0.model")
+    assert rc == -9
+    mid = checkpoint.load_checkpoint(run_b / "temp_0.model")
+    assert mid["step_in_epoch"] > 0  # killed inside epoch 1, after a --save-every checkpoint
+    (run_b / ".temp_0.model.abc123.tmp").write_bytes(b"partial")  # what a kill during a save leaves
+    train(*common, "--output-dir", run_b, "--resume", run_b / "temp_0.model")
+    assert not list(run_b.glob(".*.tmp"))  # stale partial files are cleaned at start
+    a = checkpoint.load_checkpoint(tmp_path / "a" / "deepranknet.model")
+    b = checkpoint.load_checkpoint(run_b / "deepranknet.model")
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(pa["momentum_buffer"], pb["momentum_buffer"], atol=1e-6)
+    assert untimed(tmp_path / "a" / "metrics.jsonl") == untimed(run_b / "metrics.jsonl")  # no record twice
+
+
+def test_resume_refuses_a_different_run(csvs, trained, tmp_path, capsys):
+    ckpt = trained / "temp_0.model"
+    base = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--optim", "adam", "--lr", "0.01", "--mining",
+            "batch-hard", "--train-from", "layer4", "--resume", ckpt, *TINY]
+    changed = tmp_path / "changed.csv"
+    rows = csvs[0].read_text().splitlines()
+    changed.write_text("\n".join([rows[0], *rows[2:], rows[1]]) + "\n")  # same triplets, another order
+    cases = [
+        (["--lr", "0.02"], "resume with: --lr 0.01"),
+        (["--margin", "0.5"], "--margin 1.0"),
+        (["--no-multiscale"], "--multiscale"),
+        (["--warmup-steps", "5"], "--warmup-steps 0"),
+        (["--lr-schedule", "cosine"], "--lr-schedule constant"),
+        (["--log-every", "7"], "--log-every 20"),
+        (["--cache-size", "24"], "--cache-size 0"),
+        (["--triplets", changed], "--triplets differs from the one"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "o"
+        err = fails(capsys, *base, "--output-dir", out, *extra)
+        assert message in err, (extra, err)
+        assert not out.exists(), extra
+    # the cosine schedule's length is --epochs: a different --epochs is another trajectory
+    out = tmp_path / "cos"
+    train("--triplets", csvs[0], "--epochs", 2, "--lr-schedule", "cosine", "--max-steps", 2, "--output-dir", out, *TINY)
+    err = fails(capsys, "--triplets", csvs[0], "--epochs", 3, "--lr-schedule", "cosine", "--resume",
+                out / "temp_0.model", "--output-dir", out, *TINY)
+    assert "--epochs 2" in err
+    # a checkpoint written by 2 processes cannot continue in 1
+    two = checkpoint.load_checkpoint(out / "temp_0.model")
+    two["run"]["world_size"] = 2
+    checkpoint.write_checkpoint(tmp_path / "two.model", two)
+    err = fails(capsys, "--triplets", csvs[0], "--epochs", 2, "--lr-schedule", "cosine", "--resume",
+                tmp_path / "two.model", "--output-dir", out, *TINY)
+    assert "torchrun --nproc_per_node 2" in err
+
+
+def test_time_limit_counts_the_whole_run_like_max_steps(csvs, tmp_path, capsys):
+    out = tmp_path / "t"
+    train("--triplets", csvs[0], "--epochs", 3, "--max-steps", 2, "--output-dir", out, *TINY)
+    spent = checkpoint.load_checkpoint(out / "temp_0.model")["train_seconds"]
+    # the run has already trained longer than this limit: one more step, then it stops again
+    train("--triplets", csvs[0], "--epochs", 3, "--time-limit", spent / 2, "--resume", out / "temp_0.model",
+          "--output-dir", out, *TINY)
+    assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 3
+    assert "stopped after 3 steps (--time-limit); continue with --resume" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(csvs, tmp_path):
+    import signal as sig
+    import time
+
+    out = tmp_path / "int"
+    cmd = [sys.executable, str(REPO / "train_net.py"), "--triplets", str(csvs[0]), "--epochs", "1000",
+           "--log-every", "1", "--output-dir", str(out), *TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.jsonl"
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "(interrupted); continue with --resume" in stdout
+    ckpt = checkpoint.load_checkpoint(out / "temp_0.model")
+    assert ckpt["step"] >= 1
+
+
+def test_fp16_goes_through_the_grad_scaler(csvs, tmp_path, monkeypatch):
+    """The fp16 branch (GPUs without bf16) on the CPU: loss scaling on, its state saved for --resume."""
+    from deepranking import runtime
+
+    monkeypatch.setattr(runtime, "resolve_precision",
+                        lambda device, amp="auto", dtype=None: runtime.Precision(torch.float16, "cpu"))
+    out = tmp_path / "fp16"
+    train("--triplets", csvs[0], "--max-steps", 3, "--output-dir", out, *TINY)
+    ckpt = checkpoint.load_checkpoint(out / "temp_0.model")
+    assert ckpt["grad_scaler"]["scale"] > 0 and "_growth_tracker" in ckpt["grad_scaler"]
+    assert checkpoint.weights_finite(ckpt["model"])
+    assert runtime.Precision(torch.float16, "cuda").needs_loss_scaling
+    assert not runtime.Precision(torch.bfloat16, "cuda").needs_loss_scaling
+
+
+def test_config_json_records_the_resolved_run(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["device"] == "cpu" and config["precision"] == "fp32" and config["world_size"] == 1
+    assert config["preprocessing"]["cache_size"] == 32 and config["optim"] == "adam"
+
+
+def test_every_stage_embeds_an_image_as_training_validated_it(csvs, tmp_path):
+    """The preprocessing contract: the cache size chosen in training (24 px here, from 32 px files) is the one
+    gen_embeddings.py, query.py and get_distance.py use, so their vectors are validation's."""
+    from deepranking import cli as cu
+    from deepranking.embedding_io import read_embeddings
+    import gen_embeddings
+    import get_distance
+    import query
+
+    out = tmp_path / "run"
+    train("--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 1, "--cache-size", 24, "--output-dir", out,
+          *TINY)
+    model = out / "deepranknet.model"
+    assert checkpoint.load_checkpoint(model)["preprocessing"]["cache_size"] == 24
+    data = csvs[0].parent / "tin"
+    emb_file = tmp_path / "val.txt"
+    cu.run(gen_embeddings.main, gen_embeddings.get_args_parser(),
+           ["--model", str(model), "--data-dir", str(data), "--splits", "val", "--test-output", str(emb_file),
+            "--no-progress", "--device", "cpu"])
+    db = read_embeddings(emb_file, progress=False)
+    row = {p: i for i, p in enumerate(db.paths)}
+    # training's own validation pass, recomputed from the file: the same mean D(q,p) and D(q,n)
+    epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    q, p, n = (np.array([row[x] for x in col]) for col in image_data.read_triplet_csv(csvs[1]))
+    e = db.emb.astype(np.float64)
+    assert np.linalg.norm(e[q] - e[p], axis=1).mean() == pytest.approx(epoch["val_d_pos"], abs=1e-5)
+    assert np.linalg.norm(e[q] - e[n], axis=1).mean() == pytest.approx(epoch["val_d_neg"], abs=1e-5)
+    a, b = db.paths[0], db.paths[-1]
+    expected = float(np.linalg.norm(e[0] - e[-1]))
+    import io
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cu.run(get_distance.main, get_distance.get_args_parser(),
+               ["--model", str(model), "--image1", a, "--image2", b, "--device", "cpu"])
+    assert float(buf.getvalue().split()[-1]) == pytest.approx(expected, abs=1e-5)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cu.run(query.main, query.get_args_parser(),
+               ["--model", str(model), "--embeddings", str(emb_file), "--top", "1", "--device", "cpu", a])
+    best = buf.getvalue().splitlines()[2].split()  # rank, distance, label, path
+    assert best[-1].endswith(os.path.basename(a)) and float(best[1]) < 1e-3

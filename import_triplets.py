@@ -508,8 +508,6 @@ def verify_image(path: Path) -> str:
     """Fully decode ``path`` (truncated files fail); return its stored extension or raise FetchError."""
     from PIL import Image
 
-    from deepranking import image_data
-
     try:
         preprocessing.load_rgb(path)
         with Image.open(path) as im:
@@ -524,8 +522,6 @@ def _finalize(tmp: Path, images_dir: Path, stem: str) -> str:
     """Verify a fully written temp file and move it to ``<stem><ext>``; returns the file name."""
     ext = verify_image(tmp)
     if not ext:  # decodable but unusual format: store as PNG so every stage can read it
-        from deepranking import image_data
-
         preprocessing.load_rgb(tmp).save(tmp, format="PNG")
         ext = ".png"
     name = stem + ext
@@ -738,12 +734,10 @@ def _show(problems: list[str], what: str, report: Path) -> None:
 def fetch_all(refs: list[Ref], images_dir: Path, manifest_path: Path, previous: dict[str, dict],
               opts: FetchOptions, workers: int, retry_failed: bool, progress: bool) -> dict[str, Outcome]:
     """Fetch every distinct ref in parallel; the manifest is rewritten every few seconds and at the end."""
-    from tqdm import tqdm
-
     existing = _scan_images(images_dir)
     outcomes: dict[str, Outcome] = {}
     pool = cf.ThreadPoolExecutor(max_workers=workers)
-    bar = tqdm(total=len(refs), desc="images", unit="img", file=sys.stderr, disable=not progress)
+    bar = cli.progress(total=len(refs), desc="images", unit="img", enabled=progress)
     try:
         futures = [
             pool.submit(fetch_ref, ref, images_dir, existing.get(image_stem(ref.key), []),

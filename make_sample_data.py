@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import struct
-import sys
 import tempfile
 import time
 import zipfile
@@ -266,8 +265,6 @@ def _encode_jpeg(image: np.ndarray, path: str, size: int, quality: int) -> None:
 def _write_images(jobs: list[tuple[np.ndarray, str]], size: int, quality: int,
                   workers: int, progress: bool) -> None:
     """Encode (image, path) jobs in a thread pool (PIL releases the GIL while resizing/encoding)."""
-    from tqdm import tqdm
-
     chunk = 256
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
 
@@ -276,8 +273,8 @@ def _write_images(jobs: list[tuple[np.ndarray, str]], size: int, quality: int,
             _encode_jpeg(image, path, size, quality)
         return len(part)
 
-    with tqdm(total=len(jobs), desc="writing JPEGs", unit="img", file=sys.stderr,
-              disable=not progress, mininterval=0.5) as bar:
+    with cli.progress(total=len(jobs), desc="writing JPEGs", unit="img", enabled=progress,
+                      mininterval=0.5) as bar:
         if workers <= 1:
             for part in chunks:
                 bar.update(run_chunk(part))

@@ -15,6 +15,7 @@ trains with DistributedDataParallel (rank 0 writes every file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -81,7 +82,12 @@ RESUME_MUST_MATCH = ("arch", "embedding_dim", "multiscale", "train_from", "image
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    both = argparse.BooleanOptionalAction
+    for add_flags in (_data_flags, _model_flags, _loss_flags, _optimisation_flags, _run_flags):
+        add_flags(p)
+    return p
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--triplets", type=Path, default=DEFAULT_TRIPLETS, help="training triplet CSV")
     data.add_argument("--val-triplets", type=Path, default=None,
@@ -94,14 +100,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
     data.add_argument("--num-workers", type=cli.non_negative_int, default=NUM_WORKERS,
                       help="DataLoader worker processes (0: gather in the main process)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=deep_rank_net.ARCHITECTURES, default=ARCH, help="backbone architecture")
     model.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
     model.add_argument("--train-from", choices=deep_rank_net.TRAIN_FROM_STAGES, default=TRAIN_FROM,
                        help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen")
-    model.add_argument("--multiscale", action=both, default=MULTISCALE, help="the two shallow paths")
+    model.add_argument("--multiscale", action=argparse.BooleanOptionalAction, default=MULTISCALE, help="the two shallow paths")
     model.add_argument("--single-scale", dest="multiscale", action="store_false", help=argparse.SUPPRESS)
     model.add_argument("--embedding-dim", type=cli.positive_int, default=EMBEDDING_DIM, help="embedding size")
+
+
+def _loss_flags(p: argparse.ArgumentParser) -> None:
     loss = p.add_argument_group("loss")
     loss.add_argument("--margin", type=cli.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
     loss.add_argument("--mining", choices=tuple(losses.MINERS), default=MINING,
@@ -113,6 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="weight of a class (cosine softmax) loss added to the ranking loss (needs class folders)")
     loss.add_argument("--id-loss-scale", type=cli.positive_float, default=ID_LOSS_SCALE,
                       help="temperature of the class loss's cosine logits")
+
+
+def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="training epochs")
     opt.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER, help="optimizer")
@@ -124,8 +139,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS,
                      help="linear learning-rate warm-up over the first N optimizer steps")
     opt.add_argument("--momentum", type=cli.unit_interval, default=MOMENTUM, help="momentum (sgd, rms), in [0, 1)")
-    opt.add_argument("--nesterov", action=both, default=NESTEROV, help="Nesterov momentum (sgd)")
+    opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=NESTEROV, help="Nesterov momentum (sgd)")
     opt.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY, help="weight decay (>= 0)")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    both = argparse.BooleanOptionalAction
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", type=Path, default=Path("."), help="where checkpoints and logs go")
     run.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
@@ -149,7 +168,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--collapse-distance", type=cli.non_negative_float, default=COLLAPSE_DISTANCE,
                      help="warn when the mean pairwise distance in a batch falls below this")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 # ---------------------------------------------------------------------------
@@ -167,11 +185,14 @@ def main(args) -> None:
         check_resume(ckpt, args, data, env)
     saver = Checkpointer(args.output_dir, env.main, args.resume)
     check_outputs(saver, args)
-    with distributed.session(env, device):
-        # Rank 0 decodes every image into the cache while the other ranks wait, then they map it.
-        images, spec = distributed.rank_zero_first(env, lambda: cache_images(args, data, env))
-        run = start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver)
-        train(run)
+    # One run per folder; taking the lock also proves the folder writable, before any long work.
+    with cli.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
+        net = build_net(args, ckpt is not None, device)  # the weights are found (or not) before decoding
+        with distributed.session(env, device):
+            # Rank 0 decodes every image into the cache while the other ranks wait, then they map it.
+            images, spec = distributed.rank_zero_first(env, lambda: cache_images(args, data, env))
+            run = start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver, net)
+            train(run)
 
 
 @dataclass
@@ -385,12 +406,16 @@ class Trainee(nn.Module):
         return emb, (self.class_head(emb) if self.class_head is not None else None)
 
 
-def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver) -> Run:
-    """Model, optimizer, loader and (with --resume) the checkpoint's state."""
+def build_net(args, resuming: bool, device: torch.device) -> deep_rank_net.DeepRankNet:
+    """The seeded net (pretrained weights unless resuming: the checkpoint brings its own)."""
     cli.seed_everything(args.seed)
     net = deep_rank_net.build_model(args.arch, args.embedding_dim, args.multiscale,
-                                    "none" if ckpt is not None else args.weights, args.train_from)
-    net = net.to(device).to(memory_format=runtime.memory_format(device))
+                                    "none" if resuming else args.weights, args.train_from)
+    return net.to(device).to(memory_format=runtime.memory_format(device))
+
+
+def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver, net) -> Run:
+    """Optimizer, class head, loader and (with --resume) the checkpoint's state."""
     head = (losses.CosineClassifier(args.embedding_dim, n_classes, args.id_loss_scale)
             if args.id_loss_weight > 0 else None)
     trainee = Trainee(net, head).to(device)
@@ -439,10 +464,6 @@ def prepare_output(run: Run) -> None:
     if not run.env.main:
         return
     out = run.args.output_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --output-dir {out}: {exc.strerror or exc}")
     for stale in run.saver.remove_stale_partials():
         cli.warn(f"removed {stale}, a partial checkpoint left by an interrupted save")
     if run.args.resume is None:  # a fresh (--force) run: an earlier run's files must not pass for this one's

@@ -32,7 +32,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from deepranking import cli
 from deepranking.cli import UserError
@@ -179,8 +178,7 @@ def restructure(root: Path) -> int:
         raise UserError(f"{final_ann} already exists and differs from {ann_path}; move it away first")
 
     # Validation passed: from here on, only os.replace moves within the same folder tree.
-    for src, dst in tqdm(moves, desc="moving val images", unit="img", file=sys.stderr,
-                         disable=len(moves) < 1000):
+    for src, dst in cli.progress(moves, desc="moving val images", unit="img", enabled=len(moves) >= 1000):
         if dst.exists():  # appeared since planning: never overwrite
             raise UserError(f"refusing to overwrite {dst}; re-run to continue")
         try:
@@ -273,9 +271,9 @@ def fetch(url: str, part: Path, final: Path) -> None:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         try:
-            with open(part, "ab" if offset else "wb") as f, tqdm(
+            with open(part, "ab" if offset else "wb") as f, cli.progress(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=f"downloading {final.name}", file=sys.stderr) as bar:
+                    desc=f"downloading {final.name}") as bar:
                 for block in iter(lambda: response.read(CHUNK), b""):
                     f.write(block)
                     bar.update(len(block))
@@ -336,8 +334,7 @@ def extract(zip_path: Path, root: Path) -> None:
             raise UserError(f"{zip_path} must hold a single top folder (like tiny-imagenet-200/)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
         try:
-            for info, parts in tqdm(members, desc=f"extracting {zip_path.name}", unit="file",
-                                    file=sys.stderr):
+            for info, parts in cli.progress(members, desc=f"extracting {zip_path.name}", unit="file"):
                 target = tmp.joinpath(*parts[1:])
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,29 @@ def run(main: Callable, parser, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a disk or permission problem no stage anticipated: still one line
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except MemoryError:
+        print("error: out of memory (try a smaller batch, fewer images or a machine with more memory)",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are created with the user's umask, like any other tool's (mkstemp alone gives 0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
+def os_reason(exc: OSError) -> str:
+    """The human part of an OSError: 'No space left on device', 'Read-only file system', ..."""
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def warn(message: str) -> None:
@@ -89,16 +112,92 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     the partial temporary file (the timm ``CheckpointSaver`` pattern).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
+    try:
+        if final.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(final))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise UserError(f"cannot write {final}: {os_reason(exc)}")
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp), str(final)):
+            raise  # some other file: let its own message through
+        raise UserError(f"cannot write {final}: {os_reason(exc)}")
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "--output-dir") -> Iterator[Path]:
+    """One run per output folder: ``folder/.lock`` holds the owner's pid and host.
+
+    A second run fails at once with a clear line; a lock left by a dead process on this
+    host is taken over (with a warning). Creating the lock also proves the folder writable.
+    """
+    import socket
+
+    folder = Path(folder)
+    lock = folder / ".lock"
+    host = socket.gethostname()
+    mine = f"{os.getpid()} {host}\n"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {folder}: {os_reason(exc)}")
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner[1] == host and not _alive(owner[0]):
+                warn(f"taking over {lock}: its run (pid {owner[0]}) is no longer running")
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"pid {owner[0]} on {owner[1]}" if owner else "unknown owner"
+            raise UserError(f"{what} {folder} is in use by another run ({who}); wait for it to finish, "
+                            f"or delete {lock} if that run is gone")
+        except OSError as exc:
+            raise UserError(f"cannot write {lock}: {os_reason(exc)}")
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise UserError(f"cannot take {lock}: another run keeps taking it")
+    try:
+        yield lock
+    finally:
+        try:
+            if lock.read_text() == mine:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepranking import image_cache, runtime
+from deepranking import cli, image_cache, runtime
 from deepranking.preprocessing import Preprocessing, preprocess
 
 
@@ -52,15 +52,13 @@ def embed_images(
 
     ``precision`` defaults to the --amp auto policy of the device.
     """
-    from tqdm import tqdm
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = precision or runtime.resolve_precision(device, "auto")
     layout = runtime.memory_format(device)
     was_training = model.training
     model.eval()
     chunks = []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    bar = cli.progress(total=len(images), desc=desc, unit="img", enabled=progress)
     with torch.inference_mode(), bar:
         for batch in _batches(images, batch_size, pin=device.type == "cuda"):
             x = preprocess(batch.to(device, non_blocking=True), spec, memory_format=layout)  # [b,3,S,S]

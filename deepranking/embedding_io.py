@@ -246,9 +246,9 @@ def _ordered_map(fn, items: list, workers: int) -> Iterator:
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str = "row"):
-    from tqdm import tqdm
+    from deepranking.cli import progress
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, leave=False)
+    return progress(total=total, desc=desc, unit=unit, unit_scale=True, enabled=enabled, leave=False)
 
 
 def write_embeddings(

@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -115,11 +115,9 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, progress: boo
                 bad.append((i, str(exc)))
         return bad
 
-    from tqdm import tqdm
-
     failures: list[tuple[int, str]] = []
-    with tqdm(total=n, desc=f"decoding images ({size}px)", unit="img", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+    with cli.progress(total=n, desc=f"decoding images ({size}px)", unit="img", enabled=progress,
+                      leave=False) as bar:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for lo, bad in zip(range(0, n, _CHUNK), pool.map(work, range(0, n, _CHUNK))):
                 failures.extend(bad)
@@ -195,10 +193,12 @@ def choose_cache_size(paths: Sequence[str], image_size: int) -> int:
     sizes = set()
     for i in idx:
         try:
-            with Image.open(paths[i]) as im:
-                sizes.add(im.size)
-        except (OSError, ValueError, SyntaxError):
-            return int(image_size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(paths[i]) as im:
+                    sizes.add(im.size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return int(image_size)  # cache_images reports the file by path
         if len(sizes) > 1:
             return int(image_size)
     (w, h), = sizes

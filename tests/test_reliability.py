@@ -1,0 +1,132 @@
+"""Bad disks and concurrent runs: one clear line, exit 2, nothing half-written, nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_net
+from deepranking import checkpoint, cli
+from conftest import REPO
+from test_train_net import TINY, csvs, fails, train  # noqa: F401  (csvs is a fixture)
+
+
+def test_atomic_write_full_disk_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(cli.UserError) as info:
+        cli.atomic_write_text(target, "new")
+    assert str(info.value) == f"cannot write {target}: No space left on device"
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOTDIR])
+def test_atomic_write_unwritable_folder_is_one_line(tmp_path, monkeypatch, code):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(cli.UserError, match=f"cannot write .*out.txt: {os.strerror(code)}"):
+        cli.atomic_write_text(tmp_path / "out.txt", "x")
+
+
+def test_atomic_write_onto_a_folder_or_under_a_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(cli.UserError, match="Is a directory"):
+        cli.atomic_write_text(tmp_path / "d", "x")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(cli.UserError, match="cannot write .*f/x.txt"):
+        cli.atomic_write_text(tmp_path / "f" / "x.txt", "x")
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    code = ("import os; os.umask(0o027); from deepranking import cli; "
+            f"cli.atomic_write_text({str(tmp_path / 'a.txt')!r}, 'x'); "
+            f"print(oct(os.stat({str(tmp_path / 'a.txt')!r}).st_mode & 0o777))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0o640"  # not mkstemp's 0o600
+
+
+def test_a_second_run_into_the_same_folder_fails_at_once(csvs, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process owns it
+    err = fails(capsys, "--triplets", csvs[0], "--output-dir", out, *TINY)
+    assert f"is in use by another run (pid {os.getppid()} on {socket.gethostname()})" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, the owner's lock kept
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(csvs, tmp_path, capsys):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
+    train("--triplets", csvs[0], "--max-steps", 1, "--output-dir", out, *TINY)
+    assert "taking over" in capsys.readouterr().err
+    assert not (out / ".lock").exists()  # released at the end
+    assert (out / "temp_0.model").exists()
+
+
+def test_a_failing_checkpoint_save_keeps_the_last_good_one(csvs, tmp_path, capsys, monkeypatch):
+    real = torch.save
+    saves = []
+
+    def second_save_fills_the_disk(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", second_save_fills_the_disk)
+    out = tmp_path / "full"
+    err = fails(capsys, "--triplets", csvs[0], "--save-every", 1, "--output-dir", out, *TINY)
+    assert f"cannot write {out / 'temp_0.model'}: No space left on device" in err
+    assert f"the last good checkpoint is {out / 'temp_0.model'}" in err
+    assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 1  # the first save is intact
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_missing_imagenet_weights_fail_before_any_image_is_decoded(csvs, tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    from deepranking import image_cache
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    def decoded(*a, **k):
+        raise AssertionError("images were decoded before the weights were checked")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(image_cache, "cache_images", decoded)
+    args = [a for a in TINY]
+    args[args.index("--weights") + 1] = "imagenet"
+    err = fails(capsys, "--triplets", csvs[0], "--output-dir", tmp_path / "o", *args)
+    assert "cannot download ImageNet weights for resnet18" in err
+
+
+def test_unexpected_os_errors_are_one_line(capsys):
+    def boom(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/some/file")
+
+    with pytest.raises(SystemExit) as exc:
+        cli.run(boom, train_net.argparse.ArgumentParser(), [])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == "error: cannot access /some/file: Permission denied\n"

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from deepranking import cli
-from deepranking.preprocessing import UnreadableImageError, decode_resized
+from deepranking.preprocessing import PIXELS_VERSION, UnreadableImageError, decode_resized
 
 CACHE_FORMAT = "deep-ranking-image-cache"
 # Bump when the decoded pixels would change (resampling, colour conversion, ...).
@@ -59,7 +59,7 @@ def default_cache_dir() -> Path:
 def cache_key(paths: Sequence[str], size: int) -> tuple[str, list[str]]:
     """(sha1 hex key, missing paths). Missing files enter the key as ``missing``."""
     h = hashlib.sha1()
-    h.update(f"{CACHE_FORMAT}\0{CACHE_VERSION}\0{size}\0{len(paths)}\0".encode())
+    h.update(f"{CACHE_FORMAT}\0{CACHE_VERSION}\0{PIXELS_VERSION}\0{size}\0{len(paths)}\0".encode())
     missing = []
     for p in paths:
         ap = os.path.abspath(p)

@@ -29,15 +29,67 @@ import numpy as np
 from deepranking.cli import UserError, check_input_file
 
 # Lower-case extensions; matching is case-insensitive (TinyImageNet uses .JPEG).
-IMAGE_EXTENSIONS = frozenset(
+# Formats every Pillow build reads (a bad file among them is reported when decoded):
+_CORE_IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
+# Photo formats that only some Pillow builds (or plugins) read. They are listed too, so that
+# list_class_folder refuses them by path when this Pillow has no reader, instead of dropping them.
+_PLUGIN_IMAGE_EXTENSIONS = frozenset(
+    {".jfif", ".jpe", ".pnm", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k"}
+)
+IMAGE_EXTENSIONS = _CORE_IMAGE_EXTENSIONS | _PLUGIN_IMAGE_EXTENSIONS
+# Paths shown in a listing error.
+_MAX_LISTED = 10
 TRIPLET_COLUMNS = ("query", "positive", "negative")
 SPLITS = ("train", "val")
 
 
 def is_image_file(name: str | os.PathLike) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    """True if the name has an image extension (``IMAGE_EXTENSIONS``, any case)."""
+    return Path(os.fsdecode(name)).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` for a message: bytes that are not valid UTF-8 shown as ``\\xff`` escapes.
+
+    On Linux a file name that is not UTF-8 arrives as a str with lone surrogates
+    (``os.listdir`` decodes with ``surrogateescape``); printed as it is, it raises
+    UnicodeEncodeError. Valid non-ASCII characters are kept.
+    """
+    text = os.fsdecode(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _pillow_reads(ext: str) -> bool:
+    """True if this Pillow (with the plugins registered so far) has a reader for ``ext`` files."""
+    if ext in _CORE_IMAGE_EXTENSIONS:
+        return True
+    from PIL import Image
+
+    return Image.registered_extensions().get(ext) in Image.OPEN
+
+
+def _shown_paths(paths: Sequence[str]) -> str:
+    shown = "\n  ".join(display_path(p) for p in paths[:_MAX_LISTED])
+    more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
+    return f"\n  {shown}{more}"
 
 
 @dataclass
@@ -66,7 +118,9 @@ def _class_images(class_dir: Path) -> list[str]:
     images_dir = class_dir / "images"
     source = images_dir if images_dir.is_dir() else class_dir
     with os.scandir(source) as entries:
-        names = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+        # A dangling link is listed too: the image cache then reports it as missing.
+        names = sorted(e.name for e in entries
+                       if is_image_file(e.name) and (e.is_file() or (e.is_symlink() and not e.is_dir())))
     return [str(source / n) for n in names]
 
 
@@ -74,24 +128,31 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
     """List a folder of class folders.
 
     Classes with fewer than ``min_images`` images are skipped with one warning
-    naming them. Raises UserError if the folder is missing or holds no images.
+    naming them, and so are class folders with no image file (``cli.warn``).
+    Raises UserError, naming the files, if the folder is missing or holds no
+    images, if some image files are in a format this Pillow cannot read
+    (``.heic`` without a plugin, ...), or if some paths are not valid UTF-8
+    (the triplet CSV and embedding files that hold them are UTF-8 text).
     """
+    from deepranking.cli import warn
     root = Path(root).resolve()
     if not root.exists():
-        raise UserError(f"dataset folder not found: {root}")
+        raise UserError(f"dataset folder not found: {display_path(root)}")
     if not root.is_dir():
-        raise UserError(f"dataset path is not a folder: {root}")
+        raise UserError(f"dataset path is not a folder: {display_path(root)}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths: list[str] = []
     labels: list[int] = []
     class_names: list[str] = []
     too_small: list[str] = []
+    empty: list[str] = []
     for class_dir in class_dirs:
         files = _class_images(class_dir)
         if not files:
+            empty.append(display_path(class_dir.name))
             continue
         if len(files) < min_images:
-            too_small.append(f"{class_dir.name} ({len(files)})")
+            too_small.append(f"{display_path(class_dir.name)} ({len(files)})")
             continue
         label = len(class_names)
         class_names.append(class_dir.name)
@@ -108,8 +169,30 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
         hint = (
             " (it holds loose images; put them in one sub-folder per class)" if loose else ""
         )
-        raise UserError(f"no class folders with images found in {root}{hint}")
+        raise UserError(f"no class folders with images found in {display_path(root)}{hint}")
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        warn(f"skipped {len(empty)} class folder(s) with no image files in {display_path(root)}: {shown}")
+    _check_listed(root, paths)
     return ImageList(paths=paths, labels=np.asarray(labels, dtype=np.int64), class_names=class_names)
+
+
+def _check_listed(root: Path, paths: list[str]) -> None:
+    """UserError naming the listed files no later stage could use (before any work starts)."""
+    bad = [p for p in paths if not _is_utf8(p)]  # class names are part of the paths
+    if bad:
+        raise UserError(
+            f"{len(bad)} image path(s) in {display_path(root)} are not valid UTF-8 and cannot be "
+            f"written to the UTF-8 triplet CSV and embedding files; rename them "
+            f"(e.g. convmv -f latin1 -t utf8 -r --notest <folder>):{_shown_paths(bad)}")
+    exts = {os.path.splitext(p)[1].lower() for p in paths}
+    no_reader = sorted(e for e in exts if not _pillow_reads(e))
+    if no_reader:
+        bad = [p for p in paths if os.path.splitext(p)[1].lower() in no_reader]
+        raise UserError(
+            f"{len(bad)} image file(s) in {display_path(root)} cannot be read: this Pillow has no "
+            f"reader for {', '.join(no_reader)} files (convert them to JPEG or PNG, or remove "
+            f"them):{_shown_paths(bad)}")
 
 
 def resolve_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
@@ -373,17 +456,16 @@ class EpochBatchSampler:
         return len(self.batches())
 
 
-class TripletImages:
-    """dataset[batch] = (uint8 images [3b, H, W, 3]: queries, positives, negatives; their image ids [3b]).
+class CachedImageRows:
+    """The decoded-image cache [N, H, W, 3] of a training dataset, pickled by path.
 
-    ``images`` is the memory-mapped cache [N, H, W, 3]; workers only gather rows, so no
-    image is decoded during training. A worker never receives the cache itself: pickling
-    (the spawn and forkserver start methods) sends the file's path and shape, and the
-    worker maps the file again on first use (a pickled memmap would be a full copy).
+    A worker never receives the cache itself: pickling (the spawn and forkserver start
+    methods) sends the memmap's file, shape and offset, and :meth:`rows` maps the file
+    again on first use (a pickled memmap would be a full copy). An in-memory array
+    (not a memmap) is pickled as it is.
     """
 
-    def __init__(self, images: np.ndarray, triplets: np.ndarray):
-        self.triplets = triplets  # [T, 3]
+    def __init__(self, images: np.ndarray):
         self._rows = images  # [N, H, W, 3]
         self._file = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
         self._shape = tuple(images.shape)
@@ -400,6 +482,18 @@ class TripletImages:
             state["_rows"] = None  # reopened by path in the worker
         return state
 
+
+class TripletImages(CachedImageRows):
+    """dataset[batch] = (uint8 images [3b, H, W, 3]: queries, positives, negatives; their image ids [3b]).
+
+    ``images`` is the memory-mapped cache [N, H, W, 3]; workers only gather rows, so no
+    image is decoded during training; it is pickled by path (:class:`CachedImageRows`).
+    """
+
+    def __init__(self, images: np.ndarray, triplets: np.ndarray):
+        self.triplets = triplets  # [T, 3]
+        super().__init__(images)
+
     def __len__(self) -> int:
         return len(self.triplets)
 
@@ -407,4 +501,153 @@ class TripletImages:
         import torch
 
         order = self.triplets[batch].T.reshape(-1)  # [3b]: queries, then positives, then negatives
+        return torch.from_numpy(np.ascontiguousarray(self.rows()[order])), torch.from_numpy(order)
+
+
+# ----------------------------------------------------------------------------
+# Class-balanced batches: P classes x K images
+# ----------------------------------------------------------------------------
+
+
+class TooFewClassesError(UserError, ValueError):
+    """PK batches asked for more classes than the images have (a UserError: the CLI prints one line)."""
+
+
+def _class_chunks(rng: np.random.Generator, members: np.ndarray, k: int) -> np.ndarray:
+    """One class's images cut into chunks of ``k`` [m, k], in a random order.
+
+    Every image is in a chunk. A partial last chunk is filled with other images of
+    the class (drawn without replacement, so no chunk repeats an image); a class
+    with fewer than ``k`` images gives one chunk: all of them, plus ``k - n``
+    drawn again with replacement.
+    """
+    n = len(members)
+    perm = rng.permutation(members)
+    if n < k:
+        return np.concatenate([perm, rng.choice(members, k - n, replace=True)])[None, :]
+    r = n % k
+    if r:
+        perm = np.concatenate([perm, rng.choice(perm[:n - r], k - r, replace=False)])
+    return perm.reshape(-1, k)
+
+
+def pk_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+               images: np.ndarray | None = None) -> list[np.ndarray]:
+    """This rank's P x K batches of IMAGE indices for ``epoch`` (int64 [p * k] each: K images of class 1, ...).
+
+    ``labels`` [N]: class id of each image; ``images``: the image ids to draw from
+    (default all N; e.g. only the training images of the triplet CSV).
+
+    An epoch cuts every class into chunks of K images (``_class_chunks``) and deals
+    them out, P chunks of P different classes per batch, ``B = ceil(sum_c
+    ceil(n_c / K) / P)`` batches rounded up to a multiple of ``world`` (about N / (P K)).
+    Classes are drawn with probability proportional to their chunks left, and a
+    class with as many chunks left as batches is always drawn, so every chunk,
+    hence every image, is used once per epoch, unless one class holds more than
+    1/P of the chunks (then its surplus, other images each epoch, waits for the
+    next epoch). When fewer than P classes have chunks left (the last batches),
+    classes already dealt out are drawn again with fresh chunks. Classes with
+    fewer than K images repeat images inside their chunk (with replacement).
+
+    Seeded by (seed, epoch): every rank builds the same global list and takes
+    every ``world``-th batch, so ranks have the same step count and disjoint batches.
+    """
+    p, k, world = int(p), int(k), int(world)
+    if p < 1 or k < 1:
+        raise ValueError(f"PK batches need P >= 1 and K >= 1, got P={p}, K={k}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+    ids = np.arange(len(labels), dtype=np.int64) if images is None else np.unique(np.asarray(images, dtype=np.int64))
+    classes, inverse = np.unique(labels[ids], return_inverse=True)
+    if len(classes) < p:
+        raise TooFewClassesError(f"P x K batches need at least P={p} classes, but the training images have "
+                                 f"{len(classes)}; use fewer classes per batch (--pk-classes)")
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(ids[order], np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1])  # [C] arrays
+
+    rng = np.random.default_rng([seed, epoch, 0x504B])  # "PK": its own stream, apart from epoch_batches'
+    chunks = [_class_chunks(rng, m, k) for m in members]  # [C] arrays [m_c, k]
+    used = np.zeros(len(classes), dtype=np.int64)
+    left = np.array([len(c) for c in chunks], dtype=np.int64)
+    n_batches = -(-int(left.sum()) // p)
+    n_batches += (-n_batches) % world
+    batches = []
+    for b in range(n_batches):
+        rounds = n_batches - b  # batches still to deal, this one included
+        if (left > 0).sum() < p:  # refill: fresh chunks for classes already dealt out, picked at random
+            empty = np.flatnonzero(left == 0)
+            for c in rng.choice(empty, p - int((left > 0).sum()), replace=False):
+                chunks[c], used[c] = _class_chunks(rng, members[c], k), 0
+                left[c] = len(chunks[c])
+        u = 1.0 - rng.random(len(classes))  # (0, 1]
+        # Efraimidis-Spirakis keys: the top P are a draw proportional to the chunks left; classes that
+        # must be drawn in every remaining batch to be dealt out come first (random among themselves).
+        key = np.where(left > 0, np.log(u) / np.maximum(left, 1), -np.inf)
+        key = np.where(left >= rounds, 1.0 + u, key)
+        top = np.argpartition(-key, p - 1)[:p]
+        top = top[np.argsort(-key[top], kind="stable")]
+        batches.append(np.concatenate([chunks[c][used[c]] for c in top]))
+        used[top] += 1
+        left[top] -= 1
+    return batches[rank::world]
+
+
+class PKBatchSampler:
+    """Yields this rank's P x K batches (int64 arrays of IMAGE indices, [P*K]) of the current epoch,
+    minus ``skip`` done ones; the interface of :class:`EpochBatchSampler` (see :func:`pk_batches`).
+
+    ``labels`` [N]: class id of every image (``label_ids``); ``images``: the image ids to
+    draw from (default all). Raises TooFewClassesError (a ValueError and UserError)
+    when the images have fewer than ``p`` classes.
+    """
+
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int, rank: int = 0, world: int = 1,
+                 images: np.ndarray | None = None):
+        self.labels = np.asarray(labels)
+        self.images = None if images is None else np.asarray(images, dtype=np.int64)
+        self.p, self.k, self.seed = int(p), int(k), seed
+        self.rank, self.world = rank, world
+        self.epoch, self.skip = 0, 0
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._epoch_batches()  # fail now (too few classes, bad P/K/rank), not at the first epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, pk_batches(self.labels, self.p, self.k, self.seed, self.epoch, self.rank,
+                                                  self.world, self.images))
+        return self._cache[1]
+
+    def batches(self) -> list[np.ndarray]:
+        return self._epoch_batches()[self.skip:]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # a worker rebuilds the epoch it needs
+
+
+class PKImages(CachedImageRows):
+    """dataset[batch] = (uint8 images [P*K, H, W, 3], their image ids [P*K]) for a batch of image indices.
+
+    ``images`` is the memory-mapped cache [N, H, W, 3]; like :class:`TripletImages` it is
+    pickled by path (workers map the file again) and only gathers rows.
+    """
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    def __getitem__(self, batch: np.ndarray) -> tuple:
+        import torch
+
+        order = np.asarray(batch, dtype=np.int64)  # [P*K]
         return torch.from_numpy(np.ascontiguousarray(self.rows()[order])), torch.from_numpy(order)

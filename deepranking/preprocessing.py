@@ -14,6 +14,8 @@ every stage. Change a default here only with a new ``PIXELS_VERSION``.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,11 +24,19 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from deepranking.cli import UserError
+from deepranking.image_data import display_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when the pixels for the same settings would change (it is part of the image-cache key too).
-PIXELS_VERSION = 1
+PIXELS_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits (1 clipped them); part of the cache key
+# Decompression-bomb guard: an image with more pixels than this is unreadable (reported by
+# path, like a corrupt file) instead of being decoded. 89,478,485 is Pillow's own default
+# warning threshold (a 9459 x 9459 image, 268 MB as RGB, per decoding thread). To raise it,
+# set the environment variable DEEP_RANK_MAX_IMAGE_PIXELS (a pixel count, e.g. 400000000)
+# or change this constant; it decides only what is refused, never the pixels.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS_ENV = "DEEP_RANK_MAX_IMAGE_PIXELS"
 
 
 class UnreadableImageError(UserError):
@@ -74,26 +84,109 @@ class Preprocessing:
 # ----------------------------------------------------------------------------
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, palette, RGBA and CMYK included).
-
-    Raises UnreadableImageError naming the path if the file cannot be decoded.
-    """
+def max_image_pixels() -> int:
+    """The decompression-bomb limit: ``$DEEP_RANK_MAX_IMAGE_PIXELS`` if set, else ``MAX_IMAGE_PIXELS``."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "RGB":
-                return im.copy()
-            if im.mode in ("P", "LA", "PA") or (im.mode == "RGBA"):
-                # Composite transparency on white rather than on black garbage.
-                rgba = im.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return im.convert("RGB")
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive number of pixels, got {text!r}")
+    return limit
+
+
+def _mpixels(n: int) -> str:
+    return f"{n / 1e6:.3g} Mpixels"
+
+
+def _bomb_error(shown: str, size: tuple[int, int] | None, pixels: int | None, limit: int) -> UnreadableImageError:
+    what = f"{size[0]}x{size[1]} = {_mpixels(size[0] * size[1])}" if size else (
+        _mpixels(pixels) if pixels else "too many pixels")
+    return UnreadableImageError(
+        f"cannot read image {shown}: decompression bomb ({what} > limit {_mpixels(limit)}; "
+        f"to allow it, set {MAX_IMAGE_PIXELS_ENV}=<pixels>)")
+
+
+def _bomb_size(exc: BaseException) -> tuple[tuple[int, int] | None, int | None]:
+    """(width, height) and pixel count of the image Pillow refused as a decompression bomb."""
+    tb, size = exc.__traceback__, None
+    while tb is not None:  # Pillow's check keeps the size as a local; its message only the product
+        if tb.tb_frame.f_code.co_name == "_decompression_bomb_check":
+            size = tb.tb_frame.f_locals.get("size")
+        tb = tb.tb_next
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (size[0], size[1]), size[0] * size[1]
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    return None, int(m.group(1)) if m else None
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """8-bit grey ("L") from a 16/32-bit integer or float grey image, by a fixed scaling.
+
+    Integer modes (I;16, I;16B, I;16L, I) hold 16-bit samples (Pillow opens 16-bit PNG,
+    TIFF and PGM grey this way, PGMs with fewer bits scaled up to 16): value >> 8, so
+    0, 32768, 65535 -> 0, 128, 255 (the high byte, as Pillow itself does for 16-bit RGB).
+    Float ("F") samples are taken as 0.0-1.0 -> 0-255. Values outside the range are clipped.
+    """
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        out = np.rint(np.clip(a, 0.0, 1.0) * 255.0)
+    else:
+        out = np.clip(a.astype(np.int64), 0, 65535) >> 8
+    return Image.fromarray(np.ascontiguousarray(out, dtype=np.uint8))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of a loaded image (transparency composited on white)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("P", "LA", "PA", "La", "RGBA", "RGBa"):
+        # Composite transparency on white rather than on black garbage.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I", "F") or mode.startswith("I;"):
+        # Pillow's own convert clips these at 255 (every 16-bit value above 255 turns white).
+        return _high_depth_to_l(im).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image as 8-bit RGB (grey, palette, RGBA, CMYK and 16-bit included).
+
+    Raises UnreadableImageError naming the path if the file cannot be decoded or
+    has more than ``max_image_pixels()`` pixels (a decompression bomb). Paths that
+    are not valid UTF-8 are read as they are and shown escaped in messages.
+    """
+    limit = max_image_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit  # a raised limit: Pillow's own guard must not refuse first
+    shown = display_path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it; the check below decides instead. (In
+            # the cache's decoding threads catch_warnings may leave this one filter installed
+            # afterwards: harmless, since this check replaces that warning.)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > limit:
+                    raise _bomb_error(shown, im.size, None, limit)
+                im.load()
+                return _to_rgb(im)
     except FileNotFoundError:
-        raise UnreadableImageError(f"image not found: {path}")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImageError(f"cannot read image {path}: {exc}")
+        raise UnreadableImageError(f"image not found: {shown}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning if made an error
+        raise _bomb_error(shown, *_bomb_size(exc), limit)
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read image {shown}: not an image, or a format this Pillow "
+                                   f"cannot read")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImageError(f"cannot read image {shown}: {display_path(str(exc))}")
 
 
 def decode_resized(path: str, size: int) -> np.ndarray:

@@ -7,6 +7,7 @@ script run as ``python bench/bench_X.py`` can import the pipeline modules.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import subprocess
@@ -130,7 +131,11 @@ def latest_checkpoint(out: Path) -> Path:
 
 
 class Evaluator:
-    """Test precision@k of a model: val images query the train images (as eval.py)."""
+    """Test precision@k of a model: val images query the train images (as eval.py).
+
+    Images are decoded as gen_embeddings.py decodes them: at the checkpoint's
+    ``Preprocessing.cache_size`` (0, or a bare image size: chosen from the images).
+    """
 
     def __init__(self, data: Path, k: int, device):
         from deepranking import image_data
@@ -140,14 +145,26 @@ class Evaluator:
         self.k, self.device = k, device
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def images(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def spec(self, spec_or_size):
+        """A Preprocessing with a real cache side (a bare int is an image size)."""
+        from deepranking import image_cache
+        from deepranking.preprocessing import Preprocessing
+
+        spec = Preprocessing(int(spec_or_size), 0) if isinstance(spec_or_size, int) else spec_or_size
+        if not spec.cache_size:
+            spec = dataclasses.replace(spec, cache_size=image_cache.choose_cache_size(self.train.paths,
+                                                                                      spec.image_size))
+        return spec
+
+    def images(self, spec_or_size) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) uint8 images [N, c, c, 3] decoded at the spec's cache side c."""
         from deepranking import image_cache
 
-        if size not in self._cache:
-            side = image_cache.choose_cache_size(self.train.paths, size)
-            self._cache[size] = tuple(image_cache.cache_images(p, side, progress=False)
+        side = self.spec(spec_or_size).cache_size
+        if side not in self._cache:
+            self._cache[side] = tuple(image_cache.cache_images(p, side, progress=False)
                                       for p in (self.train.paths, self.val.paths))
-        return self._cache[size]
+        return self._cache[side]
 
     def score(self, db: np.ndarray, queries: np.ndarray) -> float:
         from deepranking import retrieval
@@ -156,16 +173,18 @@ class Evaluator:
         neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]
         return retrieval.precision_at_k(self.val.label_names, neighbour_labels, self.k)
 
-    def embed(self, model, images: np.ndarray, image_size: int) -> np.ndarray:
-        """float32 [N, D] embeddings of cached uint8 images [N, H, W, 3]."""
-        import deep_rank_net
+    def embed(self, model, images: np.ndarray, spec_or_size) -> np.ndarray:
+        """float32 [N, D] embeddings of cached uint8 images [N, H, W, 3] (as gen_embeddings.py)."""
+        from deepranking import embedding
 
-        return deep_rank_net.embed_images(model, images, image_size, batch_size=128, device=self.device,
-                                          progress=False)
+        return embedding.embed_images(model, images, self.spec(spec_or_size), batch_size=128,
+                                      device=self.device, progress=False)
 
-    def model(self, model, image_size: int) -> float:
-        train_images, val_images = self.images(image_size)
-        return self.score(self.embed(model, train_images, image_size), self.embed(model, val_images, image_size))
+    def model(self, model, spec_or_size) -> float:
+        """precision@k of ``model`` with its Preprocessing (a checkpoint's) or a bare image size."""
+        spec = self.spec(spec_or_size)
+        train_images, val_images = self.images(spec)
+        return self.score(self.embed(model, train_images, spec), self.embed(model, val_images, spec))
 
     def raw_pixels(self) -> float:
         train_images, val_images = self.images(64)

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench_common import PeakRSS, fashion_mnist, run  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import cli, preprocessing  # noqa: E402
 
 CLASSIC_BATCH = 25
 
@@ -53,11 +53,10 @@ def classic_generate(model, csv: Path, size: int, output: Path) -> int:
     import torch
     from torchvision import transforms
 
-    import deep_rank_net
     from deepranking import image_data
 
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize(deep_rank_net.IMAGENET_MEAN, deep_rank_net.IMAGENET_STD)])
+                             transforms.Normalize(preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)])
     q, p, n = image_data.read_triplet_csv(csv)
     columns = (q, p, n)
     computed = 0
@@ -65,7 +64,7 @@ def classic_generate(model, csv: Path, size: int, output: Path) -> int:
     with open(output, "wb") as f, torch.no_grad():
         for start in range(0, len(q) - CLASSIC_BATCH + 1, CLASSIC_BATCH):  # last partial batch dropped
             for column in columns:
-                x = torch.stack([tf(image_data.load_rgb(path)) for path in column[start:start + CLASSIC_BATCH]])
+                x = torch.stack([tf(preprocessing.load_rgb(path)) for path in column[start:start + CLASSIC_BATCH]])
                 f.write(model(x).numpy().astype(np.float32).tobytes())
                 computed += len(x)
     return computed
@@ -75,7 +74,8 @@ def main(args) -> None:
     import torch
 
     import deep_rank_net
-    from deepranking import image_data
+    from deepranking import image_cache, image_data
+    from deepranking.checkpoint import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp:
         root = args.work_dir or Path(tmp)
@@ -85,12 +85,16 @@ def main(args) -> None:
         if not csv.exists():
             run("triplet_sampler.py", "--training", 1, "--data-dir", data, "--num_pos_images", 2,
                 "--num_neg_images", 2, "--output", csv, "--seed", args.seed)
-        n_images = len(image_data.list_class_folder(data / "train").paths)
+        train_paths = list(image_data.list_class_folder(data / "train").paths)
+        n_images = len(train_paths)
 
         cli.seed_everything(args.seed)
         model = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1")
         ckpt = root / "untrained.model"
-        deep_rank_net.save_checkpoint(ckpt, model, None, epoch=0, step=0, image_size=args.image_size, args={})
+        # The cache side train_net.py would record for these images (their own 64 px).
+        spec = preprocessing.Preprocessing(image_size=args.image_size,
+                                           cache_size=image_cache.choose_cache_size(train_paths, args.image_size))
+        write_checkpoint(ckpt, {**deep_rank_net.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
 
         print(f"  ours: gen_embeddings.py on {n_images} images ...", file=sys.stderr)
         cache = root / "cache"  # a fresh cache: the decode is part of the measured work

@@ -59,29 +59,35 @@ def prepare(root: Path, seed: int) -> tuple[Path, Path, Path]:
     return data, train_csv, val_csv
 
 
-def evaluate(evaluator: Evaluator, model, image_size: int, val_csv: Path) -> dict:
-    """Val triplet accuracy and precision@k (val images query the train images)."""
+def evaluate(evaluator: Evaluator, model, spec, val_csv: Path) -> dict:
+    """Val triplet accuracy and precision@k (val images query the train images).
+
+    ``spec``: the checkpoint's Preprocessing (or a bare image size for the untrained model).
+    """
     import torch
 
     from deepranking import image_cache
     from deepranking import image_data
     from deepranking import retrieval
 
+    spec = evaluator.spec(spec)
     q, p, n = image_data.read_triplet_csv(val_csv)
     uniq, inverse = np.unique(np.concatenate([q, p, n]).astype(str), return_inverse=True)
     paths = list(uniq)
-    images = image_cache.cache_images(paths, image_cache.choose_cache_size(paths, image_size), progress=False)
-    emb = torch.from_numpy(evaluator.embed(model, images, image_size))[torch.from_numpy(inverse)].view(3, len(q), -1)
+    images = image_cache.cache_images(paths, spec.cache_size, progress=False)
+    emb = torch.from_numpy(evaluator.embed(model, images, spec))[torch.from_numpy(inverse)].view(3, len(q), -1)
     acc = retrieval.triplet_accuracy(emb[0], emb[1], emb[2])
-    return {"val_triplet_accuracy": float(acc), f"precision@{evaluator.k}": evaluator.model(model, image_size)}
+    return {"val_triplet_accuracy": float(acc), f"precision@{evaluator.k}": evaluator.model(model, spec)}
 
 
 def main(args) -> None:
     import torch
 
     import deep_rank_net
+    from deepranking import runtime
+    from deepranking.checkpoint import load_checkpoint
 
-    device = cli.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_mining_") as tmp:
         root = args.work_dir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -103,10 +109,10 @@ def main(args) -> None:
             t0 = time.perf_counter()
             run("train_net.py", *common, "--mining", mode, "--output-dir", out)
             seconds = time.perf_counter() - t0
-            ckpt = deep_rank_net.load_checkpoint(latest_checkpoint(out))
-            model, image_size = deep_rank_net.model_from_checkpoint(ckpt, device)
+            ckpt = load_checkpoint(latest_checkpoint(out))
+            model, spec = deep_rank_net.model_from_checkpoint(ckpt, device)
             rows.append({"mode": mode, "steps": int(ckpt["step"]), "seconds": seconds,
-                         **evaluate(evaluator, model, image_size, val_csv)})
+                         **evaluate(evaluator, model, spec, val_csv)})
             print(f"  {mode}: {rows[-1]}", file=sys.stderr)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.arch} from scratch, "
           f"{args.image_size} px, dim {args.embedding_dim}, batch {args.batch_size}, Adam lr {args.lr}, "

@@ -147,6 +147,7 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
     finished model at its own training time.
     """
     import deep_rank_net
+    from deepranking.checkpoint import load_checkpoint
 
     out = root / "run_ours"
     shutil.rmtree(out, ignore_errors=True)  # a model left by an earlier bench run must not be evaluated
@@ -162,12 +163,12 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         wall += time.perf_counter() - t0
         ckpt_path = latest_checkpoint(out)
         resume = ["--resume", ckpt_path]
-        ckpt = deep_rank_net.load_checkpoint(ckpt_path)
-        model, image_size = deep_rank_net.model_from_checkpoint(ckpt, evaluator.device)
+        ckpt = load_checkpoint(ckpt_path)
+        model, spec = deep_rank_net.model_from_checkpoint(ckpt, evaluator.device)
         batch = int(ckpt["args"]["batch_size"])
         results.append(dict(recipe="ours", seconds=float(ckpt["train_seconds"]), wall_seconds=wall,
                             steps=int(ckpt["step"]), images=3 * int(ckpt["step"]) * batch, train_peak_mb=peak_mb,
-                            precision=evaluator.model(model, image_size)))
+                            precision=evaluator.model(model, spec)))
         print(f"  ours: {results[-1]}", file=sys.stderr)
         if ckpt_path.name == "deepranknet.model":  # all epochs done within the budget
             break
@@ -177,10 +178,10 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
 def main(args) -> None:
     import torch
 
-    from deepranking import plots
+    from deepranking import plots, runtime
 
     times = eval_times(args)
-    device = cli.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_ttq_") as tmp:
         root = args.work_dir or Path(tmp)

@@ -8,12 +8,13 @@ train/. In one process, with the same model
 (``deep_rank_net.build_model(arch, 128, True, "none", "layer4")``), image size
 and batch, it times ``--steps`` optimizer steps (after 2 warm-up steps) of:
 
-a. classic: per image PIL decode (image_data.load_rgb) + torchvision transforms
+a. classic: per image PIL decode (preprocessing.load_rgb) + torchvision transforms
    (Resize, RandomHorizontalFlip, ToTensor, Normalize) every step, three
    separate forward passes (q, p, n), fp32, F.triplet_margin_loss;
 b. ours (as train_net.py): uint8 rows gathered from the image cache
-   (image_cache.cache_images, built before timing), deep_rank_net.preprocess on
-   the device, one batched forward of 3B images, train_net.triplet_hinge_loss;
+   (image_cache.cache_images, built before timing), preprocessing.preprocess on
+   the device in runtime.memory_format, runtime.resolve_precision's autocast and
+   GradScaler, one batched forward of 3B images, losses.RankingLoss;
 c. bare model: forward + backward on random tensors [3B, 3, S, S].
 
 Prints images/s of each, its peak resident memory while timed (bench_common.PeakRSS:
@@ -35,7 +36,7 @@ import numpy as np
 
 from bench_common import PeakRSS, run  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import cli, preprocessing  # noqa: E402
 
 WARMUP_STEPS = 2
 EMBEDDING_DIM = 128
@@ -67,11 +68,12 @@ def new_model_and_optimizer(arch: str, device, lr: float, channels_last: bool):
     import torch
 
     import deep_rank_net
+    from deepranking import runtime
 
     torch.manual_seed(0)  # identical weights for every method
     model = deep_rank_net.build_model(arch, EMBEDDING_DIM, True, "none", "layer4").to(device)
-    if channels_last and device.type == "cuda":  # as train_net.py: NHWC helps GPUs, NCHW is faster on CPU
-        model = model.to(memory_format=torch.channels_last)
+    if channels_last:  # as train_net.py: runtime.memory_format (NHWC on GPUs, NCHW on CPU)
+        model = model.to(memory_format=runtime.memory_format(device))
     opt = torch.optim.SGD(model.trainable_parameters(), lr=lr, momentum=0.9, nesterov=True)
     return model, opt
 
@@ -101,18 +103,15 @@ def classic_step_fn(model, opt, paths: list[str], size: int, device):
     import torch.nn.functional as F
     from torchvision import transforms
 
-    import deep_rank_net
-    from deepranking import image_data
-
     tf = transforms.Compose([
         transforms.Resize((size, size)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(deep_rank_net.IMAGENET_MEAN, deep_rank_net.IMAGENET_STD),
+        transforms.Normalize(preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD),
     ])
 
     def load(idx: np.ndarray) -> torch.Tensor:  # -> [B, 3, S, S]
-        return torch.stack([tf(image_data.load_rgb(paths[i])) for i in idx]).to(device)
+        return torch.stack([tf(preprocessing.load_rgb(paths[i])) for i in idx]).to(device)
 
     def step(trip: np.ndarray) -> None:
         q, p, n = (model(load(trip[:, j])) for j in range(3))  # each [B, D]
@@ -128,26 +127,27 @@ def ours_step_fn(model, opt, images: np.ndarray, size: int, device):
     """train_net.py's step: gather cached uint8 rows, preprocess on the device, one forward of 3B."""
     import torch
 
-    import deep_rank_net
-    import train_net
+    from deepranking import losses, runtime
 
-    amp_dtype = deep_rank_net.resolve_amp_dtype(device, None)
+    precision = runtime.resolve_precision(device, "auto")
+    scaler = precision.grad_scaler()  # a pass-through unless fp16
+    layout = runtime.memory_format(device)
+    criterion = losses.RankingLoss(1.0, "none")  # the CSV triplets as given
+    spec = preprocessing.Preprocessing(image_size=size, cache_size=images.shape[1])
     gen = torch.Generator().manual_seed(0)
 
     def step(trip: np.ndarray) -> None:
         order = trip.T.reshape(-1)  # queries, then positives, then negatives: [3B]
         batch = torch.from_numpy(np.ascontiguousarray(images[order]))  # uint8 [3B, H, W, 3]
-        x = deep_rank_net.preprocess(batch.to(device, non_blocking=True), size, train=True, generator=gen)
-        if device.type != "cuda":
-            x = x.contiguous()  # as train_net.py: NCHW on CPU
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            emb = model(x)
-        emb = emb.float()
-        b = emb.shape[0] // 3
-        loss = train_net.triplet_hinge_loss(emb[:b], emb[b:2 * b], emb[2 * b:], 1.0)
+        x = preprocessing.preprocess(batch.to(device, non_blocking=True), spec, train=True, generator=gen,
+                                     memory_format=layout)  # [3B, 3, S, S]
+        with precision.autocast():
+            emb = model(x)  # [3B, D]
+        loss, _stats = criterion(emb.float(), None, n_triplets=len(trip))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return step
 
@@ -156,20 +156,21 @@ def bare_step_fn(model, opt, batch_size: int, size: int, device):
     """Forward + backward of random [3B, 3, S, S] tensors: the model's own cost, no data."""
     import torch
 
-    import deep_rank_net
+    from deepranking import runtime
 
-    amp_dtype = deep_rank_net.resolve_amp_dtype(device, None)
-    x = torch.randn(3 * batch_size, 3, size, size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    precision = runtime.resolve_precision(device, "auto")
+    scaler = precision.grad_scaler()
+    x = torch.randn(3 * batch_size, 3, size, size, device=device).contiguous(
+        memory_format=runtime.memory_format(device))
 
     def step(_trip: np.ndarray) -> None:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with precision.autocast():
             emb = model(x)
         loss = emb.float().sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return step
 
@@ -177,9 +178,9 @@ def bare_step_fn(model, opt, batch_size: int, size: int, device):
 def main(args) -> None:
     import torch
 
-    from deepranking import image_cache
+    from deepranking import image_cache, runtime
 
-    device = cli.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         paths = make_sample(Path(tmp) / "sample")

@@ -1,6 +1,7 @@
 """The benchmarks' memory figures: PeakRSS per block in one process, run()'s per-child peak."""
 
 import math
+import mmap
 import sys
 
 import numpy as np
@@ -16,10 +17,15 @@ from deepranking.cli import UserError  # noqa: E402
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 
 
-def touch_mb(mb: int) -> np.ndarray:
-    """A resident buffer of ``mb`` MB (every page written)."""
-    buf = np.empty(mb * 2**20, dtype=np.uint8)
-    buf[::4096] = 1
+def touch_mb(mb: int) -> mmap.mmap:
+    """A resident buffer of ``mb`` MB (every page written) in fresh pages of its own.
+
+    An anonymous mmap, not np.empty: after earlier tests in the same process, malloc may
+    serve a 20 MB array from freed heap memory that is still resident, which would add
+    nothing to the peak. Closing (or dropping) the map returns the pages.
+    """
+    buf = mmap.mmap(-1, mb * 2**20)
+    np.frombuffer(buf, dtype=np.uint8)[::4096] = 1
     return buf
 
 

@@ -13,9 +13,12 @@ import torch
 
 import deep_rank_net as drn
 import gen_embeddings
+from deepranking import distributed, embedding
+from deepranking.checkpoint import load_checkpoint, write_checkpoint
 from deepranking.cli import UserError
 from deepranking.embedding_io import read_embeddings
 from deepranking.image_data import list_class_folder
+from deepranking.preprocessing import Preprocessing, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -23,10 +26,11 @@ SIZE = 32
 
 
 def make_checkpoint(path: Path, dim: int = DIM, seed: int = 0) -> Path:
-    """An untrained resnet18 DeepRankNet checkpoint at 32 px (weights are random but fixed)."""
+    """An untrained resnet18 DeepRankNet checkpoint at 32 px, cached at 32 px (weights random but fixed)."""
     torch.manual_seed(seed)
     model = drn.DeepRankNet(arch="resnet18", embedding_dim=dim, weights="none")
-    drn.save_checkpoint(path, model, image_size=SIZE)
+    spec = Preprocessing(image_size=SIZE, cache_size=SIZE)
+    write_checkpoint(path, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
     return path
 
 
@@ -47,9 +51,10 @@ def run_script(*argv: str, env_extra: dict | None = None, module: list[str] | No
 
 def reference_embeddings(ckpt: Path, paths: list[str]) -> np.ndarray:
     """Embed the images directly in memory (decoded at their own 32 px size)."""
-    model, image_size = drn.model_from_checkpoint(drn.load_checkpoint(ckpt), "cpu")
-    images = torch.stack([drn.load_image(p) for p in paths]).numpy()  # uint8 [N, 32, 32, 3]
-    return drn.embed_images(model, images, image_size, batch_size=7, device="cpu", progress=False)
+    model, spec = drn.model_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    assert spec.cache_size == SIZE  # the checkpoint's cache side is the images' own size
+    images = torch.stack([load_image(p) for p in paths]).numpy()  # uint8 [N, 32, 32, 3]
+    return embedding.embed_images(model, images, spec, batch_size=7, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +154,8 @@ def test_cli_error_is_one_line_exit_2(tmp_path, class_folder, checkpoint):
 
 
 def test_shard_bounds_cover_everything_in_order():
-    assert gen_embeddings.shard_bounds(10, 3) == [0, 3, 6, 10]
-    assert gen_embeddings.shard_bounds(1, 2) == [0, 0, 1]  # an empty shard is fine
+    assert distributed.shard_bounds(10, 3) == [0, 3, 6, 10]
+    assert distributed.shard_bounds(1, 2) == [0, 0, 1]  # an empty shard is fine
 
 
 def test_torchrun_two_processes_equals_single_process(tmp_path, tiny_imagenet, checkpoint, outputs):

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from deepranking import image_cache
-from deepranking import image_data
+from deepranking import image_data, preprocessing
 from conftest import class_image, write_class_folder
-from deepranking.image_data import UnreadableImageError
+from deepranking.preprocessing import UnreadableImageError
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def images(tmp_path) -> list[str]:
 
 
 def direct(path: str, size: int) -> np.ndarray:
-    im = image_data.load_rgb(path)
+    im = preprocessing.load_rgb(path)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return np.asarray(im)
@@ -53,7 +53,7 @@ def test_second_call_hits_cache(images, tmp_path, monkeypatch):
     def boom(path):
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(image_data, "load_rgb", boom)
+    monkeypatch.setattr(preprocessing, "load_rgb", boom)
     second = image_cache.cache_images(images, 32, cache_dir=cache, progress=False)
     np.testing.assert_array_equal(second, first)
     # A different size is a different entry (and so decodes).

@@ -1,4 +1,7 @@
-"""DeepRankNet: shapes at any size, frozen stages, weights, checkpoints, preprocess, embedding."""
+"""DeepRankNet: shapes at any size, frozen stages, weights, model <-> checkpoint, preprocess, embedding, precision.
+
+The checkpoint file format itself (versions, writing, Checkpointer) is tested in test_checkpoint.py.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,12 @@ import torch
 import torchvision
 
 import deep_rank_net as drn
+from deepranking import embedding, runtime
+from deepranking.checkpoint import (CHECKPOINT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state,
+                                    write_checkpoint)
 from deepranking.cli import UserError
-from deepranking.image_data import UnreadableImageError
+from deepranking.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, UnreadableImageError, load_image,
+                                       preprocess)
 
 DIM = 32
 
@@ -32,7 +39,8 @@ def uint8_images(n=5, size=40, seed=0) -> np.ndarray:
 @pytest.mark.parametrize("multiscale", [True, False])
 def test_output_unit_norm_at_any_size(multiscale):
     model = small_model(multiscale).eval()
-    assert model.config == {"arch": "resnet18", "embedding_dim": DIM, "multiscale": multiscale, "train_from": "layer4"}
+    assert model.config == {"arch": "resnet18", "embedding_dim": DIM, "multiscale": multiscale,
+                            "shallow": "paper" if multiscale else "none", "train_from": "layer4"}
     with torch.no_grad():
         for size in (32, 64, 224):
             out = model(torch.randn(2, 3, size, size))
@@ -166,6 +174,13 @@ def test_imagenet_weights_are_the_best_torchvision_offers():
 # ---------------------------------------------------------------- checkpoints
 
 
+def save_model(path: Path, model, spec: Preprocessing | None = None, **extra) -> Path:
+    """A checkpoint of ``model`` as training writes one (model_record + plain values)."""
+    spec = spec or Preprocessing(image_size=64, cache_size=64)
+    write_checkpoint(path, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}, **extra})
+    return path
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = small_model()
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
@@ -173,79 +188,46 @@ def test_checkpoint_round_trip(tmp_path):
     opt.step()
     path = tmp_path / "run" / "net.model"
     args = {"output": Path("/tmp/x"), "lr": 0.01, "device": torch.device("cpu")}
-    drn.save_checkpoint(path, model, opt, epoch=3, step=17, image_size=48, args=args,
-                        rng=drn.capture_rng_state(), extra={"best_loss": np.float32(0.5)})
+    spec = Preprocessing(image_size=48, cache_size=64)
+    save_model(path, model, spec, optimizer=opt.state_dict(), epoch=3, step=17, args=args,
+               rng=capture_rng_state(), best_loss=np.float32(0.5))
     raw = torch.load(path, weights_only=True)  # the documented format, no pickled objects
-    assert raw["format"] == "deep-ranking-checkpoint" and raw["version"] == 1
+    assert raw["format"] == "deep-ranking-checkpoint" and raw["version"] == CHECKPOINT_VERSION == 2
     assert raw["model_config"] == {**model.config, "image_size": 48}
+    assert raw["preprocessing"] == spec.to_dict()
     assert raw["args"] == {"output": "/tmp/x", "lr": 0.01, "device": "cpu"}
     assert raw["epoch"] == 3 and raw["step"] == 17 and raw["best_loss"] == 0.5
-    ckpt = drn.load_checkpoint(path)
-    rebuilt, size = drn.model_from_checkpoint(ckpt)
-    assert size == 48 and not rebuilt.training
+    ckpt = load_checkpoint(path)
+    rebuilt, got_spec = drn.model_from_checkpoint(ckpt)
+    assert got_spec == spec and got_spec.image_size == 48 and got_spec.cache_size == 64
+    assert not rebuilt.training
     x = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
     opt2 = torch.optim.SGD(rebuilt.trainable_parameters(), lr=0.01, momentum=0.9)
     opt2.load_state_dict(ckpt["optimizer"])
     # RNG state restores: the same draws follow.
-    drn.restore_rng_state(ckpt["rng"])
+    restore_rng_state(ckpt["rng"])
     a = (np.random.rand(), torch.rand(1).item())
-    drn.restore_rng_state(ckpt["rng"])
+    restore_rng_state(ckpt["rng"])
     assert (np.random.rand(), torch.rand(1).item()) == a
 
 
 def test_checkpoint_unwraps_compile_and_dataparallel_prefixes(tmp_path):
     model = small_model(multiscale=False)
     wrapped = torch.nn.DataParallel(model)
-    path = tmp_path / "dp.model"
-    drn.save_checkpoint(path, wrapped)
-    ckpt = drn.load_checkpoint(path)
+    path = save_model(tmp_path / "dp.model", wrapped)
+    ckpt = load_checkpoint(path)
     assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["model_config"]["arch"] == "resnet18"  # the config of the wrapped module
     ckpt["model"] = {"_orig_mod." + k: v for k, v in ckpt["model"].items()}
     rebuilt, _ = drn.model_from_checkpoint(ckpt)
     assert torch.equal(rebuilt.embed.weight, model.embed.weight)
 
 
-def test_save_checkpoint_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "net.model"
-    drn.save_checkpoint(path, small_model(multiscale=False), epoch=1)
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(RuntimeError):
-        drn.save_checkpoint(path, small_model(multiscale=False), epoch=2)
-    monkeypatch.undo()
-    assert drn.load_checkpoint(path)["epoch"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.model"]
-
-
-def test_bad_checkpoints_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="checkpoint not found"):
-        drn.load_checkpoint(tmp_path / "missing.model")
-    good = tmp_path / "good.model"
-    drn.save_checkpoint(good, small_model(multiscale=False))
-    data = good.read_bytes()
-    truncated = tmp_path / "truncated.model"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        drn.load_checkpoint(truncated)
-    plain = tmp_path / "plain.pth"
-    torch.save(small_model(multiscale=False).state_dict(), plain)
-    with pytest.raises(UserError, match="plain state dict"):
-        drn.load_checkpoint(plain)
-    pickled = tmp_path / "temp_net1.model"  # the classic whole-module pickle
-    torch.save(torch.nn.Linear(2, 2), pickled)
-    with pytest.raises(UserError, match="pickled Python objects"):
-        drn.load_checkpoint(pickled)
-
-
 def test_arch_mismatch_names_both_architectures(tmp_path):
-    path = tmp_path / "net.model"
-    drn.save_checkpoint(path, small_model(multiscale=False))
-    ckpt = drn.load_checkpoint(path)
+    path = save_model(tmp_path / "net.model", small_model(multiscale=False))
+    ckpt = load_checkpoint(path)
     ckpt["model_config"]["arch"] = "resnet34"
     with pytest.raises(UserError, match="resnet18.*resnet34"):
         drn.model_from_checkpoint(ckpt)
@@ -260,31 +242,34 @@ def test_arch_mismatch_names_both_architectures(tmp_path):
 def test_preprocess_shape_and_normalisation():
     images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
     images[1] = 255
-    x = drn.preprocess(torch.from_numpy(images), 24)
+    x = preprocess(torch.from_numpy(images), 24)
     assert x.shape == (2, 3, 24, 24) and x.dtype == torch.float32
-    assert x.is_contiguous(memory_format=torch.channels_last)
-    mean, std = torch.tensor(drn.IMAGENET_MEAN), torch.tensor(drn.IMAGENET_STD)
+    assert x.is_contiguous()  # NCHW unless asked: the layout is runtime.memory_format's choice
+    assert preprocess(torch.from_numpy(images), 24, memory_format=torch.channels_last).is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(preprocess(torch.from_numpy(images), Preprocessing(24, 16)), x, rtol=0, atol=0)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(x[0, :, 5, 7], -mean / std)
     torch.testing.assert_close(x[1, :, 5, 7], (1 - mean) / std)
     # Downsizing averages (antialias): a 1-px checkerboard becomes flat grey, not aliased.
     checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
-    small = drn.preprocess(torch.from_numpy(np.repeat(checker[None, :, :, None], 3, axis=3)), 16)
+    small = preprocess(torch.from_numpy(np.repeat(checker[None, :, :, None], 3, axis=3)), 16)
     torch.testing.assert_close(small[0, 0], torch.full((16, 16), (0.5 - mean[0].item()) / std[0].item()), atol=0.02, rtol=0)
     with pytest.raises(ValueError):
-        drn.preprocess(torch.zeros(2, 16, 16, 3), 24)  # float, not uint8
+        preprocess(torch.zeros(2, 16, 16, 3), 24)  # float, not uint8
 
 
 def test_preprocess_flip_is_seeded_and_per_image():
     images = torch.from_numpy(uint8_images(n=16, size=8))
-    plain = drn.preprocess(images, 8)
-    a = drn.preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
-    b = drn.preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
+    plain = preprocess(images, 8)
+    a = preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
+    b = preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     flipped = [not torch.equal(a[i], plain[i]) for i in range(16)]
     assert 0 < sum(flipped) < 16
     for i in range(16):
         assert torch.equal(a[i], plain[i].flip(2) if flipped[i] else plain[i])
-    assert torch.equal(drn.preprocess(images, 8, train=False), plain)
+    assert torch.equal(preprocess(images, 8, train=False), plain)
 
 
 def test_load_image(tmp_path):
@@ -292,25 +277,60 @@ def test_load_image(tmp_path):
 
     arr = uint8_images(n=1, size=12)[0]
     Image.fromarray(arr).save(tmp_path / "a.png")
-    img = drn.load_image(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
     assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(arr))
     with pytest.raises(UnreadableImageError):
-        drn.load_image(tmp_path / "missing.png")
+        load_image(tmp_path / "missing.png")
 
 
 def test_embed_images_equals_direct_forward():
     model = small_model()
     images = uint8_images(n=5, size=40)
-    emb = drn.embed_images(model, images, 32, batch_size=2, progress=False)
+    emb = embedding.embed_images(model, images, 32, batch_size=2, progress=False)
     assert emb.shape == (5, DIM) and emb.dtype == np.float32
     with torch.no_grad():
-        direct = model.eval()(drn.preprocess(torch.from_numpy(images), 32)).numpy()
+        direct = model.eval()(preprocess(torch.from_numpy(images), 32)).numpy()
     np.testing.assert_allclose(emb, direct, atol=1e-5)
-    empty = drn.embed_images(model, images[:0], 32, progress=False)
+    spec_emb = embedding.embed_images(model, images, Preprocessing(32, 40), batch_size=3, progress=False)
+    np.testing.assert_allclose(spec_emb, emb, atol=1e-5)
+    empty = embedding.embed_images(model, images[:0], 32, progress=False)
     assert empty.shape == (0, DIM)
 
 
-def test_resolve_amp_dtype():
-    assert drn.resolve_amp_dtype("cpu") is None
-    assert drn.resolve_amp_dtype("cpu", amp=True) == torch.bfloat16
-    assert drn.resolve_amp_dtype("cuda", amp=False) is None
+def test_embed_paths_decodes_at_the_cache_size(tmp_path):
+    """embed_paths = decode at spec.cache_size, then embed_images; cache_size 0 chooses from the images."""
+    from PIL import Image
+
+    model = small_model()
+    images = uint8_images(n=3, size=40)
+    paths = []
+    for i, arr in enumerate(images):
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    spec = Preprocessing(image_size=32, cache_size=40)
+    got = embedding.embed_paths(paths, model, spec, batch_size=2, device="cpu", cache_dir=tmp_path / "cache",
+                                progress=False)
+    want = embedding.embed_images(model, images, spec, batch_size=2, device="cpu", progress=False)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    v1 = embedding.embed_paths(paths, model, Preprocessing(image_size=32, cache_size=0), device="cpu",
+                               cache_dir=tmp_path / "cache", progress=False)
+    assert v1.shape == (3, DIM) and np.isfinite(v1).all()
+
+
+def test_resolve_precision():
+    assert runtime.resolve_precision("cpu").dtype is None
+    assert runtime.resolve_precision("cpu", amp="on").dtype == torch.bfloat16
+    assert runtime.resolve_precision("cuda", amp="off").dtype is None
+    fp32 = runtime.resolve_precision("cpu", amp="off")
+    assert fp32.name == "fp32" and not fp32.needs_loss_scaling and not fp32.grad_scaler().is_enabled()
+    bf16 = runtime.resolve_precision("cpu", amp="on")
+    assert bf16.name == "bf16" and not bf16.needs_loss_scaling
+    fp16 = runtime.resolve_precision("cpu", dtype=torch.float16)
+    assert fp16.name == "fp16" and fp16.needs_loss_scaling
+    with pytest.raises(UserError, match="--amp"):
+        runtime.resolve_precision("cpu", amp="maybe")
+
+
+def test_memory_format_policy():
+    assert runtime.memory_format("cpu") == torch.contiguous_format
+    assert runtime.memory_format("cuda") == torch.channels_last

@@ -54,10 +54,13 @@ EMBEDDING_DIM = 4096  # --embedding-dim: the paper's embedding size
 ARCH = "resnet101"  # --arch: backbone; resnet18 for a quick CPU run
 WEIGHTS = "imagenet"  # --weights: imagenet | none | path to a state dict; pretrained converges far faster
 TRAIN_FROM = "layer4"  # --train-from: train layer4 + heads; earlier stages (and their BatchNorm) stay frozen
-MULTISCALE = True  # --multiscale/--no-multiscale: the paper's two shallow sub-sampling paths next to the deep one
+SHALLOW = "paper"  # --shallow: paper (the image sub-sampled 4x and 8x, as the paper) | classic (the classic ports' strided convs) | none
 MINING = "none"  # --mining: none | batch-hard | hard-negative | semi-hard (harder examples found in each batch)
 ID_LOSS_WEIGHT = 0.0  # --id-loss-weight: > 0 adds a class (softmax) loss on the embeddings; faster from scratch
 ID_LOSS_SCALE = 16.0  # --id-loss-scale: cosine-classifier temperature, logits = scale * cos(embedding, class)
+BATCH_SAMPLER = "csv"  # --batch-sampler: csv = batches of CSV triplets | pk = P classes x K images (in-batch mining)
+PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more, harder negatives)
+PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
 NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while the model computes
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
@@ -74,7 +77,7 @@ CONFIG_NAME = "config.json"
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
-RESUME_MUST_MATCH = ("arch", "embedding_dim", "multiscale", "train_from", "image_size", "cache_size", "optim",
+RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
                      "batch_size", "seed", "lr", "lr_schedule", "warmup_steps", "momentum", "nesterov",
                      "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "val_fraction",
                      "log_every", "amp")
@@ -98,6 +101,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", type=cli.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
     data.add_argument("--cache-size", type=cli.non_negative_int, default=CACHE_SIZE,
                       help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
+    data.add_argument("--batch-sampler", choices=("csv", "pk"), default=BATCH_SAMPLER,
+                      help="csv: batches of --batch-size CSV triplets; pk: P classes x K images drawn from the CSV's "
+                           "training images (needs class folders and --mining batch-hard or semi-hard)")
+    data.add_argument("--pk-classes", type=cli.bounded_int(2), default=PK_CLASSES, help="P: classes per pk batch")
+    data.add_argument("--pk-images", type=cli.bounded_int(2), default=PK_IMAGES,
+                      help="K: images per class in a pk batch (classes with fewer are drawn with replacement)")
     data.add_argument("--num-workers", type=cli.non_negative_int, default=NUM_WORKERS,
                       help="DataLoader worker processes (0: gather in the main process)")
 
@@ -108,8 +117,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
     model.add_argument("--train-from", choices=deep_rank_net.TRAIN_FROM_STAGES, default=TRAIN_FROM,
                        help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen")
-    model.add_argument("--multiscale", action=argparse.BooleanOptionalAction, default=MULTISCALE, help="the two shallow paths")
-    model.add_argument("--single-scale", dest="multiscale", action="store_false", help=argparse.SUPPRESS)
+    model.add_argument("--shallow", choices=deep_rank_net.SHALLOW_MODES, default=SHALLOW,
+                       help="shallow paths beside the deep one: paper = the image average-pooled 4x and 8x, then "
+                            "conv + max pool (every pixel counts); classic = the classic ports' stride-16/32 convs "
+                            "(to reproduce their numbers); none = the deep path alone")
+    # old spellings: --no-multiscale / --single-scale = --shallow none, --multiscale = --shallow paper
+    model.add_argument("--no-multiscale", "--single-scale", dest="shallow", action="store_const", const="none",
+                       help=argparse.SUPPRESS)
+    model.add_argument("--multiscale", dest="shallow", action="store_const", const="paper", help=argparse.SUPPRESS)
     model.add_argument("--embedding-dim", type=cli.positive_int, default=EMBEDDING_DIM, help="embedding size")
 
 
@@ -214,7 +229,7 @@ class Run:
     criterion: losses.RankingLoss
     labels: torch.Tensor | None  # class id [N] of each image, on the device
     loader: torch.utils.data.DataLoader
-    sampler: image_data.EpochBatchSampler
+    sampler: image_data.EpochBatchSampler | image_data.PKBatchSampler
     saver: Checkpointer
     log: MetricsLog
     steps_per_epoch: int
@@ -300,7 +315,8 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
         emb, logits = run.model(x)  # ONE forward of queries, positives, negatives: [3b, D], [3b, C] or None
     emb = emb.float()
     labels = run.labels[order.to(run.device, non_blocking=True)] if run.labels is not None else None  # [3b]
-    loss, stats = run.criterion(emb, labels, n_triplets=len(batch) // 3)
+    csv_batch = args.batch_sampler == "csv"  # rows [q|p|n] of CSV triplets, else P x K images
+    loss, stats = run.criterion(emb, labels, n_triplets=len(batch) // 3 if csv_batch else None)
     if logits is not None:
         id_loss, id_stats = losses.class_loss(logits.float(), labels)
         loss = loss + args.id_loss_weight * id_loss
@@ -359,8 +375,11 @@ def stop(run: Run, reason: str) -> None:
 def load_data(args) -> tuple[image_data.TripletData, np.ndarray | None, int]:
     """Triplets (and, for mining / the class loss, folder labels), checked before any work."""
     data = image_data.load_triplet_data(args.triplets, resolve_val_path(args), args.val_fraction, args.seed)
+    if args.batch_sampler == "pk" and args.mining not in losses.LABEL_ONLY_MINERS:
+        raise UserError(f"--batch-sampler pk needs --mining {' or '.join(losses.LABEL_ONLY_MINERS)} "
+                        "(P x K batches hold no CSV triplets)")
     labels, n_classes = None, 0
-    if args.mining != "none" or args.id_loss_weight > 0:
+    if args.mining != "none" or args.id_loss_weight > 0 or args.batch_sampler == "pk":
         labels, n_classes = image_data.label_ids(data.paths)
         image_data.check_labels_usable(data.train, labels, n_classes)
     return data, labels, n_classes
@@ -409,8 +428,8 @@ class Trainee(nn.Module):
 def build_net(args, resuming: bool, device: torch.device) -> deep_rank_net.DeepRankNet:
     """The seeded net (pretrained weights unless resuming: the checkpoint brings its own)."""
     cli.seed_everything(args.seed)
-    net = deep_rank_net.build_model(args.arch, args.embedding_dim, args.multiscale,
-                                    "none" if resuming else args.weights, args.train_from)
+    net = deep_rank_net.build_model(args.arch, args.embedding_dim, None, "none" if resuming else args.weights,
+                                    args.train_from, shallow=args.shallow)
     return net.to(device).to(memory_format=runtime.memory_format(device))
 
 
@@ -422,17 +441,22 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
     params = net.trainable_parameters() + (list(head.parameters()) if head is not None else [])
     optimizer = build_optimizer(args, params)
     precision = runtime.resolve_precision(device, args.amp)
-    sampler = image_data.EpochBatchSampler(len(data.train), args.batch_size, args.seed, env.rank, env.world_size)
-    loader = torch.utils.data.DataLoader(
-        image_data.TripletImages(images, data.train), sampler=sampler, batch_size=None,
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    if args.batch_sampler == "pk":
+        sampler = image_data.PKBatchSampler(labels, args.pk_classes, args.pk_images, args.seed, env.rank,
+                                            env.world_size, images=np.unique(data.train))
+        dataset = image_data.PKImages(images)
+    else:
+        sampler = image_data.EpochBatchSampler(len(data.train), args.batch_size, args.seed, env.rank, env.world_size)
+        dataset = image_data.TripletImages(images, data.train)
+    steps_per_epoch = len(sampler)  # before restore() sets a skip: the whole epoch (the same every epoch)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     run = Run(args=args, env=env, device=device, data=data, images=images, spec=spec, net=net, trainee=trainee,
               model=trainee, optimizer=optimizer, scaler=precision.grad_scaler(), precision=precision,
               criterion=losses.RankingLoss(args.margin, args.mining),
               labels=torch.from_numpy(labels).to(device) if labels is not None else None, loader=loader,
               sampler=sampler, saver=saver, log=MetricsLog(args.output_dir / METRICS_NAME, env.main),
-              steps_per_epoch=len(image_data.epoch_batches(len(data.train), args.batch_size, args.seed, 0,
-                                                           env.rank, env.world_size)))
+              steps_per_epoch=steps_per_epoch)
     if ckpt is not None:
         restore(run, ckpt)
     prepare_output(run)
@@ -551,10 +575,10 @@ def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
     """A resumed run must be the same run: same trajectory-changing flags, data and process count."""
     saved = dict(ckpt.get("args") or {})
     cfg = ckpt["model_config"]
-    saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], multiscale=cfg["multiscale"],
+    saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
                  image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))
-    if "single_scale" in saved:  # version-1 checkpoints
-        saved["multiscale"] = not saved.pop("single_scale")
+    saved.pop("single_scale", None)  # version-1 flags, now part of --shallow
+    saved.pop("multiscale", None)
     keys = RESUME_MUST_MATCH + (("epochs",) if args.lr_schedule == "cosine" else ())
     differs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if differs:

@@ -186,6 +186,8 @@ def semi_hard(dist: torch.Tensor, labels: torch.Tensor | None, n_triplets: int, 
     return Triplets(a.repeat_interleave(m), a.repeat(m), cand_n.reshape(-1), valid.reshape(-1))
 
 
+# Miners that need only labels, not the CSV's [q|p|n] layout: the ones for P x K batches.
+LABEL_ONLY_MINERS = ("batch-hard", "semi-hard")
 MINERS: dict[str, Miner] = {
     "none": csv_triplets,
     "batch-hard": batch_hard,
@@ -228,11 +230,19 @@ class RankingLoss:
         return self.mining != "none"
 
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor | None,
-                 n_triplets: int) -> tuple[torch.Tensor, dict[str, Stat]]:
-        b = int(n_triplets)
-        if emb.dim() != 2 or b < 1 or emb.shape[0] != 3 * b:
-            raise ValueError(f"emb must be [3 * n_triplets, D] (queries, positives, negatives); "
-                             f"got {tuple(emb.shape)} for n_triplets={n_triplets}")
+                 n_triplets: int | None) -> tuple[torch.Tensor, dict[str, Stat]]:
+        """n_triplets: b for a triplet-CSV batch [q|p|n]; None for a P x K batch (no CSV layout: only the
+        miners that need labels alone, batch-hard and semi-hard, apply, and no triplet_loss is reported)."""
+        if n_triplets is None:
+            if self.mining not in LABEL_ONLY_MINERS:
+                raise ValueError(f"mining {self.mining!r} needs triplet-CSV batches; P x K batches take "
+                                 f"{' or '.join(LABEL_ONLY_MINERS)}")
+            b = 0
+        else:
+            b = int(n_triplets)
+            if emb.dim() != 2 or b < 1 or emb.shape[0] != 3 * b:
+                raise ValueError(f"emb must be [3 * n_triplets, D] (queries, positives, negatives); "
+                                 f"got {tuple(emb.shape)} for n_triplets={n_triplets}")
         if labels is None and self.needs_labels:
             raise ValueError(f"mining {self.mining!r} needs labels")
         if labels is not None and labels.shape != (emb.shape[0],):
@@ -252,16 +262,17 @@ class RankingLoss:
         with torch.no_grad():
             one = torch.ones((), device=e.device)
             ed = e.detach()
-            csv = hinge_terms(pairwise_distance(ed[:b], ed[b:2 * b]), pairwise_distance(ed[:b], ed[2 * b:]),
-                              self.margin)  # [b]
             stats = {
                 "loss": (loss.detach(), one),
                 "d_pos": ((d_pos.detach() * valid).sum(), n_valid),
                 "d_neg": ((d_neg.detach() * valid).sum(), n_valid),
                 "active_fraction": (((hinge.detach() > 0) & t.valid).float().sum(), n_valid),
                 "mined_fraction": (n_valid, one * len(valid)),
-                "triplet_loss": (csv.sum(), one * b),
             }
+            if b:  # the plain hinge of the CSV triplets as given: validation's definition
+                csv = hinge_terms(pairwise_distance(ed[:b], ed[b:2 * b]), pairwise_distance(ed[:b], ed[2 * b:]),
+                                  self.margin)  # [b]
+                stats["triplet_loss"] = (csv.sum(), one * b)
         return loss, stats
 
 

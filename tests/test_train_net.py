@@ -171,7 +171,7 @@ def test_one_epoch_writes_every_output(trained, csvs, capsys):
     for key in ("loss", "d_pos", "d_neg", "active_fraction", "images_per_s", "val_loss"):
         assert np.isfinite(record[key]), key
     ckpt = checkpoint.load_checkpoint(trained / "deepranknet.model")
-    assert ckpt["model_config"] == {"arch": "resnet18", "embedding_dim": 32, "multiscale": True,
+    assert ckpt["model_config"] == {"arch": "resnet18", "embedding_dim": 32, "multiscale": True, "shallow": "paper",
                                     "train_from": "layer4", "image_size": 32}
     assert ckpt["args"]["optim"] == "adam" and ckpt["optimizer"] is not None and ckpt["rng"] is not None
     # A second run into the same folder is refused and leaves the files alone.
@@ -404,13 +404,15 @@ def test_every_hyperparameter_constant_is_a_flag_default_and_booleans_go_both_wa
     block = {name: value for name, value in vars(train_net).items()
              if name.isupper() and isinstance(value, (int, float, str, bool)) and not name.endswith("_NAME")
              and name not in ("DEFAULT_VAL_TRIPLETS",)}
-    flag_of = {"LEARNING_RATE": "lr", "OPTIMIZER": "optim", "MULTISCALE": "multiscale"}
+    flag_of = {"LEARNING_RATE": "lr", "OPTIMIZER": "optim"}
     for name, value in block.items():
         assert getattr(defaults, flag_of.get(name, name.lower())) == value, name
-    for flag in ("multiscale", "nesterov", "deterministic", "compile"):
+    for flag in ("nesterov", "deterministic", "compile"):
         assert getattr(parse([f"--{flag}"]), flag) is True
         assert getattr(parse([f"--no-{flag}"]), flag) is False
-    assert parse(["--single-scale"]).multiscale is False  # the old spelling still works
+    # the old spellings still work
+    assert parse(["--single-scale"]).shallow == parse(["--no-multiscale"]).shallow == "none"
+    assert parse(["--multiscale"]).shallow == "paper" == parse([]).shallow
 
 
 def _kill_mid_epoch(cmd, ckpt, timeout=120):
@@ -462,7 +464,7 @@ def test_resume_refuses_a_different_run(csvs, trained, tmp_path, capsys):
     cases = [
         (["--lr", "0.02"], "resume with: --lr 0.01"),
         (["--margin", "0.5"], "--margin 1.0"),
-        (["--no-multiscale"], "--multiscale"),
+        (["--shallow", "classic"], "--shallow paper"),
         (["--warmup-steps", "5"], "--warmup-steps 0"),
         (["--lr-schedule", "cosine"], "--lr-schedule constant"),
         (["--log-every", "7"], "--log-every 20"),
@@ -584,3 +586,33 @@ def test_every_stage_embeds_an_image_as_training_validated_it(csvs, tmp_path):
                ["--model", str(model), "--embeddings", str(emb_file), "--top", "1", "--device", "cpu", a])
     best = buf.getvalue().splitlines()[2].split()  # rank, distance, label, path
     assert best[-1].endswith(os.path.basename(a)) and float(best[1]) < 1e-3
+
+
+def test_pk_batches_train_with_batch_hard_and_resume_exactly(csvs, tmp_path, capsys):
+    """--batch-sampler pk: P classes x K images per step (3 x 4 here), batch-hard mining, exact resume."""
+    common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--batch-sampler", "pk",
+              "--pk-classes", 3, "--pk-images", 4, "--mining", "batch-hard", "--margin", "0.2", "--optim", "adam",
+              "--lr", "0.01", "--log-every", 1, *TINY]
+    train(*common, "--output-dir", tmp_path / "a")
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "train"]
+    assert len(steps) == 2 * 2  # 24 training images / (3 x 4) = 2 steps an epoch
+    assert all("triplet_loss" not in r and r["mined_fraction"] == 1.0 for r in steps)  # every image an anchor
+    assert records[-1]["val_triplet_accuracy"] >= 0.5
+    train(*common, "--output-dir", tmp_path / "b", "--max-steps", 3)
+    train(*common, "--output-dir", tmp_path / "b", "--resume", tmp_path / "b" / "temp_1.model")
+    a = checkpoint.load_checkpoint(tmp_path / "a" / "deepranknet.model")
+    b = checkpoint.load_checkpoint(tmp_path / "b" / "deepranknet.model")
+    assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6) for k in a["model"])
+    assert untimed(tmp_path / "a" / "metrics.jsonl") == untimed(tmp_path / "b" / "metrics.jsonl")
+    err = fails(capsys, "--triplets", csvs[0], "--batch-sampler", "pk", "--output-dir", tmp_path / "c", *TINY)
+    assert "--batch-sampler pk needs --mining batch-hard or semi-hard" in err
+
+
+def test_shallow_geometry_is_recorded_and_resumed(csvs, tmp_path):
+    train("--triplets", csvs[0], "--max-steps", 1, "--shallow", "classic", "--output-dir", tmp_path, *TINY)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "temp_0.model")
+    assert ckpt["model_config"]["shallow"] == "classic" and "shallow1.weight" in ckpt["model"]
+    train("--triplets", csvs[0], "--max-steps", 2, "--shallow", "classic", "--resume", tmp_path / "temp_0.model",
+          "--output-dir", tmp_path, *TINY)
+    assert checkpoint.load_checkpoint(tmp_path / "temp_0.model")["step"] == 2

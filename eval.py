@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli
+from deepranking import cli, runtime
 from deepranking import embedding_io
 from deepranking import image_data
 from deepranking import plots
@@ -160,7 +160,7 @@ def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
     cli.check_output_path(metrics_path, args.force, "metrics file")
-    device = cli.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     train = embedding_io.read_embeddings(args.train_embeddings)
     test = embedding_io.read_embeddings(args.test_embeddings)
     if len(train) == 0 or len(test) == 0:

@@ -260,18 +260,3 @@ def _arg_error(message: str):
     import argparse
 
     return argparse.ArgumentTypeError(message)
-
-
-def pick_device(name: str = "auto"):
-    """Resolve ``auto`` to CUDA when available, else CPU; validate explicit names."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
-    return device

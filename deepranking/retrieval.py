@@ -2,24 +2,37 @@
 
 Search is DINO-``eval_knn``-style: chunked matrix products + ``topk`` in torch,
 on the GPU when there is one, with memory bounded by ``CHUNK_FLOATS`` (a
-[C, N] block) whatever the number of queries. :class:`ExactIndex` keeps one
-database loaded for many searches (eval.py, query.py). Metrics are small pure functions over the
-labels of each query's neighbours.
+[C, N] block) whatever the number of queries. The candidates' distances are then
+recomputed exactly from the vectors (||q - x||, not the expanded formula) and re-ranked,
+so results are the exact top-k, ties to the lower index (see :class:`ExactIndex`).
+:class:`ExactIndex` keeps one database loaded for many searches (eval.py, query.py).
+Metrics are small pure functions over the labels of each query's neighbours.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from deepranking.cli import UserError, pick_device
+from deepranking.cli import UserError
+from deepranking.runtime import pick_device
 
 
 # Per-chunk budget for the [C, N] float32 distance block: 2**26 floats = 256 MB, whatever
 # the number of queries (C = budget // N rows at a time, at least one).
 CHUNK_FLOATS = 1 << 26
+
+# Candidates beyond k taken from each block's top-k, so that the exact re-ranking can fix
+# the order the float32 expanded formula got wrong near the k-th neighbour.
+SLACK = 16
+
+_U32 = 2.0 ** -24  # float32 unit roundoff
+
+# Unit roundoff of a float32 matrix product at each torch.get_float32_matmul_precision().
+_MATMUL_ROUNDOFF = {"highest": _U32, "high": 2.0 ** -11, "medium": 2.0 ** -8}
 
 
 def _as_tensor(x, device) -> torch.Tensor:
@@ -27,14 +40,63 @@ def _as_tensor(x, device) -> torch.Tensor:
     return t.to(device)
 
 
+def _dot_error_factor(d: int) -> float:
+    """Relative error bound of a float32 dot product of length d (plus the added norm).
+
+    The classic worst case gamma_n = n u / (1 - n u), any summation order. Under reduced
+    matmul precision (TF32 / bfloat16) that bound is useless for long vectors, and a
+    statistical one (8 sqrt(n) u) is used instead.
+    """
+    u = _MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
+    n = d + 2
+    if n * u < 0.01:
+        return n * u / (1 - n * u)
+    return 8 * math.sqrt(n) * u
+
+
+_GROUP = 64  # columns per group in _block_topk
+
+
+def _block_topk(score: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(score, want, dim=1, largest=False, sorted=True)`` of a [C, N] block, faster.
+
+    The row is cut into groups of _GROUP columns; any of the ``want`` smallest values lies
+    in one of the ``want`` groups of smallest minimum (each of those holds a value no
+    larger), or in the last, partial group. So a fast min over groups, a top-k of the
+    group minima and one of those groups' values replace a top-k over the whole row.
+    What is left out is never smaller than the last value returned, as with topk.
+    """
+    c, n = score.shape
+    groups = n // _GROUP
+    if want * _GROUP * 4 > n:  # too few groups for it to pay
+        return torch.topk(score, want, dim=1, largest=False, sorted=True)
+    full = groups * _GROUP
+    group_min = score[:, :full].view(c, groups, _GROUP).amin(2)  # [C, G]
+    best = torch.topk(group_min, want, dim=1, largest=False, sorted=False).indices  # [C, want]
+    cols = (best[:, :, None] * _GROUP + torch.arange(_GROUP, device=score.device)).view(c, want * _GROUP)
+    if full < n:
+        cols = torch.cat([cols, torch.arange(full, n, device=score.device).expand(c, -1)], 1)
+    vals, pos = torch.topk(score.gather(1, cols), want, dim=1, largest=False, sorted=True)
+    return vals, cols.gather(1, pos)
+
+
 class ExactIndex:
     """Exact Euclidean k-NN against one database, searched many times after one load.
 
     The database stays float32 on ``device`` (no copy of a float32 CPU array) and its
     squared norms are computed once. Each search works through the queries in chunks
-    of C rows so that the [C, N] distance block stays within ``chunk_floats`` floats.
-    Ties (equal float32 distances) are broken by the lower database index, so results
-    do not depend on the chunk size or the device.
+    of C rows so that the [C, N] score block stays within ``chunk_floats`` floats.
+
+    Per block: one ``addmm`` gives ||x||^2 - 2 q.x (the query's own norm, the same along a
+    row, is left out), ``topk`` takes k + SLACK candidates, and those candidates' distances
+    are recomputed exactly as ||q - x|| from the vectors (float32 difference, float64 sum),
+    so a vector's distance to itself is 0 and small distances between large vectors keep
+    their digits. The result is sorted by that exact float32 distance, ties broken by the
+    lower database index. A row is accepted only if a bound on the expanded formula's
+    float32 error proves that no vector left out could come before its k-th neighbour;
+    other rows (many equal or nearly equal distances) take 4x more candidates, up to the
+    whole database. So results are the exact top-k whatever the chunk size or device
+    (under a reduced ``torch.set_float32_matmul_precision`` the bound is a statistical one).
     """
 
     def __init__(self, database, device=None, chunk_floats: int = CHUNK_FLOATS):
@@ -42,8 +104,12 @@ class ExactIndex:
         self.db = _as_tensor(database, self.device)  # [N, d] float32
         if self.db.ndim != 2:
             raise ValueError(f"database must be [N, d], got shape {tuple(self.db.shape)}")
-        self.db_sq = (self.db * self.db).sum(1)  # [N]
         self.chunk_floats = chunk_floats
+        n, d = self.db.shape
+        # float32 (a float64 pass costs 10x more at 4096-d); its error is in search's bound.
+        self.db_sq = torch.linalg.vector_norm(self.db, dim=1) ** 2  # [N]
+        # The largest ||x||^2 (for the error bound), an upper bound despite rounding.
+        self._max_sq = float(self.db_sq.max()) * (1 + 2 * _dot_error_factor(d)) if n else 0.0
 
     def __len__(self) -> int:
         return int(self.db.shape[0])
@@ -54,7 +120,9 @@ class ExactIndex:
 
         queries: [Q, d] (numpy or torch). exclude_rows: int [Q], a database row never
         returned for that query (-1: none) — the query itself in train-vs-train search.
-        Returns (dist [Q, k] float32 Euclidean, idx [Q, k] int64), sorted by distance.
+        Returns (dist [Q, k] float32 Euclidean distances, recomputed exactly from the
+        vectors, idx [Q, k] int64), sorted by distance (the largest first for ``largest``),
+        equal distances by database index.
         """
         q_all = _as_tensor(queries, self.device)
         n, d = self.db.shape
@@ -71,37 +139,90 @@ class ExactIndex:
         chunk = chunk_size or max(1, self.chunk_floats // n)
         out_d = np.empty((q_all.shape[0], k), dtype=np.float32)
         out_i = np.empty((q_all.shape[0], k), dtype=np.int64)
-        # A few extra candidates so that a stable re-sort can fix tie order at the k boundary.
-        extra = min(available - k, 8)
+        # Scores are kept "smaller is better": sign * (||x||^2 - 2 q.x).
+        sign = -1.0 if largest else 1.0
+        gamma = _dot_error_factor(d)
+        r = math.sqrt(self._max_sq)
+        # One [C, N] block for every chunk: a fresh 256 MB allocation per chunk costs its page faults again.
+        block = torch.empty((min(chunk, q_all.shape[0]), n), dtype=torch.float32, device=self.device)
         for start in range(0, q_all.shape[0], chunk):
             q = q_all[start:start + chunk]  # [C, d]
-            # ||x||^2 - 2 q.x + ||q||^2 in one [C, N] buffer (float32 matmul: a float64 copy
-            # of a 100k x 4096 database would cost 3 GB and twice the time).
-            sq = torch.addmm(self.db_sq, q, self.db.T, beta=1.0, alpha=-2.0)  # [C, N]
-            sq.add_((q * q).sum(1, keepdim=True)).clamp_(min=0.0)
+            c = q.shape[0]
+            score = torch.addmm(self.db_sq, q, self.db.T, beta=sign, alpha=-2.0 * sign, out=block[:c])  # [C, N]
+            per_row = torch.full((c,), n, dtype=torch.int64, device=self.device)  # candidates per row
             if excluded is not None:
                 rows = excluded[start:start + chunk]
                 hit = torch.nonzero(rows >= 0).flatten()
-                sq[hit, rows[hit]] = -float("inf") if largest else float("inf")
-            vals, idx = torch.topk(sq, k + extra, dim=1, largest=largest, sorted=True)
-            # Stable ordering: by distance, then by database index.
-            vals64 = vals.to(torch.float64).cpu().numpy()
-            idx_np = idx.cpu().numpy()
-            sign = -1.0 if largest else 1.0
-            perm = np.lexsort((idx_np, sign * vals64), axis=1)[:, :k]
-            idx_np = np.take_along_axis(idx_np, perm, axis=1)
-            vals_np = np.take_along_axis(vals64, perm, axis=1)
-            # More entries tied with the k-th value than the k + extra candidates hold (e.g. many
-            # duplicate images): topk picked an arbitrary subset of them, so sort those rows fully.
-            kth = vals[:, k - 1 : k]
-            reach = ((sq >= kth) if largest else (sq <= kth)).sum(1)  # [C]
-            for r in torch.nonzero(reach > k + extra).flatten().tolist():
-                row_vals, row_idx = torch.sort(sq[r], descending=largest, stable=True)
-                idx_np[r] = row_idx[:k].cpu().numpy()
-                vals_np[r] = row_vals[:k].to(torch.float64).cpu().numpy()
-            out_i[start:start + q.shape[0]] = idx_np
-            out_d[start:start + q.shape[0]] = np.sqrt(vals_np).astype(np.float32)
+                score[hit, rows[hit]] = float("inf")
+                per_row[hit] -= 1
+            q_sq = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64) ** 2  # [C]
+            qn = q_sq.sqrt()
+            # |computed score - exact score| <= err: the float32 dot product (2 gamma |q| |x|),
+            # the float32 squared norm (~2 gamma |x|^2) and the roundings of the sums.
+            err = 1.01 * (gamma * 2 * (qn * r + self._max_sq) + 3 * _U32 * (self._max_sq + 2 * qn * r + q_sq)) + 1e-30
+            dist, idx = self._select(q, score, q_sq, err, per_row, k, sign)
+            out_d[start:start + c] = dist.cpu().numpy()
+            out_i[start:start + c] = idx.cpu().numpy()
         return out_d, out_i
+
+    def _select(self, q, score, q_sq, err, per_row, k: int, sign: float):
+        """Exact top-k of each row of the [C, N] score block: (dist [C, k] float32, idx [C, k])."""
+        c, n = score.shape
+        want = min(k + SLACK, n)
+        vals, cand = _block_topk(score, want)
+        dist, idx, ok = self._rank(q, vals, cand, q_sq, err, per_row, k, sign)
+        group = max(1, c // 8)  # rows re-searched at a time: a copy of at most 1/8 of the block
+        while want < n:
+            todo = torch.nonzero(~ok).flatten()
+            if todo.numel() == 0:
+                break
+            want = min(4 * want, n)
+            for g in range(0, todo.numel(), group):
+                rows = todo[g:g + group]
+                vals, cand = torch.topk(score.index_select(0, rows), want, dim=1, largest=False, sorted=True)
+                d_r, i_r, ok_r = self._rank(q[rows], vals, cand, q_sq[rows], err[rows], per_row[rows], k, sign)
+                dist[rows], idx[rows], ok[rows] = d_r, i_r, ok_r
+        return dist, idx
+
+    def _rank(self, q, vals, cand, q_sq, err, per_row, k: int, sign: float):
+        """Exact distances of the candidates [R, K] of the queries q [R, d], the first k by
+        (distance, index), and whether the row is proven complete (bool [R])."""
+        dist64 = self._exact_dist(q, cand)  # [R, K] float64
+        key = dist64.float() * sign
+        key[torch.isinf(vals)] = float("inf")  # excluded rows never come first
+        # Order by (key, index): sort by index, then a stable sort by key.
+        _, perm = torch.sort(cand, dim=1)
+        key = key.gather(1, perm)
+        key, perm2 = torch.sort(key, dim=1, stable=True)
+        top = perm.gather(1, perm2[:, :k])
+        idx = cand.gather(1, top)
+        dist = dist64.gather(1, top).float()
+        kth_sq = dist64.gather(1, top[:, k - 1:k]).squeeze(1) ** 2  # exact k-th squared distance
+        # Anything left out scored >= vals[:, -1], so its exact sign * ||q - x||^2 is at least this:
+        bound = vals[:, -1].double() + sign * q_sq - err
+        margin = 16 * _U32 * kth_sq + 1e-30  # float32 rounding of the distances compared
+        ok = (bound > sign * kth_sq + margin) | (vals.shape[1] >= per_row)
+        return dist, idx, ok
+
+    def _exact_dist(self, q, cand) -> torch.Tensor:
+        """float64 [R, K]: ||q_r - db[cand[r, j]]||, float32 difference, float64 sum of squares."""
+        r, kk = cand.shape
+        d = q.shape[1]
+        out = torch.empty((r, kk), dtype=torch.float64, device=q.device)
+        per = max(1, (self.chunk_floats // 16) // max(d, 1))  # vectors gathered at a time
+        if kk <= per:
+            step = per // kk
+            for a in range(0, r, step):
+                x = self.db[cand[a:a + step]]  # [s, K, d]
+                x.sub_(q[a:a + step, None, :])
+                out[a:a + step] = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+        else:  # very many candidates (many ties): a row in pieces
+            for a in range(r):
+                for b in range(0, kk, per):
+                    x = self.db[cand[a, b:b + per]]  # [s, d]
+                    x.sub_(q[a])
+                    out[a, b:b + per] = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+        return out
 
 
 def knn_search(

@@ -1,6 +1,6 @@
 """Embed every train and val image once with a trained Deep Ranking net.
 
-    python gen_embeddings.py --model runs/deepranknet.model --data-dir tiny-imagenet-200
+    python gen_embeddings.py            # = --model deepranknet.model --data-dir tiny-imagenet-200
 
 writes ``train_embedding.txt`` (the database: every train image) and
 ``test_embedding.txt`` (the queries: every val image), one row per image:
@@ -28,7 +28,7 @@ import numpy as np
 
 from deep_rank_net import model_from_checkpoint
 from deepranking import cli, distributed, embedding, runtime
-from deepranking.checkpoint import load_checkpoint
+from deepranking.checkpoint import FINAL_NAME, load_checkpoint
 from deepranking.cli import UserError
 from deepranking.embedding_io import write_embeddings
 from deepranking.preprocessing import Preprocessing
@@ -38,9 +38,11 @@ SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="checkpoint written by train_net.py")
-    p.add_argument("--data-dir", type=Path, required=True,
-                   help="TinyImageNet root (train/ and val/) or a folder of class folders (train only)")
+    p.add_argument("--model", type=Path, default=Path(FINAL_NAME),
+                   help="checkpoint written by train_net.py (default: %(default)s, as the classic pipeline)")
+    p.add_argument("--data-dir", type=Path, default=Path("tiny-imagenet-200"),
+                   help="TinyImageNet root (train/ and val/) or a folder of class folders (train only; "
+                        "default: %(default)s)")
     p.add_argument("--train-output", type=Path, default=Path("train_embedding.txt"),
                    help="embeddings of the train split (.txt CSV, or .npz/.npy binary)")
     p.add_argument("--test-output", type=Path, default=Path("test_embedding.txt"),

@@ -156,10 +156,26 @@ def read_torch_file(path: str | os.PathLike, what: str) -> Any:
         raise UserError(f"{what} {p} is truncated or corrupt: {first_line(exc)}")
 
 
+def newest_epoch_checkpoint(folder: Path) -> Path | None:
+    """The temp_<epoch>.model with the highest epoch in ``folder`` (a run that stopped early leaves only these)."""
+    def epoch(p: Path) -> int:
+        try:
+            return int(p.stem.split("_", 1)[1])
+        except (IndexError, ValueError):
+            return -1
+    found = sorted(folder.glob(EPOCH_PATTERN), key=epoch)
+    return found[-1] if found else None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by this project (weights_only); UserError for anything else."""
-    ckpt = read_torch_file(path, "checkpoint")
     p = Path(path)
+    if not p.exists() and p.name == FINAL_NAME:  # the run stopped early (--max-steps, --time-limit, Ctrl-C)
+        newest = newest_epoch_checkpoint(p.parent)
+        if newest is not None:
+            raise UserError(f"checkpoint not found: {p} (its run stopped before the end); the newest checkpoint "
+                            f"there is {newest}: pass --model {newest}, or finish training with --resume {newest}")
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             raise UserError(f"{p} is a plain state dict, not a deep-ranking checkpoint "

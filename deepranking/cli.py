@@ -41,6 +41,9 @@ def run(main: Callable, parser, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout piped into `head`: stop quietly, like any other tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except OSError as exc:  # a disk or permission problem no stage anticipated: still one line
         where = f" {exc.filename}" if exc.filename else ""
         print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)

@@ -331,6 +331,12 @@ def test_resolve_precision():
         runtime.resolve_precision("cpu", amp="maybe")
 
 
-def test_memory_format_policy():
-    assert runtime.memory_format("cpu") == torch.contiguous_format
-    assert runtime.memory_format("cuda") == torch.channels_last
+def test_memory_format_policy_is_one_answer_for_training_and_embedding():
+    assert runtime.memory_format("cpu") == runtime.memory_format("cuda") == torch.channels_last
+    # embedding uses the policy: the same vectors as a plain NCHW forward (the layout changes no maths)
+    torch.manual_seed(0)
+    model = drn.build_model("resnet18", 16, None, "none", "conv1").eval()
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        plain = torch.nn.functional.normalize(model(preprocess(torch.from_numpy(images), 32)), dim=1).numpy()
+    assert np.allclose(embedding.embed_images(model, images, 32, progress=False), plain, atol=1e-5)

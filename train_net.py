@@ -65,6 +65,7 @@ NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
 SAVE_EVERY = 0  # --save-every: also checkpoint every N steps mid-epoch (0: end of epoch only)
+WEIGHT_GROWTH_WARNING = 100.0  # warn when the trained weights' norm grows this many times (lr too high)
 COLLAPSE_DISTANCE = 1e-3  # --collapse-distance: mean pairwise distance in a batch below this = collapsed
 AMP = "auto"  # --amp: auto = bf16 on CUDA (fp16 + loss scaling without bf16), fp32 on CPU
 DETERMINISTIC = False  # --deterministic/--no-deterministic: PyTorch deterministic algorithms (GPU: slower)
@@ -243,6 +244,8 @@ class Run:
     nonfinite: torch.Tensor | None = None  # bool, on the device: a loss was NaN/inf since the last check
     interrupted: bool = False
     last_emb: torch.Tensor | None = None
+    start_weight_norm: float | None = None  # of the trained parameters, when this process started
+    warned: set = field(default_factory=set)  # warnings given once
 
     @property
     def total_steps(self) -> int:  # the lr schedule's length, whatever stops the run earlier
@@ -459,6 +462,7 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
               steps_per_epoch=steps_per_epoch)
     if ckpt is not None:
         restore(run, ckpt)
+    run.start_weight_norm = weight_norm(trainee)
     prepare_output(run)
     trainee.train()
     if env.active:
@@ -659,7 +663,7 @@ def check_finite(run: Run) -> None:
 
 
 def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
-    """A log step (the one sync): NaN check, metrics.jsonl record, collapse warning, progress figures."""
+    """A log step (the syncs): NaN check, metrics.jsonl record, collapse and weight-growth warnings, progress."""
     check_finite(run)
     means = run.window.means()
     run.window.reset()
@@ -667,11 +671,28 @@ def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
                    "images_per_s": images_per_s, "train_seconds": run.train_seconds()})
     emb = run.last_emb
     spread = float(torch.pdist(emb).mean()) if emb is not None and len(emb) > 1 else 1.0
-    if spread < run.args.collapse_distance and run.env.main and not getattr(run, "collapse_warned", False):
-        cli.warn(f"epoch {epoch + 1}: embeddings collapsed to a point (mean pairwise distance {spread:.2g}; loss "
-                 f"stuck at the margin {run.args.margin}): try a lower --lr, a smaller --margin or --mining semi-hard")
-        run.collapse_warned = True
+    if spread < run.args.collapse_distance:
+        warn_once(run, "collapse", f"epoch {epoch + 1}: embeddings collapsed to a point (mean pairwise distance "
+                  f"{spread:.2g}; loss stuck at the margin {run.args.margin}): try a lower --lr, a smaller "
+                  "--margin or --mining semi-hard")
+    norm = weight_norm(run.trainee)
+    if norm > WEIGHT_GROWTH_WARNING * run.start_weight_norm:
+        warn_once(run, "growth", f"step {run.step}: the trained weights' norm grew {norm / run.start_weight_norm:.3g}x "
+                  f"since this run started ({run.start_weight_norm:.3g} -> {norm:.3g}): the learning rate is "
+                  f"probably too high (--lr {run.args.lr}); try a lower --lr")
     bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+
+
+def weight_norm(trainee: nn.Module) -> float:
+    """L2 norm of all trained parameters together (one sync)."""
+    params = [p.detach().float().norm() for p in trainee.parameters() if p.requires_grad]
+    return float(torch.linalg.vector_norm(torch.stack(params))) if params else 0.0
+
+
+def warn_once(run: Run, key: str, message: str) -> None:
+    if run.env.main and key not in run.warned:
+        cli.warn(message)
+        run.warned.add(key)
 
 
 def validate(run: Run) -> dict:

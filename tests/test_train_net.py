@@ -616,3 +616,18 @@ def test_shallow_geometry_is_recorded_and_resumed(csvs, tmp_path):
     train("--triplets", csvs[0], "--max-steps", 2, "--shallow", "classic", "--resume", tmp_path / "temp_0.model",
           "--output-dir", tmp_path, *TINY)
     assert checkpoint.load_checkpoint(tmp_path / "temp_0.model")["step"] == 2
+
+
+def test_exploding_weights_warn_once(csvs, tmp_path, capsys):
+    train("--triplets", csvs[0], "--optim", "adam", "--lr", "100", "--max-steps", 3, "--log-every", 1,
+          "--output-dir", tmp_path, *TINY)
+    err = capsys.readouterr().err
+    assert err.count("the trained weights' norm grew") == 1 and "try a lower --lr" in err
+
+
+def test_collapse_warning(csvs, tmp_path, capsys):
+    # unit vectors are never 10 apart: --collapse-distance 10 makes every batch count as collapsed
+    train("--triplets", csvs[0], "--max-steps", 2, "--log-every", 1, "--collapse-distance", 10, "--output-dir",
+          tmp_path, *TINY)
+    err = capsys.readouterr().err
+    assert err.count("embeddings collapsed to a point") == 1 and "loss stuck at the margin" in err

@@ -200,3 +200,20 @@ def test_existing_output_left_untouched(class_folder, tmp_path):
     res = run_cli(["--data-dir", str(class_folder), "--output", str(out), "--force"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert out.read_text().startswith("query,positive,negative\n")
+
+
+def test_a_csv_too_big_for_memory_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    import triplet_sampler
+
+    from deepranking import cli
+    from conftest import write_tiny_imagenet
+
+    data = write_tiny_imagenet(tmp_path / "tin", n_classes=2, train_per_class=4, val_per_class=1)
+    monkeypatch.setattr(triplet_sampler, "available_memory", lambda: 10 * 2**20)  # 10 MiB free
+    out = tmp_path / "t.csv"
+    with pytest.raises(SystemExit) as exc:
+        cli.run(triplet_sampler.main, triplet_sampler.get_args_parser(),
+                ["--data-dir", str(data), "--num_pos_images", "3", "--num_neg_images", "100000", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "makes 2,400,000 triplet rows" in err and "use smaller numbers" in err
+    assert not out.exists()

@@ -278,16 +278,21 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
             assert first[0] == "1" and first[-1].endswith("1.png") and float(first[1]) < 1e-4  # finds itself
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, monkeypatch):
+def nan_loss_at(monkeypatch, bad_step):
+    """Make the ranking loss NaN at the steps (1-based) where bad_step(step) is true."""
     real = losses.RankingLoss.__call__
     calls = []
 
-    def nan_on_third_step(self, emb, labels, n_triplets):
+    def poisoned(self, emb, labels, n_triplets):
         calls.append(1)
         loss, stats = real(self, emb, labels, n_triplets)
-        return (loss * float("nan") if len(calls) == 3 else loss), stats
+        return (loss * float("nan") if bad_step(len(calls)) else loss), stats
 
-    monkeypatch.setattr(losses.RankingLoss, "__call__", nan_on_third_step)
+    monkeypatch.setattr(losses.RankingLoss, "__call__", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, monkeypatch):
+    nan_loss_at(monkeypatch, lambda step: step == 3)
     out = tmp_path / "nan"
     # --log-every 1: the NaN check runs on log steps (the only steps that sync with a GPU) and before saves
     err = fails(capsys, "--triplets", csvs[0], "--save-every", 1, "--log-every", 1, "--output-dir", out, *TINY)
@@ -300,15 +305,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(csvs, tmp_path, capsys, m
 
 
 def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys, monkeypatch):
-    real = losses.RankingLoss.__call__
-    calls = []
-
-    def nan_from_second_step(self, emb, labels, n_triplets):
-        calls.append(1)
-        loss, stats = real(self, emb, labels, n_triplets)
-        return (loss * float("nan") if len(calls) >= 2 else loss), stats
-
-    monkeypatch.setattr(losses.RankingLoss, "__call__", nan_from_second_step)
+    nan_loss_at(monkeypatch, lambda step: step >= 2)
     out = tmp_path / "nan"
     err = fails(capsys, "--triplets", csvs[0], "--log-every", 100, "--output-dir", out, *TINY)
     assert "the loss became NaN/inf by step 5" in err and "no checkpoint was written" in err

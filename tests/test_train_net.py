@@ -628,3 +628,25 @@ def test_collapse_warning(csvs, tmp_path, capsys):
           tmp_path, *TINY)
     err = capsys.readouterr().err
     assert err.count("embeddings collapsed to a point") == 1 and "loss stuck at the margin" in err
+
+
+def test_no_step_reads_a_value_back_from_the_device_except_log_steps(csvs, tmp_path, monkeypatch):
+    """CPU<->GPU syncs only on log steps: count every tensor -> Python read (item, bool, float, int,
+    tolist, numpy) during a run of 2 steps and one of 8; with no log step in between they are equal."""
+    counts = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            counts[-1] += 1
+            return real(self, *a, **k)
+        return read
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "__array__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    for steps in (2, 8):  # 24 triplets, batch 2: 12 steps an epoch, so both stop mid-epoch
+        counts.append(0)
+        train("--triplets", csvs[0], "--batch-size", 2, "--max-steps", steps, "--log-every", 100,
+              "--output-dir", tmp_path / str(steps), *[a for a in TINY if a not in ("--batch-size", "5")])
+    assert counts[0] == counts[1], counts

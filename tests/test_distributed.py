@@ -1,0 +1,69 @@
+"""deepranking.distributed on the CPU with gloo: 2 processes, spawned, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from deepranking import cli, distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, scenario: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = distributed.from_env()
+    device = distributed.rank_device("cpu", env)
+    log = Path(out) / f"rank{rank}.json"
+    record = {}
+    try:
+        with distributed.session(env, device):
+            def build():
+                start = time.time()
+                if scenario == "fail" and env.main:
+                    raise cli.UserError("rank 0 cannot read the images")
+                time.sleep(0.5 if env.main else 0.0)  # rank 0 "decodes"; the others would only map
+                return (start, time.time())
+            record["span"] = distributed.rank_zero_first(env, build)
+            record["any"] = distributed.any_rank(env, env.rank == 1, device)
+            record["gather"] = distributed.all_gather(env, env.rank * 10)
+    except cli.UserError as exc:
+        record["error"] = str(exc)
+    except SystemExit as exc:
+        record["exit"] = exc.code
+    log.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("scenario", ["ok", "fail"])
+def test_rank_zero_builds_first_and_errors_reach_every_rank(tmp_path, scenario):
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), scenario), nprocs=2, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    if scenario == "ok":
+        assert r1["span"][0] >= r0["span"][1]  # rank 1 started only after rank 0 had finished
+        assert r0["any"] is True and r1["any"] is True  # a flag set on rank 1 alone reaches rank 0
+        assert r0["gather"] == r1["gather"] == [0, 10]
+    else:  # rank 0's error stops both: rank 0 reports it, rank 1 exits quietly with 2 (nobody hangs)
+        assert r0 == {"error": "rank 0 cannot read the images"} and r1 == {"exit": 2}
+
+
+def test_from_env_checks_the_torchrun_variables():
+    assert distributed.from_env({}) == distributed.DistEnv(0, 1, 0)
+    assert distributed.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).active
+    with pytest.raises(cli.UserError, match="must be integers"):
+        distributed.from_env({"RANK": "x"})
+    with pytest.raises(cli.UserError, match="invalid RANK=2 / WORLD_SIZE=2"):
+        distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    assert distributed.shard_bounds(10, 3) == [0, 3, 6, 10]

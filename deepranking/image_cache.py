@@ -23,9 +23,11 @@ Nothing is skipped silently.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -155,12 +157,17 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     except OSError as exc:
         raise cli.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
     data, header = _entry_files(cache_dir, key)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
-    os.close(fd)
+    nbytes = n * size * size * 3
+    check_free_space(cache_dir, nbytes)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
+    except OSError as exc:
+        raise cli.UserError(f"cannot write to the image cache folder {cache_dir}: {cli.os_reason(exc)}")
     tmp = Path(tmp_name)
     try:
-        with open(tmp, "r+b") as f:
-            f.truncate(n * size * size * 3)
+        reserve(fd, nbytes, cache_dir)
+        os.close(fd)
+        fd = None
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
         failures = _decode_into(out, paths, size, progress, num_workers)
         if failures:
@@ -170,12 +177,45 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
         del out
         os.replace(tmp, data)
     finally:
+        if fd is not None:
+            os.close(fd)
         if tmp.exists():
             tmp.unlink()
     # The header goes last: its presence marks the entry complete.
     cli.atomic_write_text(header, json.dumps(
         {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": size}))
     return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def check_free_space(cache_dir: Path, nbytes: int) -> None:
+    """Refuse, before decoding anything, an entry the cache folder's disk cannot hold."""
+    try:
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        return  # unknown: reserve() still fails cleanly
+    if nbytes > free:
+        raise cli.UserError(f"the image cache needs {_gb(nbytes)} in {cache_dir} but only {_gb(free)} are free "
+                            f"there: free some space, or point ${CACHE_ENV} (gen_embeddings.py: --cache-dir) "
+                            "at a larger disk")
+
+
+def reserve(fd: int, nbytes: int, cache_dir: Path) -> None:
+    """Give the entry its disk blocks now: a full disk then fails here with a message, never later as a
+    SIGBUS while the memory map is written (a sparse file only finds out when a page is flushed)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except AttributeError:  # no posix_fallocate (macOS): a sparse file, as before
+        os.ftruncate(fd, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # the file system cannot preallocate
+            os.ftruncate(fd, nbytes)
+            return
+        raise cli.UserError(f"cannot reserve {_gb(nbytes)} for the image cache in {cache_dir}: "
+                            f"{cli.os_reason(exc)}; free some space or point ${CACHE_ENV} at a larger disk")
 
 
 def choose_cache_size(paths: Sequence[str], image_size: int) -> int:

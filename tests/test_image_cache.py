@@ -176,3 +176,32 @@ def test_choose_cache_size(tmp_path):
 def test_empty_list(tmp_path):
     arr = image_cache.cache_images([], 8, cache_dir=tmp_path / "c", progress=False)
     assert arr.shape == (0, 8, 8, 3)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from deepranking import cli
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    files = []
+    for i in range(3):
+        f = root / f"{i}.png"
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(f)
+        files.append(str(f))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    cache = tmp_path / "cache"
+    with pytest.raises(cli.UserError, match=r"the image cache needs 0\.00 GB in .*cache but only 0\.00 GB are free"):
+        image_cache.cache_images(files, 16, cache_dir=cache, progress=False)
+    monkeypatch.undo()
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(cli.UserError, match="cannot reserve .* for the image cache in .*: No space left on device"):
+        image_cache.cache_images(files, 16, cache_dir=cache, progress=False)
+    assert list(cache.iterdir()) == []  # no partial entry, no temp file

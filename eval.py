@@ -27,6 +27,10 @@ from deepranking import retrieval
 from deepranking.cli import UserError
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
+PROTOCOLS = ("split", "self")  # --protocol: test vs train database, or the test file vs itself
+# Neighbour entries ([queries, depth] int64 indices + int32 labels) held at once: 2**24 = ~200 MB.
+NEIGHBOUR_BUDGET = 1 << 24
+COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,8 +53,35 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "distance block within 256 MB)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train subset and demo queries")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--force", action="store_true", help="overwrite an existing metrics.json")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="split",
+                   help="split (default): the test file queries the train database, plus train precision; "
+                        "self: the test file queries itself, each query's own row excluded (leave-one-out: the "
+                        "unseen-class protocol of CUB-200/Cars196/SOP, Musgrave et al. 2020); "
+                        "--train-embeddings is not read")
+    p.add_argument("--words", type=Path, default=None,
+                   help="words.txt (id TAB name, synonyms) giving class names for the console, the per-class "
+                        "table and the pictures (default: a words.txt found above the images, if any)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing metrics.json and an earlier evaluation's pictures")
+    p.add_argument("--allow-same-files", action="store_true",
+                   help="evaluate even when the train and test files hold the same images (a warning, "
+                        "not an error: every query then finds itself)")
     return p
+
+
+def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddings, train_name: str,
+                     test_name: str, allow_same: bool) -> None:
+    """Refuse files of different models (both named) and, unless ``allow_same``, the same images twice."""
+    embedding_io.check_same_model(train_name, train.model, test_name, test.model,
+                                  notes=(train.record_note, test.record_note))
+    if set(train.paths) == set(test.paths):
+        same = "the same file" if Path(train_name).resolve() == Path(test_name).resolve() else "the same images"
+        message = (f"{train_name} and {test_name} hold {same} ({len(train)} rows): every query finds itself "
+                   f"(recall@1 = 1)")
+        if not allow_same:
+            raise UserError(f"{message}; pass the val split as --test-embeddings, or --allow-same-files")
+        cli.warn(message)
 
 
 def class_counts(labels: np.ndarray) -> dict:
@@ -58,50 +89,117 @@ def class_counts(labels: np.ndarray) -> dict:
     return dict(zip(names, counts))
 
 
-def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: int, max_train_queries: int,
-             seed: int, index: retrieval.ExactIndex, chunk_size: int | None = None
-             ) -> tuple[dict, object, np.ndarray]:
-    """All metrics; returns (metrics dict, per-class table, test neighbour indices [Q, k]).
+def label_codes(db_labels: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class names, int32 codes of the database labels, of the query labels): neighbours' labels
+    are gathered as 4-byte codes instead of strings."""
+    names, codes = np.unique(np.concatenate([db_labels.astype(str), query_labels.astype(str)]), return_inverse=True)
+    codes = codes.astype(np.int32)
+    return names, codes[:len(db_labels)], codes[len(db_labels):]
 
-    index: an ExactIndex over ``train.emb``, the database of every search here.
+
+def same_class_counts(q_codes: np.ndarray, db_codes: np.ndarray, self_search: bool) -> np.ndarray:
+    """R per query (Musgrave et al.): the OTHER database items of its class (itself excluded
+    when the queries are database rows)."""
+    counts = np.bincount(db_codes, minlength=int(max(db_codes.max(initial=0), q_codes.max(initial=0))) + 1)
+    r = counts[q_codes].astype(np.int64)
+    return r - 1 if self_search else r
+
+
+def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray,
+                  k: int, r: np.ndarray, exclude_rows: np.ndarray | None = None, chunk_size: int | None = None,
+                  progress: bool = True, desc: str = "scoring") -> dict:
+    """Per-query metrics of ``queries`` against ``index`` (whose labels are ``db_codes``).
+
+    Each query fetches max(k, max R) neighbours (R: see same_class_counts), enough for
+    R-precision and MAP@R of the largest class. Queries go NEIGHBOUR_BUDGET // depth at a
+    time, so the [block, depth] neighbour indices and labels stay within the budget
+    whatever the number of queries (ExactIndex bounds its own [chunk, N] distance block).
+    Returns float arrays [Q]: precision (at k), hit (at k), recall_at_1, r_precision,
+    map_at_r (NaN where R = 0), and "curve": precision@1..k averaged over all queries.
     """
-    n_db = len(train)
-    counts = class_counts(train.labels)
-    # MAP@R needs R neighbours, R = the query's class size in the database (capped for memory).
-    r_test = np.array([counts.get(str(lab), 0) for lab in test.labels])
-    depth = int(min(n_db, max(k, r_test.max(initial=0), 1)))
-    if k > n_db:
-        raise UserError(f"--k {k} is larger than the database ({n_db} images)")
-    _, idx = index.search(test.emb, depth, chunk_size=chunk_size)
-    nb_labels = train.labels.astype(str)[idx]  # [Q, depth]
-    q_labels = test.labels.astype(str)
+    n_q = len(queries)
+    available = len(index) - (1 if exclude_rows is not None else 0)
+    depth = int(min(available, max(k, int(r.max(initial=0)), 1)))
+    block = max(1, NEIGHBOUR_BUDGET // depth)
+    out = {name: np.empty(n_q, dtype=np.float64) for name in ("precision", "hit", "recall_at_1", "r_precision",
+                                                                "map_at_r")}
+    curve = np.zeros(k, dtype=np.float64)
     ks = list(range(1, k + 1))
-    metrics = {
-        "k": k,
-        "test_precision_at_k": retrieval.precision_at_k(q_labels, nb_labels, k),
-        "hit_at_k": retrieval.hit_at_k(q_labels, nb_labels, k),
-        "recall_at_1": retrieval.recall_at_1(q_labels, nb_labels),
-        "map_at_r": retrieval.map_at_r(q_labels, nb_labels, np.minimum(r_test, depth)),
-        "precision_at_k_curve": {"k": ks, "test": retrieval.precision_at_k_curve(q_labels, nb_labels, ks)},
-        "num_test_queries": len(test),
-        "num_database": n_db,
-    }
-    table = retrieval.per_class_precision(q_labels, nb_labels, k)
+    with cli.progress(total=n_q, desc=desc, unit="query", enabled=progress, leave=False) as bar:
+        for s in range(0, n_q, block):
+            e = min(n_q, s + block)
+            rows = None if exclude_rows is None else exclude_rows[s:e]
+            _, idx = index.search(queries[s:e], depth, exclude_rows=rows, chunk_size=chunk_size)  # [b, depth]
+            nb, ql, rr = db_codes[idx], q_codes[s:e], np.minimum(r[s:e], depth)
+            out["precision"][s:e] = retrieval.precision_at_k_per_query(ql, nb, k)
+            out["hit"][s:e] = retrieval.matches(ql, nb[:, :k]).any(1)
+            out["recall_at_1"][s:e] = retrieval.recall_at_1_per_query(ql, nb, rr)
+            out["r_precision"][s:e] = retrieval.r_precision_per_query(ql, nb, rr)
+            out["map_at_r"][s:e] = retrieval.map_at_r_per_query(ql, nb, rr)
+            curve += np.asarray(retrieval.precision_at_k_curve(ql, nb, ks)) * (e - s)
+            bar.update(e - s)
+    out["curve"] = curve / max(n_q, 1)
+    return out
 
-    # Train precision: train images against the train database, the query itself excluded.
-    if n_db - 1 >= k:
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    """Mean over the scored (non-NaN) queries; None (null in metrics.json) if there are none."""
+    scored = values[~np.isnan(values)]
+    return float(scored.mean()) if len(scored) else None
+
+
+def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: int, max_train_queries: int,
+             seed: int, index: retrieval.ExactIndex, chunk_size: int | None = None, protocol: str = "split",
+             progress: bool = True) -> tuple[dict, object, list[str]]:
+    """All metrics; returns (metrics dict, per-class table, classes with no other same-class database item).
+
+    protocol "split": the test file queries the train database (``index`` over ``train.emb``),
+    plus train precision (a seeded subset of train queries, each its own row excluded).
+    protocol "self": the test file queries itself, each query's own row excluded (leave-one-out,
+    Musgrave et al. 2020's unseen-class protocol); ``train`` is ``test`` and ``index`` is over it.
+    Recall@1, R-precision and MAP@R leave out queries with R = 0 (Musgrave's "lone" queries);
+    precision@k and hit@k count every query (the classic protocol).
+    """
+    self_search = protocol == "self"
+    n_db = len(train) - (1 if self_search else 0)
+    if k > n_db:
+        raise UserError(f"--k {k} is larger than the database ({n_db} images"
+                        f"{' besides the query' if self_search else ''})")
+    names, db_codes, q_codes = label_codes(train.labels, test.labels)
+    r = same_class_counts(q_codes, db_codes, self_search)
+    exclude = np.arange(len(test)) if self_search else None
+    s = score_queries(index, test.emb, q_codes, db_codes, k, r, exclude, chunk_size, progress,
+                      desc="scoring queries")
+    lone = sorted({str(names[c]) for c in q_codes[r <= 0]})
+    metrics = {
+        "protocol": protocol,
+        "k": k,
+        "test_precision_at_k": float(s["precision"].mean()),
+        "hit_at_k": float(s["hit"].mean()),
+        "recall_at_1": _mean_or_none(s["recall_at_1"]),
+        "r_precision": _mean_or_none(s["r_precision"]),
+        "map_at_r": _mean_or_none(s["map_at_r"]),
+        "precision_at_k_curve": {"k": list(range(1, k + 1)), "test": s["curve"].tolist()},
+        "num_test_queries": len(test),
+        "num_database": len(train),
+        "num_lone_queries": int((r <= 0).sum()),
+        "lone_classes": lone,
+    }
+    table = retrieval.per_class_mean(test.labels, s["precision"])
+
+    # Train precision (split protocol): train images against the train database, the query itself excluded.
+    if not self_search and len(train) - 1 >= k:
         rng = np.random.default_rng(seed)
-        sub = np.sort(rng.choice(n_db, size=min(n_db, max_train_queries), replace=False))
-        # The query itself never counts: its own row is excluded inside the search.
-        _, tidx = index.search(train.emb[sub], k, exclude_rows=sub, chunk_size=chunk_size)
-        t_labels = train.labels.astype(str)
-        metrics["train_precision_at_k"] = retrieval.precision_at_k(t_labels[sub], t_labels[tidx], k)
-        metrics["precision_at_k_curve"]["train"] = retrieval.precision_at_k_curve(t_labels[sub], t_labels[tidx], ks)
+        sub = np.sort(rng.choice(len(train), size=min(len(train), max_train_queries), replace=False))
+        t = score_queries(index, train.emb[sub], db_codes[sub], db_codes, k, np.zeros(len(sub), dtype=np.int64),
+                          sub, chunk_size, progress, desc="scoring train queries")
+        metrics["train_precision_at_k"] = float(t["precision"].mean())
+        metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
         metrics["num_train_queries"] = int(len(sub))
     else:
         metrics["train_precision_at_k"] = None
         metrics["num_train_queries"] = 0
-    return metrics, table, idx[:, :k]
+    return metrics, table, lone
 
 
 def triplet_accuracy(csv: Path, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> float:
@@ -138,74 +236,162 @@ def pick_queries(args, test: embedding_io.Embeddings) -> list[int]:
     return sorted(np.random.default_rng(args.seed).choice(len(test), size=n, replace=False).tolist())
 
 
-def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex) -> None:
-    """Query, its 10 closest and 10 farthest database images with distances."""
-    n = min(PICTURE_NEIGHBOURS, len(train))
+def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, names: dict | None = None,
+               exclude_self: bool = False) -> None:
+    """Query, its 10 closest and 10 farthest database images with distances.
+
+    names: class id -> human name (captions); exclude_self: the database is the query file
+    (--protocol self), so the query's own row is never shown as a neighbour.
+    """
+    names = names or {}
+    n = min(PICTURE_NEIGHBOURS, len(train) - (1 if exclude_self else 0))
     q = test.emb[qi:qi + 1]
-    near_d, near_i = index.search(q, n)
-    far_d, far_i = index.search(q, n, largest=True)
+    rows = np.array([qi]) if exclude_self else None
+    near_d, near_i = index.search(q, n, exclude_rows=rows)
+    far_d, far_i = index.search(q, n, exclude_rows=rows, largest=True)
     qlab = str(test.labels[qi])
 
     def cells(dists, idxs):
-        return [(train.paths[j], f"d={d:.3f}\n{train.labels[j]}",
+        return [(train.paths[j], f"d={d:.3f}\n{image_data.display_name(train.labels[j], names)}",
                  plots.GREEN if str(train.labels[j]) == qlab else plots.RED) for d, j in zip(dists, idxs)]
 
-    plots.image_grid(path, [[(test.paths[qi], f"query\n{qlab}", None)], cells(near_d[0], near_i[0]),
-                            cells(far_d[0], far_i[0])],
+    plots.image_grid(path, [[(test.paths[qi], f"query\n{image_data.display_name(qlab, names)}", None)],
+                            cells(near_d[0], near_i[0]), cells(far_d[0], far_i[0])],
                      row_titles=["query", f"{n} closest (green: same class)", f"{n} farthest"],
                      title=f"{Path(test.paths[qi]).name}")
+
+
+def check_old_pictures(out: Path, force: bool) -> None:
+    """Refuse an output folder holding an earlier evaluation's pictures but no metrics.json
+    (an interrupted or hand-cleaned run), unless --force: they would be mixed with this run's."""
+    old = sorted(out.glob("retrieval_*.png")) + [p for p in [out / "precision_at_k.png"] if p.exists()]
+    if old and not force and not (out / "metrics.json").exists():
+        more = f" and {len(old) - 1} more" if len(old) > 1 else ""
+        raise UserError(f"{out} holds pictures of an earlier evaluation ({old[0].name}{more}) but no metrics.json; "
+                        f"pass --force to replace them, or choose another --output-dir")
+
+
+def class_names(args, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> tuple[dict, Path | None]:
+    """(class id -> human name, the words.txt read): --words, else a words.txt above the images, else none."""
+    path = args.words
+    if path is None:
+        path = image_data.find_words_file(test.paths) or image_data.find_words_file(train.paths)
+    if path is None:
+        return {}, None
+    wanted = set(map(str, train.labels)) | set(map(str, test.labels))
+    return image_data.read_class_names(path, wanted), path
+
+
+def _shown_classes(classes: list[str], names: dict, limit: int = 10) -> str:
+    shown = ", ".join(image_data.display_name(c, names) for c in classes[:limit])
+    return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
+def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
+    """Warnings for results that mean less than they seem: lone query classes, collapsed embeddings."""
+    if lone:
+        if args.protocol == "self":
+            why = f"have a single image in {args.test_embeddings}: no other image of their class to find"
+        else:
+            why = f"have no image in the database {args.train_embeddings}"
+        cli.warn(f"{len(lone)} query class(es) {why}, so their precision is 0 by construction (they are left "
+                 f"out of recall@1, R-precision and MAP@R): {_shown_classes(lone, names)}")
+    files = [(args.test_embeddings, test)] if train is test else [(args.train_embeddings, train),
+                                                                  (args.test_embeddings, test)]
+    for path, emb in files:
+        spread = retrieval.mean_pairwise_distance(emb.emb, seed=args.seed)
+        if len(emb) > 1 and spread < COLLAPSE_DISTANCE:
+            cli.warn(f"the embeddings have collapsed to a point: mean pairwise distance {spread:.2e} between the "
+                     f"rows of {path} (a diverged or untrained model?); every ranking below is arbitrary")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def report(args, train, test, queries: list[int], device) -> dict:
+    """Score, write metrics.json, per_class_precision.csv and the pictures, print the summary."""
+    out = args.output_dir
+    metrics_path = out / "metrics.json"
+    self_search = args.protocol == "self"
+    progress = not args.no_progress
+    names, words = class_names(args, train, test)
+    index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
+    metrics, table, lone = evaluate(train, test, args.k, args.max_train_queries, args.seed, index, args.chunk_size,
+                                    protocol=args.protocol, progress=progress)
+    warn_degenerate(args, train, test, lone, names)
+    metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
+    metrics.update({"train_embeddings": None if self_search else str(args.train_embeddings),
+                    "test_embeddings": str(args.test_embeddings),
+                    "triplets": str(args.triplets) if args.triplets else None,
+                    "class_names": str(words) if words else None})
+    table.insert(1, "name", [image_data.display_name(c, names) for c in table["class"]])
+
+    out.mkdir(parents=True, exist_ok=True)
+    with cli.atomic_path(out / "per_class_precision.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+    curve = metrics["precision_at_k_curve"]
+    curves = {"queries vs the rest of the file (self excluded)" if self_search else "test (val queries)": curve["test"]}
+    if "train" in curve:
+        curves["train (self excluded)"] = curve["train"]
+    plots.precision_at_k(out / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
+    for n, qi in enumerate(queries):
+        draw_query(out / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
+    stale = [p for p in out.glob("retrieval_*.png")
+             if p.stem.split("_", 1)[1].isdigit() and int(p.stem.split("_", 1)[1]) >= len(queries)]
+    for p in stale:  # an earlier run's extra pictures (--force): not this run's
+        p.unlink()
+    cli.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+
+    k = args.k
+    if self_search:
+        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f}  ({len(test)} queries, "
+              f"each against the other {len(test) - 1} of {args.test_embeddings})")
+    else:
+        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f}  ({len(test)} val queries, "
+              f"{len(train)} db)")
+    if metrics["train_precision_at_k"] is not None:
+        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}  "
+              f"({metrics['num_train_queries']} train queries, self excluded)")
+    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
+    print(f"recall@1: {_fmt(metrics['recall_at_1'])}   R-precision: {_fmt(metrics['r_precision'])}   "
+          f"MAP@R: {_fmt(metrics['map_at_r'])}")
+    if metrics["triplet_accuracy"] is not None:
+        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
+    best = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
+    worst = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
+    print(f"best classes:  {best}\nworst classes: {worst}")
+    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
+          f"{len(queries)} retrieval picture(s) in {out}")
+    return metrics
 
 
 def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
     cli.check_output_path(metrics_path, args.force, "metrics file")
+    check_old_pictures(out, args.force)
     device = runtime.pick_device(args.device)
-    train = embedding_io.read_embeddings(args.train_embeddings)
-    test = embedding_io.read_embeddings(args.test_embeddings)
+    test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
+    # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.
+    train = test if args.protocol == "self" else embedding_io.read_embeddings(args.train_embeddings,
+                                                                               progress=not args.no_progress)
     if len(train) == 0 or len(test) == 0:
         raise UserError("an embedding file has no rows")
+    if args.protocol != "self":  # self: one file, its own database by design
+        check_compatible(train, test, str(args.train_embeddings), str(args.test_embeddings), args.allow_same_files)
     if train.dim != test.dim:
         raise UserError(f"dimension mismatch: {args.train_embeddings} has {train.dim}, "
                         f"{args.test_embeddings} has {test.dim}")
-    if args.k > len(train):
-        raise UserError(f"--k {args.k} is larger than the database ({len(train)} images)")
+    n_db = len(train) - (1 if args.protocol == "self" else 0)
+    if args.k > n_db:
+        raise UserError(f"--k {args.k} is larger than the database ({n_db} images"
+                        f"{' besides the query' if args.protocol == 'self' else ''})")
     if args.triplets is not None:
         cli.check_input_file(args.triplets, "triplet CSV")
     queries = pick_queries(args, test)
 
-    index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
-    metrics, table, _ = evaluate(train, test, args.k, args.max_train_queries, args.seed, index, args.chunk_size)
-    metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
-    metrics.update({"train_embeddings": str(args.train_embeddings), "test_embeddings": str(args.test_embeddings),
-                    "triplets": str(args.triplets) if args.triplets else None})
-
-    out.mkdir(parents=True, exist_ok=True)
-    with cli.atomic_path(out / "per_class_precision.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-    curve = metrics["precision_at_k_curve"]
-    curves = {"test (val queries)": curve["test"]}
-    if "train" in curve:
-        curves["train (self excluded)"] = curve["train"]
-    plots.precision_at_k(out / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
-    for n, qi in enumerate(queries):
-        draw_query(out / f"retrieval_{n}.png", qi, train, test, index)
-    cli.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-
-    k = args.k
-    print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f}  ({len(test)} val queries, {len(train)} db)")
-    if metrics["train_precision_at_k"] is not None:
-        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}  "
-              f"({metrics['num_train_queries']} train queries, self excluded)")
-    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
-    print(f"recall@1: {metrics['recall_at_1']:.4f}   MAP@R: {metrics['map_at_r']:.4f}")
-    if metrics["triplet_accuracy"] is not None:
-        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
-    best = ", ".join(f"{r['class']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
-    worst = ", ".join(f"{r['class']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
-    print(f"best classes:  {best}\nworst classes: {worst}")
-    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
-          f"{len(queries)} retrieval picture(s) in {out}")
+    report(args, train, test, queries, device)
 
 
 if __name__ == "__main__":

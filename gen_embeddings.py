@@ -11,6 +11,12 @@ Unlike the classic script, which embedded a query image once per triplet row and
 dropped the last partial batch, each image is decoded once (image_cache) and
 embedded once, in batches. A plain folder of class folders has only a train split.
 
+The outputs are written as a pair: both to temporary names, then renamed together
+(Ctrl-C held), so an interrupted run leaves the earlier pair intact. Each file records
+the model's fingerprint and its images' sizes and times (``<file>.meta.json``, inside
+``.npz``): eval.py and query.py refuse files of different models, and
+update_database.py re-embeds only what changed.
+
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node N gen_embeddings.py ...``
 gives each rank a contiguous shard of the image list; rank 0 merges the shards in
 the original order, so the output is the same as a single-process run.
@@ -26,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deep_rank_net import model_from_checkpoint
+from deep_rank_net import FEATURE_KINDS, feature_record, model_from_checkpoint, reference_features
 from deepranking import cli, distributed, embedding, runtime
-from deepranking.checkpoint import FINAL_NAME, load_checkpoint
+from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint
 from deepranking.cli import UserError
-from deepranking.embedding_io import write_embeddings
+from deepranking.embedding_io import EmbeddingFile, write_embedding_files
 from deepranking.preprocessing import Preprocessing
 
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
@@ -38,8 +44,21 @@ SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path(FINAL_NAME),
-                   help="checkpoint written by train_net.py (default: %(default)s, as the classic pipeline)")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"checkpoint written by train_net.py (default: {FINAL_NAME}, as the classic pipeline)")
+    p.add_argument("--features", choices=FEATURE_KINDS, default="model",
+                   help="model (default): the --model checkpoint; reference rows with no training: pixels "
+                        "(the image at --image-size, default 32, raw RGB flattened) or backbone (--arch's "
+                        "global-average-pooled ResNet features with --weights, at --image-size, default 224); "
+                        "every row L2-normalised")
+    p.add_argument("--arch", default=None, help="--features backbone: resnet18|34|50|101|152 (default resnet18)")
+    p.add_argument("--weights", default=None,
+                   help="--features backbone: imagenet (default), none (random, seeded) or PATH (a torchvision "
+                        "state dict, or a deep-ranking checkpoint's backbone)")
+    p.add_argument("--image-size", type=cli.positive_int, default=None,
+                   help="--features pixels|backbone: the side the features see (default 32 | 224)")
+    p.add_argument("--cache-size", type=cli.positive_int, default=None,
+                   help="--features pixels|backbone: the decoded-image cache side (default: --image-size)")
     p.add_argument("--data-dir", type=Path, default=Path("tiny-imagenet-200"),
                    help="TinyImageNet root (train/ and val/) or a folder of class folders (train only; "
                         "default: %(default)s)")
@@ -73,6 +92,7 @@ class SplitJob:
     output: Path
     paths: list[str]
     labels: list[str]  # class names
+    root: Path | None = None  # the split's class folder (recorded for update_database.py)
 
 
 def parse_splits(text: str | None) -> tuple[list[str], bool]:
@@ -104,13 +124,57 @@ def plan_jobs(args) -> list[SplitJob]:
             continue
         cli.check_output_path(outputs[split], args.force, f"{split} embeddings output")
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
-        jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names))
+        jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names,
+                             resolve_split_dir(args.data_dir, split).resolve()))
     return jobs
 
 
 def shard_file(output: Path, rank: int) -> Path:
     """Where rank ``rank`` leaves its shard: a hidden .npy beside the final output."""
     return output.parent / f".{output.name}.shard{rank}.npy"
+
+
+# ----------------------------------------------------------------------------
+# Features: a trained model, or a reference row that needs no training
+# ----------------------------------------------------------------------------
+
+
+def load_features(args, device, env: distributed.DistEnv):
+    """(model in eval mode, its Preprocessing, its fingerprint on rank 0 / None) for ``--features``.
+
+    model: the checkpoint's net and preprocessing. pixels: the image at ``--image-size``
+    (default PIXEL_SIZE = 32) from a ``--cache-size`` cache (default: the image size), raw
+    0..255 RGB values flattened. backbone: ``--arch``'s global-average-pooled ResNet features
+    with ``--weights imagenet|PATH|none`` at ``--image-size`` (default 224), ImageNet
+    normalisation. embed_images L2-normalises every row. A reference row's preprocessing is
+    explicit and recorded in its fingerprint exactly as a checkpoint's (plus "features").
+    """
+    reference_flags = [flag for flag, value in (("--arch", args.arch), ("--weights", args.weights),
+                                                ("--image-size", args.image_size),
+                                                ("--cache-size", args.cache_size)) if value is not None]
+    if args.features == "model":
+        if reference_flags:
+            raise UserError(f"{', '.join(reference_flags)} go with --features pixels or backbone; --features "
+                            f"model uses the checkpoint's own architecture and preprocessing")
+        path = args.model if args.model is not None else Path(FINAL_NAME)
+        ckpt = load_checkpoint(path)
+        model, spec = model_from_checkpoint(ckpt, device)
+        fingerprint = model_fingerprint(ckpt, spec.to_dict(), path) if env.main else None
+        return model, spec, fingerprint
+    if args.model is not None:
+        raise UserError(f"--model goes with --features model; --features {args.features} needs no checkpoint")
+    if args.features == "pixels" and (args.arch is not None or args.weights is not None):
+        raise UserError("--arch and --weights go with --features backbone; --features pixels has no network")
+    model, spec = reference_features(args.features, args.arch or "resnet18", args.weights or "imagenet",
+                                     args.image_size, args.cache_size, device)
+    fingerprint = None
+    if env.main:
+        fingerprint = {**model_fingerprint(feature_record(model, spec), spec.to_dict()), "features": dict(model.config)}
+        what = ("raw pixels (0..255 RGB, flattened)" if args.features == "pixels" else
+                f"{model.config['arch']} pooled features (weights {model.config['weights']}, ImageNet mean/std)")
+        print(f"features: {what}, {spec.image_size} px images from a {spec.cache_size} px cache, "
+              f"{model.config['embedding_dim']} dims, L2-normalised", file=sys.stderr)
+    return model, spec, fingerprint
 
 
 # ----------------------------------------------------------------------------
@@ -139,8 +203,10 @@ def merge_shards(job: SplitJob, world_size: int) -> np.ndarray:
     return emb
 
 
-def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distributed.DistEnv) -> tuple[int, float]:
-    """Embed one split (this rank's shard) and write its file; returns (images embedded here, seconds)."""
+def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distributed.DistEnv
+            ) -> tuple[int, float, np.ndarray | None]:
+    """Embed one split (this rank's shard); returns (images embedded here, seconds, the split's
+    embeddings [N, D] on rank 0 / None elsewhere). Nothing is written: main writes every split at once."""
     progress = not args.no_progress and env.main
     bounds = distributed.shard_bounds(len(job.paths), env.world_size)
     lo, hi = bounds[env.rank], bounds[env.rank + 1]
@@ -163,10 +229,24 @@ def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distri
             if env.main:
                 for r in range(env.world_size):
                     shard_file(job.output, r).unlink(missing_ok=True)
-    if env.main:
-        write_embeddings(job.output, job.paths, job.labels, emb, progress=progress)
+    return hi - lo, seconds, (emb if env.main else None)
+
+
+def write_outputs(jobs: list[SplitJob], embs: list[np.ndarray], fingerprint: dict, progress: bool) -> None:
+    """Write every split's file as one unit: all to temporary names, then all renamed (Ctrl-C held).
+
+    Interrupted before the renames, the earlier files stay as they were — never a new train
+    file beside an old test file. Each file records the model's fingerprint, so the only gap
+    left (a kill -9 within the microseconds of the renames) is caught by eval.py's model check.
+    """
+    from deepranking.image_data import image_stamps
+
+    files = [EmbeddingFile(job.output, job.paths, job.labels, emb, model=fingerprint,
+                           images={"root": str(job.root), "stamps": image_stamps(job.paths)})
+             for job, emb in zip(jobs, embs)]
+    write_embedding_files(files, progress=progress)
+    for job, emb in zip(jobs, embs):
         print(f"wrote {job.output}: {len(job.paths)} {job.split} images x {emb.shape[1]} dims", file=sys.stderr)
-    return hi - lo, seconds
 
 
 def main(args) -> None:
@@ -175,15 +255,16 @@ def main(args) -> None:
     device = distributed.rank_device(args.device, env)
     # Every check happens on every rank before the process group exists: a bad input
     # stops all ranks with the same message instead of leaving some at a barrier.
-    ckpt = load_checkpoint(args.model)
+    model, spec, fingerprint = load_features(args, device, env)
     jobs = plan_jobs(args)
-    model, spec = model_from_checkpoint(ckpt, device)
-    del ckpt
     with distributed.session(env, device):
-        embedded, seconds = 0, 0.0
+        embedded, seconds, embs = 0, 0.0, []
         for job in jobs:
-            n, s = run_job(job, model, spec, args, device, env)
+            n, s, emb = run_job(job, model, spec, args, device, env)
             embedded, seconds = embedded + n, seconds + s
+            embs.append(emb)
+        if env.main:
+            write_outputs(jobs, embs, fingerprint, progress=not args.no_progress)
         report_throughput(embedded, seconds, device, env)
 
 

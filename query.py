@@ -13,6 +13,11 @@ query's folder, red = other class, when that is known).
 
 Search is exact by default; ``--ann faiss`` (or ``auto`` on databases above
 200,000 rows, when faiss-cpu is installed) searches only the nearest clusters.
+
+The first query builds a saved index beside the database (``<file>.index/``: the
+matrix as a memory-mapped .npy, the paths, FAISS indexes; see
+deepranking/saved_index.py); later queries reuse it until the database changes.
+The database must come from --model (their fingerprints are compared).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, default=None,
                    help="FAISS: keep the built index in this file and reuse it while it is newer than --embeddings")
     p.add_argument("--seed", type=int, default=0, help="seed of the FAISS k-means")
+    p.add_argument("--no-saved-index", action="store_true",
+                   help="read --embeddings itself instead of the saved index beside it (<file>.index/, "
+                        "built by the first query and rebuilt whenever the database changes)")
     return p
 
 
@@ -112,13 +120,22 @@ def expand_queries(items: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
-def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None):
-    """Index the database once (part of loading): a retrieval.ExactIndex or a FAISS IVF index."""
+def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None,
+                   index_path: Path | None = None):
+    """Index the database once (part of loading): a retrieval.ExactIndex or a FAISS IVF index.
+
+    ``database`` may be a read-only memory map (the saved index); FAISS reuses ``index_path``
+    (--index, else the saved-index folder's file) when it fits.
+    """
     if backend == "faiss":
         from deepranking.ann_search import load_or_build_index
 
-        return load_or_build_index(args.index, database, source, nlist=args.nlist, seed=args.seed)
-    return retrieval.ExactIndex(database, device)
+        return load_or_build_index(args.index or index_path, database, source, nlist=args.nlist, seed=args.seed)
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns about read-only arrays; the index never writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return retrieval.ExactIndex(database, device)
 
 
 def search(searcher, queries: np.ndarray, k: int, args,
@@ -188,9 +205,10 @@ def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.nda
 def main(args) -> None:
     from deepranking.ann_search import choose_backend
     from deep_rank_net import model_from_checkpoint
-    from deepranking.checkpoint import load_checkpoint
+    from deepranking.checkpoint import load_checkpoint, model_fingerprint
     from deepranking.embedding import embed_paths
-    from deepranking.embedding_io import read_embeddings
+    from deepranking.embedding_io import check_same_model, read_embeddings
+    from deepranking.saved_index import open_database
 
     # Cheap checks first: nothing is loaded or embedded if an input is wrong.
     if args.grid is not None:
@@ -200,16 +218,30 @@ def main(args) -> None:
     device = runtime.pick_device(args.device)
     ckpt = load_checkpoint(args.model)
     model, spec = model_from_checkpoint(ckpt, device)
+    fingerprint = model_fingerprint(ckpt, spec.to_dict(), args.model)
     del ckpt
 
     start = time.perf_counter()
-    db = read_embeddings(args.embeddings, progress=False)
+    saved = None
+    if args.no_saved_index:
+        db = read_embeddings(args.embeddings, progress=False)
+    else:
+        saved = open_database(args.embeddings)
+        db = saved.db
     dim = model.config["embedding_dim"]
     if db.dim != dim:
         raise UserError(f"the model makes {dim}-dimensional embeddings but {args.embeddings} holds {db.dim}-dimensional "
                         f"ones: use the checkpoint that wrote the file")
+    check_same_model("--model", fingerprint, f"database {args.embeddings}", db.model,
+                     hint="use the checkpoint that wrote the database, or rebuild it with gen_embeddings.py",
+                     notes=(db.record_note,))
     backend = choose_backend(args.ann, len(db))
-    searcher = build_searcher(db.emb, backend, device, args, source=args.embeddings)
+    index_path = None
+    if backend == "faiss" and saved is not None:
+        from deepranking.ann_search import default_nlist
+
+        index_path = saved.faiss_path(args.nlist or default_nlist(len(db)), args.seed)
+    searcher = build_searcher(db.emb, backend, device, args, source=args.embeddings, index_path=index_path)
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -226,7 +258,8 @@ def main(args) -> None:
     search_s = time.perf_counter() - start
 
     print(format_results(query_paths, dist, idx, db.paths, db.labels), end="")
-    print(f"{len(query_paths)} queries against {len(db)} x {db.dim} ({backend} search): load {load_s:.2f} s, "
+    how = f" (saved index {saved.status})" if saved is not None else ""
+    print(f"{len(query_paths)} queries against {len(db)} x {db.dim} ({backend} search): load {load_s:.2f} s{how}, "
           f"embed {embed_s:.2f} s, search {search_s * 1000:.1f} ms", file=sys.stderr)
     if args.grid is not None:
         write_grid(args.grid, query_paths, dist, idx, db.paths, db.labels)

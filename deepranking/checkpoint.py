@@ -132,6 +132,47 @@ def weights_finite(state: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------
+# Model fingerprint (what embedding files record of the model that made them)
+# ----------------------------------------------------------------------------
+
+FINGERPRINT_VERSION = 1
+
+
+def model_fingerprint(ckpt: dict, preprocessing: dict, path: str | os.PathLike | None = None) -> dict:
+    """Identify the model of a loaded checkpoint: same weights + same pixels = same ``id``.
+
+    ``id`` is the SHA-256 of the model state (each tensor's name, dtype, shape and bytes,
+    names sorted, DDP/compile prefixes stripped — so re-saving the same weights, in another
+    run or another checkpoint, gives the same id) followed by the preprocessing record
+    (``Preprocessing.to_dict()``, as ``deep_rank_net.model_from_checkpoint`` returns it:
+    the same weights fed other pixels make other embeddings). ``checkpoint``, ``step`` and
+    ``epoch`` are for humans only and never compared.
+    """
+    import hashlib
+    import json
+
+    state = strip_wrapper_prefixes(ckpt["model"])
+    h = hashlib.sha256(b"deep-ranking-model-fingerprint-v1\0")
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}={t!r}\0".encode("utf-8"))
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{str(t.dtype)}:{tuple(t.shape)}\0".encode("utf-8"))
+        # bytes of any dtype (bfloat16 has no numpy twin): view the storage as uint8
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    pre = json.loads(json.dumps(to_plain(preprocessing)))  # plain, key order fixed below
+    h.update(json.dumps(pre, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    step, epoch = ckpt.get("step"), ckpt.get("epoch")
+    return {"id": h.hexdigest(), "version": FINGERPRINT_VERSION, "preprocessing": pre,
+            "checkpoint": None if path is None else str(Path(path).resolve()),
+            "step": int(step) if isinstance(step, int) else None,
+            "epoch": int(epoch) if isinstance(epoch, int) else None}
+
+
+# ----------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------
 

@@ -140,6 +140,90 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a few system calls; a signal that came meanwhile acts after.
+
+    Only in the main thread (elsewhere signals cannot be handled and nothing changes).
+    A ``kill -9`` cannot be held: callers keep the held part down to a few renames.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+        except (ValueError, OSError):  # not settable here
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:
+            handler = previous.get(signum)
+            if callable(handler):
+                handler(signum, None)  # default SIGINT handler: raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list[str | os.PathLike], suffix: str = ".tmp") -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: all or none of them are replaced.
+
+    Yields one temporary path beside each final path. Everything slow (writing the temp
+    files) happens inside the ``with`` block; an exception or Ctrl-C there leaves every
+    existing file untouched and removes the temporaries. On success the files are
+    renamed into place, in the given order, with SIGINT/SIGTERM held (:func:`signals_held`),
+    so a Ctrl-C or ``kill`` cannot land between two renames; only a ``kill -9`` (or a
+    power cut) within those few microseconds can leave some files new and others old —
+    readers that care detect that from what the files record (embedding_io: the data
+    stamp in each companion, the model fingerprint across files).
+    """
+    finals = [Path(p) for p in paths]
+    if len({str(p.resolve()) for p in finals}) != len(finals):
+        raise ValueError(f"atomic_paths: the same file twice in {finals}")
+    tmps: list[Path] = []
+    try:
+        for final in finals:
+            if final.is_dir():
+                raise IsADirectoryError(21, "Is a directory", str(final))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+            os.close(fd)
+            tmps.append(Path(tmp_name))
+    except OSError as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {finals[len(tmps)]}: {os_reason(exc)}")
+    try:
+        yield list(tmps)
+        for tmp in tmps:
+            os.chmod(tmp, FILE_MODE)
+        with signals_held():
+            for tmp, final in zip(tmps, finals):
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    raise UserError(f"cannot write {final}: {os_reason(exc)}")
+    except OSError as exc:
+        if exc.filename is not None and exc.filename not in {str(t) for t in tmps}:
+            raise
+        raise UserError(f"cannot write {', '.join(str(f) for f in finals)}: {os_reason(exc)}")
+    finally:
+        for tmp in tmps:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "--output-dir") -> Iterator[Path]:
     """One run per output folder: ``folder/.lock`` holds the owner's pid and host.
 

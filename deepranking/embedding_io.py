@@ -20,6 +20,17 @@ Binary companions (same information, ~3x smaller, ~50x faster):
 * ``*.npy`` — the float32 [N, d] matrix, plus a sidecar ``<name>.npy.meta.csv``
   holding ``path,label`` rows.
 
+Provenance: every file records the model that made it (``checkpoint.model_fingerprint``:
+SHA-256 of the weights + the preprocessing record, plus the checkpoint path and step for
+humans) and, when written by gen_embeddings.py, its image folder and each image's size and
+modification time (what ``update_database.py`` compares). Text and ``.npy`` files keep this
+in a companion ``<name>.meta.json`` (so ``pandas.read_csv(path)`` still reads the CSV as-is)
+which also holds the data file's size, mtime and SHA-256: a companion that does not describe
+the file beside it (a half-replaced pair, a file edited by hand) is ignored with a warning.
+``.npz`` files hold the same record as an array ``record`` (JSON text). Files without a
+record (older ones) load as "unknown model"; comparisons warn about them
+(:func:`check_same_model`).
+
 Speed: text is formatted by a vectorised re-implementation of ``'%.8e'``
 (table lookups on the float32 bits, see :func:`format_values`), split over
 worker processes for big files, and parsed by pandas' C engine in blocks of rows. See ``bench/bench_embedding_io.py``.
@@ -36,11 +47,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from deepranking.cli import UserError, atomic_path, check_input_file
+from deepranking.cli import UserError, atomic_paths, check_input_file, warn
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1
 META_SUFFIX = ".meta.csv"  # sidecar of a .npy file: "<name>.npy.meta.csv"
+RECORD_SUFFIX = ".meta.json"  # companion of a text or .npy file: "<name>.meta.json"
+RECORD_FORMAT = "deep-ranking-embeddings-record"
+RECORD_VERSION = 1
 
 # Work split: tasks big enough to amortise inter-process transfer; formatting itself
 # runs 16 rows at a time so its temporaries (~80 bytes per value) stay in the CPU caches.
@@ -64,9 +78,16 @@ class Embeddings:
     paths: list[str]
     labels: np.ndarray
     emb: np.ndarray
+    record: dict | None = None  # the provenance record (None: an older file, or a companion that does not fit)
+    record_note: str | None = None  # why there is no record
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def model(self) -> dict | None:
+        """The fingerprint of the model that made the file (checkpoint.model_fingerprint), None if unknown."""
+        return (self.record or {}).get("model")
 
     @property
     def dim(self) -> int:
@@ -86,6 +107,22 @@ def file_kind(path: str | os.PathLike) -> str:
 def meta_path(npy_path: str | os.PathLike) -> Path:
     """The ``path,label`` sidecar of a ``.npy`` embedding file."""
     return Path(str(npy_path) + META_SUFFIX)
+
+
+def record_path(path: str | os.PathLike) -> Path:
+    """The provenance companion of a text or ``.npy`` embedding file (``.npz`` files hold it inside)."""
+    return Path(str(path) + RECORD_SUFFIX)
+
+
+def files_of(path: str | os.PathLike) -> list[Path]:
+    """Every file that makes up one embedding file, the data file first."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "npz":
+        return [path]
+    if kind == "npy":
+        return [path, meta_path(path), record_path(path)]
+    return [path, record_path(path)]
 
 
 # ----------------------------------------------------------------------------
@@ -251,49 +288,120 @@ def _progress(total: int, desc: str, enabled: bool, unit: str = "row"):
     return progress(total=total, desc=desc, unit=unit, unit_scale=True, enabled=enabled, leave=False)
 
 
+@dataclass
+class EmbeddingFile:
+    """One embedding file to write (see :func:`write_embedding_files`).
+
+    model: checkpoint.model_fingerprint of the model that made ``emb`` (None: unknown)
+    images: {"root": the image folder listed, "stamps": int64 [N, 2] (size, mtime_ns) per row}
+    """
+
+    path: Path
+    paths: Sequence[str]
+    labels: Sequence
+    emb: np.ndarray
+    model: dict | None = None
+    images: dict | None = None
+
+
 def write_embeddings(
     path: str | os.PathLike,
     paths: Sequence[str],
     labels: Sequence,
     emb: np.ndarray,
     progress: bool = True,
+    model: dict | None = None,
+    images: dict | None = None,
 ) -> Path:
     """Write embeddings atomically; the format follows the file name (text, .npz or .npy).
 
     paths: N image paths (absolute, or relative to the current directory)
     labels: N class names (anything; written with ``str``)
     emb: float32 [N, d] (finite values only)
+    model, images: the provenance record (see :class:`EmbeddingFile`)
     """
-    path = Path(path)
-    emb = _check_inputs(paths, labels, emb)
-    base = path.resolve().parent
-    kind = file_kind(path)
+    write_embedding_files([EmbeddingFile(Path(path), paths, labels, emb, model, images)], progress=progress)
+    return Path(path)
+
+
+def write_embedding_files(files: Sequence[EmbeddingFile], progress: bool = True) -> None:
+    """Write several embedding files as one unit (gen_embeddings.py's train + test pair).
+
+    Every data file and companion is written to a temporary name first; only when all are
+    complete are they renamed into place, with Ctrl-C held (``cli.atomic_paths``). An
+    error or interruption before that leaves every existing file as it was.
+    """
+    checked = [(f, _check_inputs(f.paths, f.labels, f.emb)) for f in files]
+    finals = [p for f in files for p in files_of(f.path)]
+    with atomic_paths(finals) as tmps:
+        pos = 0
+        for f, emb in checked:
+            n_files = len(files_of(f.path))
+            _write_one(Path(f.path), tmps[pos : pos + n_files], f, emb, progress)
+            pos += n_files
+
+
+def _record(f: EmbeddingFile, emb: np.ndarray) -> dict:
+    images = None
+    if f.images is not None:
+        stamps = np.asarray(f.images["stamps"], dtype=np.int64).reshape(len(emb), 2)
+        images = {"root": str(f.images["root"]), "stamps": stamps.tolist()}
+    return {"format": RECORD_FORMAT, "version": RECORD_VERSION, "rows": int(emb.shape[0]),
+            "dim": int(emb.shape[1]), "model": f.model, "images": images}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> dict:
+    """What a companion records of its data file: size, mtime (fast check) and SHA-256 (after a copy)."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_sha256(path)}
+
+
+def _write_one(final: Path, tmps: list[Path], f: EmbeddingFile, emb: np.ndarray, progress: bool) -> None:
+    """Write one embedding file's data (and companions) into ``tmps`` (the order of files_of(final))."""
+    import json
+
+    paths, labels = f.paths, f.labels
+    base = final.resolve().parent  # paths are relative to the final file's folder (the temps lie beside it)
+    kind = file_kind(final)
+    record = _record(f, emb)
     if kind == "npz":
         rel = np.array([_relative(str(p), base) for p in paths], dtype=str)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a name
-                np.savez(f, emb=emb, paths=rel, labels=np.array([str(x) for x in labels], dtype=str),
-                         format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION))
-        return path
+        with open(tmps[0], "wb") as fh:  # a file object: savez would append ".npz" to a name
+            np.savez(fh, emb=emb, paths=rel, labels=np.array([str(x) for x in labels], dtype=str),
+                     format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION),
+                     record=np.array(json.dumps(record)))
+        return
     if kind == "npy":
-        _write_meta(meta_path(path), paths, labels, base)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, emb)
-        return path
+        _write_meta(tmps[1], paths, labels, base)
+        with open(tmps[0], "wb") as fh:
+            np.save(fh, emb)
+    else:
+        _write_text(tmps[0], final.name, paths, labels, emb, base, progress)
+    record["data"] = _stamp(tmps[0])  # the rename into place keeps size and mtime
+    tmps[-1].write_text(json.dumps(record) + "\n", encoding="utf-8")
 
+
+def _write_text(target: Path, name: str, paths, labels, emb: np.ndarray, base: Path, progress: bool) -> None:
     n, d = emb.shape
     header = ("path,label," + ",".join(f"e{i}" for i in range(d)) + "\n").encode("ascii")
     prefixes = _row_prefixes(paths, labels, base)
     step = _WRITE_ROWS_PER_TASK
     tasks = [(prefixes[s : s + step], emb[s : s + step]) for s in range(0, n, step)]
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 22) as f, \
-            _progress(n, f"writing {path.name}", progress) as bar:
+    with open(target, "wb", buffering=1 << 22) as f, _progress(n, f"writing {name}", progress) as bar:
         f.write(header)
         for (task_prefixes, _), chunk in zip(tasks, _ordered_map(_format_block, tasks, _workers(emb.size))):
             f.write(chunk)
             bar.update(len(task_prefixes))
-    return path
 
 
 def _write_meta(meta: Path, paths: Sequence[str], labels: Sequence, base: Path) -> None:
@@ -304,8 +412,84 @@ def _write_meta(meta: Path, paths: Sequence[str], labels: Sequence, base: Path) 
         if any(c in str(x) for x in (p, lab) for c in "\r\n"):
             raise UserError(f"paths and labels in embedding files may not contain newlines: {p!r}")
         writer.writerow([_relative(str(p), base), str(lab)])
-    with atomic_path(meta) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    meta.write_text(buf.getvalue(), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------
+# Provenance records
+# ----------------------------------------------------------------------------
+
+
+def read_record(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, why there is none) for an embedding file; cheap (no data read).
+
+    A text/.npy companion counts only when it describes the data file beside it: same size
+    and mtime, or (a copy that did not keep the mtime) the same SHA-256.
+    """
+    import json
+
+    path = Path(path)
+    if file_kind(path) == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "record" not in data.files:
+                    return None, f"{path} records no model (written before model fingerprints)"
+                record = json.loads(str(data["record"]))
+        except (OSError, ValueError) as exc:
+            return None, f"{path}: unreadable record ({exc})"
+        return record, None
+    companion = record_path(path)
+    if not companion.is_file():
+        return None, f"{path} records no model (no {companion.name}: written before model fingerprints)"
+    try:
+        record = json.loads(companion.read_text(encoding="utf-8"))
+        data = record["data"]
+        st = path.stat()
+        if not (data["size"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns):
+            if data["size"] != st.st_size or data["sha256"] != _file_sha256(path):
+                return None, (f"{companion.name} describes another version of {path.name} "
+                              f"(half-replaced, or edited since): its model is unknown")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{companion}: unreadable ({exc})"
+    if record.get("format") != RECORD_FORMAT:
+        return None, f"{companion} is not an embedding record"
+    return record, None
+
+
+def model_id(model: dict | None) -> str | None:
+    return None if not model else model.get("id")
+
+
+def describe_model(model: dict | None) -> str:
+    """'model 3fa2c1d9e0ab (runs/x.model, step 1200)' or 'an unknown model'."""
+    if not model:
+        return "an unknown model"
+    where = []
+    if model.get("checkpoint"):
+        where.append(_display(model["checkpoint"]))
+    if model.get("step") is not None:
+        where.append(f"step {model['step']}")
+    return f"model {model['id'][:12]}" + (f" ({', '.join(where)})" if where else "")
+
+
+def _display(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def check_same_model(name_a: str, model_a: dict | None, name_b: str, model_b: dict | None,
+                     hint: str = "regenerate them with one checkpoint (gen_embeddings.py)",
+                     notes: Sequence[str | None] = ()) -> None:
+    """UserError naming both files and both models when they differ; a warning when one is unknown."""
+    if model_a and model_b:
+        if model_a["id"] != model_b["id"]:
+            raise UserError(f"{name_a} and {name_b} come from different models: {name_a}: "
+                            f"{describe_model(model_a)}; {name_b}: {describe_model(model_b)}; {hint}")
+        return
+    reasons = [n for n in notes if n]
+    unknown = [n for n, m in ((name_a, model_a), (name_b, model_b)) if not m]
+    warn(f"cannot check that {name_a} and {name_b} come from the same model: "
+         + ("; ".join(reasons) if reasons else f"{' and '.join(unknown)} record no model"))
 
 
 # ----------------------------------------------------------------------------
@@ -332,6 +516,9 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
     if not np.isfinite(result.emb).all():
         row = int(np.flatnonzero(~np.isfinite(result.emb).all(axis=1))[0])
         raise UserError(f"embedding file {path}: row {row + 1} ({result.paths[row]}) has NaN or infinite values")
+    result.record, result.record_note = read_record(path)
+    if result.record is not None and (result.record.get("rows"), result.record.get("dim")) != (len(result), result.dim):
+        result.record, result.record_note = None, f"the record of {path} describes another file: its model is unknown"
     return result
 
 

@@ -195,6 +195,16 @@ def _check_listed(root: Path, paths: list[str]) -> None:
             f"them):{_shown_paths(bad)}")
 
 
+def image_stamps(paths: Sequence[str]) -> np.ndarray:
+    """int64 [N, 2]: (size in bytes, modification time in ns) of each image — how a database
+    update (update_database.py) tells a changed image from an unchanged one."""
+    out = np.empty((len(paths), 2), dtype=np.int64)
+    for i, p in enumerate(paths):
+        st = os.stat(p)
+        out[i] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def resolve_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
     """The folder of class folders for ``split`` ("train" or "val").
 
@@ -651,3 +661,59 @@ class PKImages(CachedImageRows):
 
         order = np.asarray(batch, dtype=np.int64)  # [P*K]
         return torch.from_numpy(np.ascontiguousarray(self.rows()[order])), torch.from_numpy(order)
+
+
+# ----------------------------------------------------------------------------
+# Human-readable class names (TinyImageNet's words.txt)
+# ----------------------------------------------------------------------------
+
+WORDS_FILE = "words.txt"
+_WORDS_SEARCH_DEPTH = 5  # .../ROOT/train/<wnid>/images/<file>: words.txt is 4 folders up
+
+
+def read_class_names(path: str | os.PathLike, wanted=None) -> dict[str, str]:
+    """``wnid -> name`` from a words.txt (lines ``wnid<TAB>name1, name2, ...``): the first synonym.
+
+    ``wanted``: keep only these ids (TinyImageNet's words.txt lists all 82,115 ImageNet ids).
+    Blank lines are skipped; a line without a TAB is a UserError naming the file and line.
+    """
+    path = check_input_file(path, "class-names file (words.txt)")
+    keep = None if wanted is None else {str(w) for w in wanted}
+    names: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"class-names file {display_path(path)} is not UTF-8 text ({exc.reason})")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        wnid, tab, rest = line.partition("\t")
+        if not tab or not wnid.strip():
+            raise UserError(f"{display_path(path)} line {number}: expected 'id<TAB>name, synonym, ...', got {line[:60]!r}")
+        wnid = wnid.strip()
+        if keep is not None and wnid not in keep:
+            continue
+        first = rest.split(",")[0].strip()
+        if first:
+            names[wnid] = first
+    return names
+
+
+def find_words_file(image_paths: Sequence[str]) -> Path | None:
+    """The words.txt of a dataset, looked for in the folders above its first image (up to 5 levels)."""
+    if not len(image_paths):
+        return None
+    folder = Path(image_paths[0]).parent
+    for _ in range(_WORDS_SEARCH_DEPTH):
+        candidate = folder / WORDS_FILE
+        if candidate.is_file():
+            return candidate
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return None
+
+
+def display_name(label, names: dict[str, str]) -> str:
+    """The human name of a class id when ``names`` has one, else the id itself."""
+    return names.get(str(label), str(label))

@@ -297,40 +297,125 @@ def hit_at_k(query_labels, neighbour_labels, k: int) -> float:
     return float(matches(query_labels, nb[:, :k]).any(axis=1).mean())
 
 
-def recall_at_1(query_labels, neighbour_labels) -> float:
-    """Fraction of queries whose nearest neighbour shares their class."""
-    return hit_at_k(query_labels, neighbour_labels, 1)
+def _r_array(r_per_query, n_queries: int) -> np.ndarray:
+    r = np.asarray(r_per_query, dtype=np.int64)
+    if r.shape != (n_queries,):
+        raise ValueError(f"need one R per query ({n_queries}), got shape {r.shape}")
+    return r
+
+
+def _check_depth(nb: np.ndarray, r: np.ndarray, what: str) -> None:
+    if len(r) and (r > nb.shape[1]).any():
+        raise ValueError(f"{what} needs {int(r.max())} neighbours, got {nb.shape[1]}")
+
+
+def _mean_over_scored(values: np.ndarray) -> float:
+    """Mean of the finite values (queries with R >= 1); NaN when no query is scored."""
+    scored = values[~np.isnan(values)]
+    return float(scored.mean()) if len(scored) else float("nan")
+
+
+def recall_at_1_per_query(query_labels, neighbour_labels, r_per_query=None) -> np.ndarray:
+    """float [Q]: 1.0 if the nearest neighbour shares the query's class, else 0.0; NaN where R = 0."""
+    nb = np.asarray(neighbour_labels)
+    _check_k(nb, 1)
+    out = matches(query_labels, nb[:, :1])[:, 0].astype(np.float64)
+    if r_per_query is not None:
+        out[_r_array(r_per_query, len(out)) <= 0] = np.nan
+    return out
+
+
+def recall_at_1(query_labels, neighbour_labels, r_per_query=None) -> float:
+    """Recall@1 (Musgrave et al. 2020's "precision at 1"): fraction of queries whose nearest
+    neighbour shares their class.
+
+    With ``r_per_query`` (R_i, see :func:`map_at_r`), queries with R_i = 0 — no other item of
+    their class in the database — are left out, as in Musgrave et al. (pytorch-metric-learning's
+    "lone" queries); NaN if every query is such. Without it, every query counts.
+    """
+    return _mean_over_scored(recall_at_1_per_query(query_labels, neighbour_labels, r_per_query))
+
+
+def r_precision_per_query(query_labels, neighbour_labels, r_per_query) -> np.ndarray:
+    """float [Q]: (same-class items among the first R_i neighbours) / R_i; NaN where R_i = 0."""
+    nb = np.asarray(neighbour_labels)
+    r = _r_array(r_per_query, nb.shape[0])
+    _check_depth(nb, r, "R-precision")
+    m = matches(query_labels, nb)  # [Q, K]
+    within_r = np.arange(1, nb.shape[1] + 1)[None, :] <= r[:, None]
+    hits = (m & within_r).sum(1)
+    return np.where(r > 0, hits / np.maximum(r, 1), np.nan)
+
+
+def r_precision(query_labels, neighbour_labels, r_per_query) -> float:
+    """R-precision (Musgrave et al. 2020, "A Metric Learning Reality Check").
+
+    R_i = number of OTHER items of query i's class in the database (its own row excluded in
+    leave-one-out search); R-precision_i = (same-class items among its R_i nearest) / R_i.
+    Mean over the queries with R_i >= 1 (the others are left out; NaN if none is left).
+    Needs at least max(R_i) neighbours per query.
+    """
+    return _mean_over_scored(r_precision_per_query(query_labels, neighbour_labels, r_per_query))
+
+
+def map_at_r_per_query(query_labels, neighbour_labels, r_per_query) -> np.ndarray:
+    """float [Q]: AP@R_i = (1/R_i) * sum_{j<=R_i} P@j * [neighbour j same class]; NaN where R_i = 0."""
+    nb = np.asarray(neighbour_labels)
+    r = _r_array(r_per_query, nb.shape[0])
+    _check_depth(nb, r, "MAP@R")
+    m = matches(query_labels, nb).astype(np.float64)  # [Q, K]
+    j = np.arange(1, nb.shape[1] + 1)
+    prec = np.cumsum(m, axis=1) / j  # P@j
+    within_r = j[None, :] <= r[:, None]
+    return np.where(r > 0, (prec * m * within_r).sum(1) / np.maximum(r, 1), np.nan)
 
 
 def map_at_r(query_labels, neighbour_labels, r_per_query) -> float:
     """MAP@R (Musgrave et al. 2020, "A Metric Learning Reality Check").
 
-    R_i = number of database items of query i's class (self excluded where it
+    R_i = number of other database items of query i's class (self excluded where it
     applies); needs at least max(R_i) neighbours. For each query:
-    (1/R) * sum_{j<=R} P@j * [neighbour j relevant].
+    AP@R_i = (1/R_i) * sum_{j<=R_i} P@j * [neighbour j relevant], P@j the precision of the
+    first j neighbours. Mean over the queries with R_i >= 1 (the others are left out, as in
+    Musgrave et al.; NaN if none is left).
     """
+    return _mean_over_scored(map_at_r_per_query(query_labels, neighbour_labels, r_per_query))
+
+
+def precision_at_k_per_query(query_labels, neighbour_labels, k: int) -> np.ndarray:
+    """float [Q]: fraction of each query's first k neighbours sharing its class."""
     nb = np.asarray(neighbour_labels)
-    r = np.asarray(r_per_query, dtype=np.int64)
-    if (r > nb.shape[1]).any():
-        raise ValueError(f"MAP@R needs {int(r.max())} neighbours, got {nb.shape[1]}")
-    m = matches(query_labels, nb).astype(np.float64)  # [Q, K]
-    j = np.arange(1, nb.shape[1] + 1)
-    prec = np.cumsum(m, axis=1) / j  # P@j
-    within_r = j[None, :] <= r[:, None]
-    ap = np.where(r > 0, (prec * m * within_r).sum(1) / np.maximum(r, 1), 0.0)
-    return float(ap.mean())
+    _check_k(nb, k)
+    return matches(query_labels, nb[:, :k]).mean(1)
+
+
+def per_class_mean(query_labels, per_query, column: str = "precision_at_k"):
+    """pandas DataFrame (class, n_queries, <column>): the mean of a per-query value by class, best first."""
+    import pandas as pd
+
+    df = pd.DataFrame({"class": np.asarray(query_labels).astype(str), "p": np.asarray(per_query, dtype=np.float64)})
+    table = df.groupby("class").agg(n_queries=("p", "size"), p=("p", "mean")).reset_index()
+    table = table.rename(columns={"p": column})
+    return table.sort_values([column, "class"], ascending=[False, True]).reset_index(drop=True)
 
 
 def per_class_precision(query_labels, neighbour_labels, k: int):
     """pandas DataFrame (class, n_queries, precision_at_k), sorted best first."""
-    import pandas as pd
+    return per_class_mean(query_labels, precision_at_k_per_query(query_labels, neighbour_labels, k))
 
-    nb = np.asarray(neighbour_labels)
-    _check_k(nb, k)
-    per_query = matches(query_labels, nb[:, :k]).mean(1)
-    df = pd.DataFrame({"class": np.asarray(query_labels).astype(str), "p": per_query})
-    table = df.groupby("class").agg(n_queries=("p", "size"), precision_at_k=("p", "mean")).reset_index()
-    return table.sort_values(["precision_at_k", "class"], ascending=[False, True]).reset_index(drop=True)
+
+def mean_pairwise_distance(emb, max_rows: int = 2000, seed: int = 0) -> float:
+    """Mean Euclidean distance between distinct rows of ``emb`` [N, d] (float64), over a seeded
+    sample of at most ``max_rows`` rows; 0.0 for fewer than 2 rows. A collapse check."""
+    x = np.asarray(emb, dtype=np.float64)
+    if len(x) < 2:
+        return 0.0
+    if len(x) > max_rows:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), size=max_rows, replace=False))]
+    t = torch.from_numpy(x)
+    d = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist")  # [n, n], exact differences
+    n = len(x)
+    return float(d.sum() / (n * (n - 1)))
 
 
 def triplet_accuracy(q, p, n) -> float:

@@ -170,4 +170,5 @@ def test_torchrun_two_processes_equals_single_process(tmp_path, tiny_imagenet, c
         a, b = read_embeddings(got, progress=False), read_embeddings(want, progress=False)
         assert a.paths == b.paths and list(a.labels) == list(b.labels)
         np.testing.assert_allclose(a.emb, b.emb, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz", "train.txt"]  # shards removed
+    # shards removed; the text file's companion holds its model record (.npz holds it inside)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz", "train.txt", "train.txt.meta.json"]

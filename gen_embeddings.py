@@ -69,15 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=None,
                    help="comma-separated splits to embed, from train,val (default: train,val; "
                         "val is skipped with a message when the dataset has none)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
-    p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",
-                   help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
+    embedding.add_embedding_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--seed", type=int, default=0, help="seed (embedding is deterministic; kept for uniformity)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 

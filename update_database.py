@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli, runtime
+from deepranking import cli, embedding, runtime
 from deepranking.cli import UserError
 
 
@@ -44,13 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write the updated database here instead of replacing --database")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output")
     p.add_argument("--dry-run", action="store_true", help="count new, changed and removed images; write nothing")
-    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",
-                   help="mixed precision (as gen_embeddings.py): auto = bf16/fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    embedding.add_embedding_flags(p)
     return p
 
 

@@ -19,6 +19,20 @@ from deepranking import cli, image_cache, runtime
 from deepranking.preprocessing import Preprocessing, preprocess
 
 
+def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
+    """The flags of every program that embeds images: --batch-size, --device, --amp, --cache-dir, --no-progress."""
+    from pathlib import Path
+
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help=batch_help)
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
+    p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",
+                   help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
     """uint8 CPU tensors [b,H,W,3]; the next batch is read (from a memmap) while this one computes."""
     starts = range(0, len(images), batch_size)

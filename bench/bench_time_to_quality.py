@@ -156,10 +156,9 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         "--output-dir", out, "--no-progress", "--num-workers", 0]
     results, resume, wall, peak_mb = [], [], 0.0, float("nan")
     for target in times:
-        done = results[-1]["seconds"] if results else 0.0
         t0 = time.perf_counter()
-        peak_mb = max_known(peak_mb, run("train_net.py", *flags, "--time-limit", max(target - done, 1.0),
-                                         *(resume or ["--force"])))
+        # --time-limit counts the whole run's training seconds (resumes included): the target itself
+        peak_mb = max_known(peak_mb, run("train_net.py", *flags, "--time-limit", target, *(resume or ["--force"])))
         wall += time.perf_counter() - t0
         ckpt_path = latest_checkpoint(out)
         resume = ["--resume", ckpt_path]

@@ -206,7 +206,7 @@ def main(args) -> None:
         net = build_net(args, ckpt is not None, device)  # the weights are found (or not) before decoding
         with distributed.session(env, device):
             # Rank 0 decodes every image into the cache while the other ranks wait, then they map it.
-            images, spec = distributed.rank_zero_first(env, lambda: cache_images(args, data, env))
+            images, spec = distributed.rank_zero_first(env, lambda: cache_images(args, data, env, ckpt))
             run = start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver, net)
             train(run)
 
@@ -258,16 +258,19 @@ class Run:
 def train(run: Run) -> None:
     """Epochs until the end, or until --max-steps / --time-limit / Ctrl-C stop the run resumably."""
     args = run.args
-    previous = signal.signal(signal.SIGINT, _on_interrupt(run)) if _main_thread() else None
+    previous = signal.signal(signal.SIGINT, _on_interrupt(run)) if cli.in_main_thread() else None
     try:
+        reason = stop_reason(run) if run.step else None  # a resume that has already reached its limit
+        if reason is not None:
+            return stop(run, reason)
         for epoch in range(run.epoch, args.epochs):
             reason = train_one_epoch(run, epoch)
             if reason is None:
                 end_epoch(run, epoch)
-                reason = stop_reason(run, sync=True) if epoch + 1 < args.epochs else None
+                reason = stop_reason(run) if epoch + 1 < args.epochs else None
             if reason is not None:
                 return stop(run, reason)
-        run.saver.save(run.saver.final_path, training_checkpoint(run))
+        run.saver.save(run.saver.final_path, lambda: training_checkpoint(run))
         if run.env.main:
             plot_curves(args.output_dir)
             print(f"wrote {run.saver.final_path}, {args.output_dir / METRICS_NAME} and "
@@ -296,7 +299,7 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
         if run.step % args.log_every == 0:
             log_window(run, epoch, images_seen / max(time.perf_counter() - t0, 1e-9), bar)
         if run.step_in_epoch < total:
-            reason = stop_reason(run, sync=run.step % args.log_every == 0)
+            reason = stop_reason(run)
             if reason is not None:
                 bar.close()
                 return reason
@@ -357,7 +360,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     run.log.write(record)
     run.epoch, run.step_in_epoch = epoch + 1, 0
     run.epoch_stats.reset()
-    run.saver.save(run.saver.epoch_path(epoch), training_checkpoint(run))
+    run.saver.save(run.saver.epoch_path(epoch), lambda: training_checkpoint(run))
 
 
 def stop(run: Run, reason: str) -> None:
@@ -404,10 +407,15 @@ def resolve_val_path(args) -> Path | None:
     return None
 
 
-def cache_images(args, data: image_data.TripletData, env) -> tuple[np.ndarray, Preprocessing]:
-    """Decode every image once (the cache) and fix the pixel contract the checkpoint records."""
+def cache_images(args, data: image_data.TripletData, env, ckpt: dict | None) -> tuple[np.ndarray, Preprocessing]:
+    """Decode every image once (the cache) and fix the pixel contract the checkpoint records.
+
+    A resumed run keeps its checkpoint's cache size (the images may have changed size since).
+    """
     paths = list(data.paths)
-    cache_size = args.cache_size or image_cache.choose_cache_size(paths, args.image_size)
+    resumed = (ckpt or {}).get("preprocessing") or {}
+    cache_size = (args.cache_size or int(resumed.get("cache_size", 0))
+                  or image_cache.choose_cache_size(paths, args.image_size))
     images = image_cache.cache_images(paths, cache_size, progress=env.main and not args.no_progress)
     return images, Preprocessing(image_size=args.image_size, cache_size=cache_size)
 
@@ -453,7 +461,8 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
         dataset = image_data.TripletImages(images, data.train)
     steps_per_epoch = len(sampler)  # before restore() sets a skip: the whole epoch (the same every epoch)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=image_data.ignore_sigint)
     run = Run(args=args, env=env, device=device, data=data, images=images, spec=spec, net=net, trainee=trainee,
               model=trainee, optimizer=optimizer, scaler=precision.grad_scaler(), precision=precision,
               criterion=losses.RankingLoss(args.margin, args.mining),
@@ -534,7 +543,7 @@ def training_checkpoint(run: Run) -> dict:
 def save_progress(run: Run) -> None:
     """A mid-epoch checkpoint (temp_<epoch>.model, rewritten), after checking the loss stayed finite."""
     check_finite(run)
-    run.saver.save(run.saver.epoch_path(run.epoch), training_checkpoint(run))
+    run.saver.save(run.saver.epoch_path(run.epoch), lambda: training_checkpoint(run))
 
 
 def restore(run: Run, ckpt: dict) -> None:
@@ -635,22 +644,22 @@ def flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 100_003 + step) % (2**63))
 
 
-def stop_reason(run: Run, sync: bool) -> str | None:
-    """Why to stop now, agreed by all ranks: --max-steps (exact), --time-limit and Ctrl-C.
+def stop_reason(run: Run) -> str | None:
+    """Why to stop now, the same answer on every rank: --max-steps (exact), --time-limit, Ctrl-C.
 
-    Under DDP the ranks agree on the clock and on Ctrl-C only when ``sync`` (log steps and
-    epoch ends), so that no other step waits for the GPU.
+    Called after every step: under DDP the ranks OR their clock and Ctrl-C flags over the CPU
+    (gloo) group, so a stop never waits for the GPU, comes within one step of Ctrl-C (torchrun
+    kills workers 30 s after forwarding it) and every rank stops for the same reason.
     """
     args = run.args
     if args.max_steps is not None and run.step >= args.max_steps:
         return "--max-steps"  # the same step count on every rank: no agreement needed
-    if run.env.active and not sync:
-        return None
     timed_out = args.time_limit is not None and run.train_seconds() >= args.time_limit
-    if not distributed.any_rank(run.env, timed_out or run.interrupted, run.device):
-        return None
-    run.interrupted = run.interrupted or not timed_out
-    return "--time-limit" if timed_out else "interrupted"
+    timed_out, interrupted = distributed.any_rank_host(run.env, timed_out, run.interrupted)
+    run.interrupted = interrupted
+    if interrupted:
+        return "interrupted"
+    return "--time-limit" if timed_out else None
 
 
 def check_finite(run: Run) -> None:
@@ -724,11 +733,6 @@ def _on_interrupt(run: Run):
               file=sys.stderr, flush=True)
     return handler
 
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

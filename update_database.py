@@ -12,7 +12,8 @@ command lists that folder again (``--images DIR`` for another place) and
 
 then writes the database (and its companions) back atomically, rows in the order
 gen_embeddings.py uses (``image_data.list_class_folder``: by class name, then path), so
-the result equals a full rebuild with the same model. It refuses a --model other than
+the result equals a full rebuild with the same model (kept rows bit for bit; new rows to 1e-6,
+the rounding of embedding them in other batches, tested on the CPU). It refuses a --model other than
 the one that built the database (their fingerprints differ): re-embedding everything with
 the new model is gen_embeddings.py's job. ``--output`` writes elsewhere instead of in
 place (``--force`` to overwrite an existing file); ``--dry-run`` only counts.

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepranking.cli import UserError, atomic_path, check_input_file
+from deepranking.cli import UserError, atomic_path, check_input_file, os_reason
 
 CHECKPOINT_FORMAT = "deep-ranking-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -247,8 +247,8 @@ def write_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
 
 
 def _os_reason(exc: BaseException, path: Path) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+    if isinstance(exc, OSError):
+        return os_reason(exc)
     try:  # torch.save's RuntimeError hides the errno: a full disk is the usual cause
         st = os.statvfs(path.parent)
         if st.f_bavail * st.f_frsize < 64 << 20:
@@ -297,10 +297,15 @@ class Checkpointer:
             for p in self.existing():
                 p.unlink(missing_ok=True)
 
-    def save(self, path: Path, ckpt: dict) -> None:
-        """Write ``ckpt`` to ``path`` unless its weights are not finite (then keep the last good one)."""
+    def save(self, path: Path, ckpt) -> None:
+        """Write ``ckpt`` to ``path`` unless its weights are not finite (then keep the last good one).
+
+        ``ckpt``: the dict, or a function making it (called on the writing rank only).
+        """
         if not self.enabled:
             return
+        if callable(ckpt):
+            ckpt = ckpt()
         if not weights_finite(ckpt["model"]):
             raise UserError(f"the weights became NaN/inf at step {ckpt.get('step')}; not saving {path} "
                             f"({self.kept()}; try a lower --lr)")

@@ -139,6 +139,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             pass
 
 
+def in_main_thread() -> bool:
+    """Signal handlers can be installed only there."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM for a few system calls; a signal that came meanwhile acts after.
@@ -147,9 +154,8 @@ def signals_held() -> Iterator[None]:
     A ``kill -9`` cannot be held: callers keep the held part down to a few renames.
     """
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if not in_main_thread():
         yield
         return
     caught: list[int] = []

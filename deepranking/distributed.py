@@ -7,13 +7,15 @@
   at a collective: rank 0 reports the message, the others exit quietly with status 2.
 * :func:`rank_zero_first` runs a step (building the image cache) on rank 0 while the
   other ranks wait, then on the others — who find the finished cache and only map it.
-* :func:`any_rank` agrees on a flag (stop now?) across ranks.
+* :func:`any_rank_host` agrees on flags (stop now?) every step over a CPU gloo group (no GPU
+  wait); :func:`any_rank` agrees on a flag held on the device (a NaN seen on the GPU), on log steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -23,6 +25,10 @@ from deepranking import cli, runtime
 from deepranking.cli import UserError
 
 T = TypeVar("T")
+# Rank 0 alone decodes the image cache, validates and writes checkpoints while the other ranks
+# wait at their next collective: NCCL's default 10 minutes is too short for a large cache.
+TIMEOUT = timedelta(hours=3)
+_HOST_GROUP = None  # the gloo group of the current session (see session)
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,18 @@ def session(env: DistEnv, device: torch.device) -> Iterator[None]:
         return
     import torch.distributed as dist
 
+    global _HOST_GROUP
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size,
+                            timeout=TIMEOUT)
     try:
+        # Flags the ranks agree on every step (stop now?) travel over gloo on the CPU: a message
+        # between processes, never a wait for the GPU.
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=TIMEOUT)
         yield
     finally:
+        _HOST_GROUP = None
         dist.destroy_process_group()
 
 
@@ -124,6 +136,17 @@ def rank_zero_first(env: DistEnv, fn: Callable[[], T]) -> T:
     if env.main:
         agree_on_errors(env, None)  # pairs with the other ranks' run
     return result if env.main else other
+
+
+def any_rank_host(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks, through the CPU (gloo) group: cheap enough for every step."""
+    if not env.active:
+        return tuple(bool(f) for f in flags)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return tuple(bool(v > 0) for v in t.tolist())
 
 
 def any_rank(env: DistEnv, flag: bool, device: torch.device) -> bool:

@@ -456,10 +456,6 @@ def read_record(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     return record, None
 
 
-def model_id(model: dict | None) -> str | None:
-    return None if not model else model.get("id")
-
-
 def describe_model(model: dict | None) -> str:
     """'model 3fa2c1d9e0ab (runs/x.model, step 1200)' or 'an unknown model'."""
     if not model:

@@ -437,8 +437,17 @@ def epoch_batches(n_triplets: int, batch_size: int, seed: int, epoch: int, rank:
     """
     perm = np.random.default_rng([seed, epoch]).permutation(n_triplets)
     batches = [perm[i:i + batch_size] for i in range(0, n_triplets, batch_size)]
-    batches += batches[:(-len(batches)) % world]
+    total = -(-len(batches) // world) * world  # cyclic padding: even 2 batches fill 8 ranks
+    batches = [batches[i % len(batches)] for i in range(total)]
     return batches[rank::world]
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a terminal's Ctrl-C is for the main process (it stops after the step,
+    with a checkpoint); a worker killed by it would end the run with "worker exited unexpectedly"."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EpochBatchSampler:

@@ -231,14 +231,28 @@ def preprocess(
     if (h, w) != (size, size):
         shrink = h > size or w > size
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _normalisation(spec.mean, spec.std, x.device)  # [1, 3, 1, 1] each, 0..255 scale
     x = (x - mean) / std
     if train and x.shape[0]:
         gen_device = generator.device if generator is not None else x.device
         flip = torch.rand(x.shape[0], generator=generator, device=gen_device) < 0.5  # [B]
-        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+        if flip.device != x.device:  # a CPU generator feeding a GPU batch: an asynchronous copy, no wait
+            flip = (flip.pin_memory() if x.device.type == "cuda" else flip).to(x.device, non_blocking=True)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     return x.contiguous(memory_format=memory_format)
+
+
+_NORMALISATION: dict = {}
+
+
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std tensors on ``device``, made once: a fresh host->GPU copy every batch would wait."""
+    key = (tuple(mean), tuple(std), str(device))
+    if key not in _NORMALISATION:
+        with torch.inference_mode(False):  # first made while embedding, later used in training too
+            _NORMALISATION[key] = (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
+                                   torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
+    return _NORMALISATION[key]
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:

@@ -10,7 +10,7 @@ folder beside it and reuses them while the database is unchanged::
         rows.json       {"paths": [...relative to the database's folder], "labels": [...]}
         ivf-<key>-nlist<L>-seed<S>.faiss   FAISS indexes (--ann faiss), one per setting
 
-The key is every database file's (data, companions) size and mtime plus the model
+The key is every database file's (data, companions) size, mtime and inode plus the model
 fingerprint of the database's record: an edited, regenerated or updated database
 (update_database.py) has another key, and the folder is rebuilt on the next query. A
 FAISS file's name carries the key, so a file built for an older database never matches.
@@ -31,7 +31,7 @@ from deepranking import embedding_io
 from deepranking.cli import UserError, atomic_path, atomic_write_text, warn
 
 KEY_FORMAT = "deep-ranking-saved-index"
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the inode is part of the key
 FOLDER_SUFFIX = ".index"
 
 
@@ -41,12 +41,16 @@ def index_dir(database: str | os.PathLike) -> Path:
 
 
 def database_key(database: str | os.PathLike, record: dict | None) -> dict:
-    """What a saved index must match: each file's size and mtime, and the model id."""
+    """What a saved index must match: each file's size, mtime and inode, and the model id.
+
+    The inode changes whenever a file is replaced atomically (gen_embeddings.py, update_database.py),
+    so a rewrite of the same size within one tick of a coarse file-system clock is still noticed.
+    """
     files = []
     for p in embedding_io.files_of(database):
         if p.exists():
             st = p.stat()
-            files.append([p.name, st.st_size, st.st_mtime_ns])
+            files.append([p.name, st.st_size, st.st_mtime_ns, st.st_ino])
     model = (record or {}).get("model")
     return {"format": KEY_FORMAT, "version": KEY_VERSION, "files": files,
             "model": model.get("id") if model else None}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deepranking.cli import UserError, atomic_write_text
+from deepranking.cli import UserError, atomic_write_text, warn
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -75,9 +75,26 @@ class MetricsLog:
             raise UserError(f"cannot write {self.path}: {exc.strerror or exc}")
 
     def records(self) -> list[dict]:
+        """Every complete record; a line cut short by a kill or a full disk is skipped with a warning."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = []
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read {self.path}: {exc.strerror or exc}")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                warn(f"{self.path}: line {number} is not a complete record (cut short by a kill?); skipped")
+                continue
+            out.append(record)
+        return out
 
     def truncate_after(self, step: int) -> None:
         """A resume from step ``step``: drop the records a killed run wrote after its checkpoint."""

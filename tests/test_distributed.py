@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str, scenario: str) -> None:
                 return (start, time.time())
             record["span"] = distributed.rank_zero_first(env, build)
             record["any"] = distributed.any_rank(env, env.rank == 1, device)
+            record["host"] = list(distributed.any_rank_host(env, env.rank == 0, False, env.rank == 1))
             record["gather"] = distributed.all_gather(env, env.rank * 10)
     except cli.UserError as exc:
         record["error"] = str(exc)
@@ -55,6 +56,7 @@ def test_rank_zero_builds_first_and_errors_reach_every_rank(tmp_path, scenario):
         assert r1["span"][0] >= r0["span"][1]  # rank 1 started only after rank 0 had finished
         assert r0["any"] is True and r1["any"] is True  # a flag set on rank 1 alone reaches rank 0
         assert r0["gather"] == r1["gather"] == [0, 10]
+        assert r0["host"] == r1["host"] == [True, False, True]  # the per-step stop flags, over gloo
     else:  # rank 0's error stops both: rank 0 reports it, rank 1 exits quietly with 2 (nobody hangs)
         assert r0 == {"error": "rank 0 cannot read the images"} and r1 == {"exit": 2}
 

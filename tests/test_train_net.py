@@ -153,6 +153,8 @@ def test_epoch_batches_partial_last_batch_seeded_and_sharded():
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
     other = np.concatenate(image_data.epoch_batches(7, 3, seed=0, epoch=1))
     assert not np.array_equal(np.concatenate(batches), other)  # a new order each epoch
+    few = [image_data.epoch_batches(4, 2, 0, 0, rank, 8) for rank in range(8)]  # 2 batches, 8 ranks
+    assert [len(b) for b in few] == [1] * 8  # every rank steps (DDP would hang on a rank with none)
     r0, r1 = (image_data.epoch_batches(7, 3, 0, 0, rank, 2) for rank in (0, 1))
     assert len(r0) == len(r1) == 2  # 3 batches over 2 ranks: the first is repeated to even them out
     assert np.array_equal(r0[0], batches[0]) and np.array_equal(r1[0], batches[1])
@@ -492,11 +494,11 @@ def test_time_limit_counts_the_whole_run_like_max_steps(csvs, tmp_path, capsys):
     out = tmp_path / "t"
     train("--triplets", csvs[0], "--epochs", 3, "--max-steps", 2, "--output-dir", out, *TINY)
     spent = checkpoint.load_checkpoint(out / "temp_0.model")["train_seconds"]
-    # the run has already trained longer than this limit: one more step, then it stops again
+    # the run has already trained longer than this limit: it stops again at once, without a step
     train("--triplets", csvs[0], "--epochs", 3, "--time-limit", spent / 2, "--resume", out / "temp_0.model",
           "--output-dir", out, *TINY)
-    assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 3
-    assert "stopped after 3 steps (--time-limit); continue with --resume" in capsys.readouterr().out
+    assert checkpoint.load_checkpoint(out / "temp_0.model")["step"] == 2
+    assert "stopped after 2 steps (--time-limit); continue with --resume" in capsys.readouterr().out
 
 
 def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(csvs, tmp_path):
@@ -650,3 +652,25 @@ def test_no_step_reads_a_value_back_from_the_device_except_log_steps(csvs, tmp_p
         train("--triplets", csvs[0], "--batch-size", 2, "--max-steps", steps, "--log-every", 100,
               "--output-dir", tmp_path / str(steps), *[a for a in TINY if a not in ("--batch-size", "5")])
     assert counts[0] == counts[1], counts
+
+
+def test_a_resume_that_already_reached_its_limit_trains_nothing(csvs, tmp_path, capsys):
+    train("--triplets", csvs[0], "--epochs", 3, "--max-steps", 2, "--output-dir", tmp_path, *TINY)
+    before = (tmp_path / "temp_0.model").read_bytes()
+    train("--triplets", csvs[0], "--epochs", 3, "--max-steps", 2, "--resume", tmp_path / "temp_0.model",
+          "--output-dir", tmp_path, *TINY)
+    assert checkpoint.load_checkpoint(tmp_path / "temp_0.model")["step"] == 2  # not 3
+    assert "stopped after 2 steps (--max-steps)" in capsys.readouterr().out
+    assert len(before) > 0
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped_on_resume(csvs, tmp_path, capsys):
+    common = ["--triplets", csvs[0], "--epochs", 2, "--log-every", 1, *TINY]
+    train(*common, "--max-steps", 3, "--output-dir", tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": 4, "lo')  # the kill came mid-write
+    train(*common, "--resume", tmp_path / "temp_0.model", "--output-dir", tmp_path)
+    assert "line 4 is not a complete record" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == list(range(1, 11))

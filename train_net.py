@@ -343,6 +343,8 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
 def end_epoch(run: Run, epoch: int) -> None:
     """Validation, the epoch's summary line and record, and its checkpoint."""
     args = run.args
+    if epoch + 1 == args.epochs and run.window.sums:  # the last steps' record: the curves reach the end
+        write_window(run, epoch, getattr(run, "images_per_s", math.nan))
     record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, **run.epoch_stats.means(),
               "lr": current_lr(run), "images_per_s": getattr(run, "images_per_s", math.nan),
               "train_seconds": run.train_seconds()}
@@ -674,10 +676,7 @@ def check_finite(run: Run) -> None:
 def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
     """A log step (the syncs): NaN check, metrics.jsonl record, collapse and weight-growth warnings, progress."""
     check_finite(run)
-    means = run.window.means()
-    run.window.reset()
-    run.log.write({"event": "train", "epoch": epoch + 1, "step": run.step, **means, "lr": current_lr(run),
-                   "images_per_s": images_per_s, "train_seconds": run.train_seconds()})
+    means = write_window(run, epoch, images_per_s)
     emb = run.last_emb
     spread = float(torch.pdist(emb).mean()) if emb is not None and len(emb) > 1 else 1.0
     if spread < run.args.collapse_distance:
@@ -690,6 +689,15 @@ def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
                   f"since this run started ({run.start_weight_norm:.3g} -> {norm:.3g}): the learning rate is "
                   f"probably too high (--lr {run.args.lr}); try a lower --lr")
     bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+
+
+def write_window(run: Run, epoch: int, images_per_s: float) -> dict:
+    """The metrics.jsonl record of the steps since the last one (their means); returns the means."""
+    means = run.window.means()
+    run.window.reset()
+    run.log.write({"event": "train", "epoch": epoch + 1, "step": run.step, **means, "lr": current_lr(run),
+                   "images_per_s": images_per_s, "train_seconds": run.train_seconds()})
+    return means
 
 
 def weight_norm(trainee: nn.Module) -> float:

@@ -237,8 +237,9 @@ def test_two_process_ddp_run(csvs, tmp_path):
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
     assert proc.stdout.count("val triplet accuracy") == 1
     assert (out / "deepranknet.model").exists()
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["step"] == 3  # 5 batches over 2 ranks -> 3 steps each
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 5 batches over 2 ranks -> 3 steps each: the last window's record, then the epoch's
+    assert [(r["event"], r["step"]) for r in records] == [("train", 3), ("epoch", 3)]
 
 
 def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, capsys):

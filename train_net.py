@@ -382,6 +382,7 @@ def stop(run: Run, reason: str) -> None:
 
 def load_data(args) -> tuple[image_data.TripletData, np.ndarray | None, int]:
     """Triplets (and, for mining / the class loss, folder labels), checked before any work."""
+    cli.check_input_file(args.triplets, "triplet CSV", allow_empty=False)  # before looking for its val CSV
     data = image_data.load_triplet_data(args.triplets, resolve_val_path(args), args.val_fraction, args.seed)
     if args.batch_sampler == "pk" and args.mining not in losses.LABEL_ONLY_MINERS:
         raise UserError(f"--batch-sampler pk needs --mining {' or '.join(losses.LABEL_ONLY_MINERS)} "

@@ -160,6 +160,8 @@ def is_restructured(val_dir: Path) -> bool:
 
 def restructure(root: Path) -> int:
     """Restructure ``root/val``; return the number of images moved (0 if already done)."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"dataset folder is a file, not a folder: {root}")
     if not root.is_dir():
         raise UserError(f"dataset folder not found: {root} (use --download to fetch TinyImageNet)")
     val_dir = root / "val"

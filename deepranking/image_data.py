@@ -139,6 +139,8 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
     if not root.exists():
         raise UserError(f"dataset folder not found: {display_path(root)}")
     if not root.is_dir():
+        raise UserError(f"dataset folder is a file, not a folder: {display_path(root)}")
+    if not root.is_dir():
         raise UserError(f"dataset path is not a folder: {display_path(root)}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths: list[str] = []
@@ -217,7 +219,7 @@ def resolve_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(data_dir)
     if not root.is_dir():
-        raise UserError(f"dataset folder not found: {root}")
+        raise UserError(f"dataset folder {'is a file, not a folder' if root.exists() else 'not found'}: {root}")
     split_dir = root / split
     if split_dir.is_dir():
         if split == "val" and (split_dir / "val_annotations.txt").exists():

@@ -130,3 +130,15 @@ def test_unexpected_os_errors_are_one_line(capsys):
         cli.run(boom, train_net.argparse.ArgumentParser(), [])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err == "error: cannot access /some/file: Permission denied\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["triplet_sampler.py", "--data-dir", "FILE", "--output", "OUT/t.csv"],
+    ["transform_validation.py", "--data-dir", "FILE"],
+])
+def test_a_file_given_as_a_folder_is_named_as_such(tmp_path, argv):
+    f = tmp_path / "afile"
+    f.write_text("")
+    args = [str(f) if a == "FILE" else a.replace("OUT", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: dataset folder is a file, not a folder: {f}"

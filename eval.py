@@ -327,21 +327,22 @@ def report(args, train, test, queries: list[int], device) -> dict:
                     "class_names": str(words) if words else None})
     table.insert(1, "name", [image_data.display_name(c, names) for c in table["class"]])
 
-    out.mkdir(parents=True, exist_ok=True)
-    with cli.atomic_path(out / "per_class_precision.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-    curve = metrics["precision_at_k_curve"]
-    curves = {"queries vs the rest of the file (self excluded)" if self_search else "test (val queries)": curve["test"]}
-    if "train" in curve:
-        curves["train (self excluded)"] = curve["train"]
-    plots.precision_at_k(out / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
-    for n, qi in enumerate(queries):
-        draw_query(out / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
-    stale = [p for p in out.glob("retrieval_*.png")
+    with cli.staged_outputs(out, last=metrics_path.name) as stage:  # the set is written all or none
+        with cli.atomic_path(stage / "per_class_precision.csv") as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
+        curve = metrics["precision_at_k_curve"]
+        curves = {"queries vs the rest of the file (self excluded)" if self_search else "test (val queries)":
+                  curve["test"]}
+        if "train" in curve:
+            curves["train (self excluded)"] = curve["train"]
+        plots.precision_at_k(stage / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
+        for n, qi in enumerate(queries):
+            draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
+        cli.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
+    stale = [p for p in out.glob("retrieval_*.*")
              if p.stem.split("_", 1)[1].isdigit() and int(p.stem.split("_", 1)[1]) >= len(queries)]
     for p in stale:  # an earlier run's extra pictures (--force): not this run's
         p.unlink()
-    cli.atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
     k = args.k
     if self_search:
@@ -371,6 +372,7 @@ def main(args) -> None:
     metrics_path = out / "metrics.json"
     cli.check_output_path(metrics_path, args.force, "metrics file")
     check_old_pictures(out, args.force)
+    cli.check_writable_folder(out)  # before reading anything: a read-only folder fails in a second
     device = runtime.pick_device(args.device)
     test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
     # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.

@@ -139,6 +139,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             pass
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str = "--output-dir") -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any long work."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {folder}: {os_reason(exc)}")
+    return folder
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """Write a set of outputs all or none: into a staging folder inside ``folder``, then moved into place.
+
+    The moves (renames within one file system, ``last`` — the file that marks the set complete —
+    after the others) happen with SIGINT/SIGTERM held; any failure before them leaves ``folder`` as it
+    was and removes the staging folder.
+    """
+    import shutil
+
+    folder = check_writable_folder(folder)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        yield stage
+        files = sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name))
+        with signals_held():
+            for f in files:
+                os.chmod(f, FILE_MODE)
+                os.replace(f, folder / f.name)
+    except OSError as exc:
+        raise UserError(f"cannot write {folder}: {os_reason(exc)} (nothing of this run was kept there)")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def in_main_thread() -> bool:
     """Signal handlers can be installed only there."""
     import threading

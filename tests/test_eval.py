@@ -89,3 +89,43 @@ def test_bad_inputs(tmp_path, capsys):
                          "--output-dir", tmp_path / "o")
     assert code == 2 and "larger than the database" in captured.err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_a_full_disk_mid_way_leaves_no_partial_set_of_outputs(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from deepranking import plots
+
+    train, test = write_files(tmp_path)
+    out = tmp_path / "out"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "precision_at_k", full)  # after per_class_precision.csv was written
+    code, captured = run(capsys, "--train-embeddings", train, "--test-embeddings", test, "--output-dir", out,
+                         "--k", 2)
+    assert code == 2 and captured.err.strip().endswith(
+        f"cannot write {out}: No space left on device (nothing of this run was kept there)")
+    assert list(out.iterdir()) == []  # not per_class_precision.csv alone: all or none
+
+
+def test_a_read_only_output_folder_fails_before_reading_anything(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    from deepranking import embedding_io as eio
+
+    train, test = write_files(tmp_path)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def never(*a, **k):
+        raise AssertionError("read the embeddings before checking the output folder")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(eio, "read_embeddings", never)
+    code, captured = run(capsys, "--train-embeddings", train, "--test-embeddings", test, "--output-dir",
+                         tmp_path / "ro")
+    assert code == 2 and captured.err.strip() == f"error: cannot write --output-dir {tmp_path / 'ro'}: Read-only file system"

@@ -104,7 +104,23 @@ def check_output_path(path: str | os.PathLike, force: bool, what: str = "output"
         raise UserError(f"{what} already exists: {p} (use --force to overwrite)")
     if p.exists() and p.is_dir():
         raise UserError(f"{what} is a directory: {p}")
+    probe_writable(p, what)
     return p
+
+
+def probe_writable(path: Path, what: str = "output") -> None:
+    """Prove, before any long work, that ``path`` can be created: write and delete a temp file in its
+    nearest existing folder (the folders in between are made later, by the write itself)."""
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: {os_reason(exc)}")
 
 
 @contextlib.contextmanager

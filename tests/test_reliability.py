@@ -142,3 +142,15 @@ def test_a_file_given_as_a_folder_is_named_as_such(tmp_path, argv):
     args = [str(f) if a == "FILE" else a.replace("OUT", str(tmp_path)) for a in argv]
     proc = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: dataset folder is a file, not a folder: {f}"
+
+
+def test_outputs_are_proved_writable_before_any_work(tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(cli.UserError, match=r"cannot write train embeddings output .*e\.txt: Read-only file system"):
+        cli.check_output_path(tmp_path / "new" / "e.txt", False, "train embeddings output")
+    assert not (tmp_path / "new").exists()  # nothing created by the check

@@ -370,9 +370,8 @@ def report(args, train, test, queries: list[int], device) -> dict:
 def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
-    cli.check_output_path(metrics_path, args.force, "metrics file")
+    cli.check_output_path(metrics_path, args.force, "metrics file")  # also proves it writable, at once
     check_old_pictures(out, args.force)
-    cli.check_writable_folder(out)  # before reading anything: a read-only folder fails in a second
     device = runtime.pick_device(args.device)
     test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
     # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.

@@ -65,7 +65,7 @@ NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
 SAVE_EVERY = 0  # --save-every: also checkpoint every N steps mid-epoch (0: end of epoch only)
-WEIGHT_GROWTH_WARNING = 100.0  # warn when the trained weights' norm grows this many times (lr too high)
+WEIGHT_GROWTH_WARNING = 100.0  # --weight-growth-warning: warn when the trained weights' norm grows this many times (lr too high)
 COLLAPSE_DISTANCE = 1e-3  # --collapse-distance: mean pairwise distance in a batch below this = collapsed
 AMP = "auto"  # --amp: auto = bf16 on CUDA (fp16 + loss scaling without bf16), fp32 on CPU
 DETERMINISTIC = False  # --deterministic/--no-deterministic: PyTorch deterministic algorithms (GPU: slower)
@@ -181,6 +181,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=cli.non_negative_int, default=SAVE_EVERY,
                      help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only)")
     run.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between log records")
+    run.add_argument("--weight-growth-warning", type=cli.positive_float, default=WEIGHT_GROWTH_WARNING,
+                     help="warn when the trained weights' norm grows this many times (a too-high lr)")
     run.add_argument("--collapse-distance", type=cli.non_negative_float, default=COLLAPSE_DISTANCE,
                      help="warn when the mean pairwise distance in a batch falls below this")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -685,7 +687,7 @@ def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
                   f"{spread:.2g}; loss stuck at the margin {run.args.margin}): try a lower --lr, a smaller "
                   "--margin or --mining semi-hard")
     norm = weight_norm(run.trainee)
-    if norm > WEIGHT_GROWTH_WARNING * run.start_weight_norm:
+    if norm > run.args.weight_growth_warning * run.start_weight_norm:
         warn_once(run, "growth", f"step {run.step}: the trained weights' norm grew {norm / run.start_weight_norm:.3g}x "
                   f"since this run started ({run.start_weight_norm:.3g} -> {norm:.3g}): the learning rate is "
                   f"probably too high (--lr {run.args.lr}); try a lower --lr")

@@ -128,4 +128,6 @@ def test_a_read_only_output_folder_fails_before_reading_anything(tmp_path, capsy
     monkeypatch.setattr(eio, "read_embeddings", never)
     code, captured = run(capsys, "--train-embeddings", train, "--test-embeddings", test, "--output-dir",
                          tmp_path / "ro")
-    assert code == 2 and captured.err.strip() == f"error: cannot write --output-dir {tmp_path / 'ro'}: Read-only file system"
+    assert code == 2 and captured.err.strip() == (
+        f"error: cannot write metrics file {tmp_path / 'ro' / 'metrics.json'}: Read-only file system")
+    assert not (tmp_path / "ro").exists()

@@ -248,6 +248,7 @@ class Run:
     last_emb: torch.Tensor | None = None
     start_weight_norm: float | None = None  # of the trained parameters, when this process started
     warned: set = field(default_factory=set)  # warnings given once
+    images_per_s: float = math.nan  # of the last finished epoch
 
     @property
     def total_steps(self) -> int:  # the lr schedule's length, whatever stops the run earlier
@@ -346,9 +347,9 @@ def end_epoch(run: Run, epoch: int) -> None:
     """Validation, the epoch's summary line and record, and its checkpoint."""
     args = run.args
     if epoch + 1 == args.epochs and run.window.sums:  # the last steps' record: the curves reach the end
-        write_window(run, epoch, getattr(run, "images_per_s", math.nan))
+        write_window(run, epoch, run.images_per_s)
     record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, **run.epoch_stats.means(),
-              "lr": current_lr(run), "images_per_s": getattr(run, "images_per_s", math.nan),
+              "lr": current_lr(run), "images_per_s": run.images_per_s,
               "train_seconds": run.train_seconds()}
     if run.data.val is not None and run.env.main:
         record.update(validate(run))

@@ -155,20 +155,6 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             pass
 
 
-def check_writable_folder(folder: str | os.PathLike, what: str = "--output-dir") -> Path:
-    """Create ``folder`` if needed and prove a file can be written there, before any long work."""
-    folder = Path(folder)
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write {what} {folder}: {os_reason(exc)}")
-    return folder
-
-
 @contextlib.contextmanager
 def staged_outputs(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
     """Write a set of outputs all or none: into a staging folder inside ``folder``, then moved into place.
@@ -179,8 +165,12 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None) -> Iterat
     """
     import shutil
 
-    folder = check_writable_folder(folder)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    folder = Path(folder)
+    try:  # making the staging folder is the writability check
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    except OSError as exc:
+        raise UserError(f"cannot write {folder}: {os_reason(exc)}")
     try:
         yield stage
         files = sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name))

@@ -184,7 +184,8 @@ def embed_shard(paths: list[str], model, spec: Preprocessing, args, device, env:
     precision = runtime.resolve_precision(device, args.amp)
     start = time.perf_counter()
     emb = embedding.embed_paths(paths, model, spec, batch_size=args.batch_size, device=device,
-                                precision=precision, cache_dir=args.cache_dir, progress=progress)
+                                precision=precision, cache_dir=args.cache_dir, progress=progress,
+                                cache_budget=args.cache_budget)
     return emb, time.perf_counter() - start
 
 

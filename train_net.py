@@ -62,6 +62,7 @@ BATCH_SAMPLER = "csv"  # --batch-sampler: csv = batches of CSV triplets | pk = P
 PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more, harder negatives)
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
 NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while the model computes
+CACHE_BUDGET = "auto"  # --cache-budget: the image cache's size limit; over it images stream from disk (auto: half the free disk)
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
 SAVE_EVERY = 0  # --save-every: also checkpoint every N steps mid-epoch (0: end of epoch only)
@@ -109,7 +110,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--pk-images", type=cli.bounded_int(2), default=PK_IMAGES,
                       help="K: images per class in a pk batch (classes with fewer are drawn with replacement)")
     data.add_argument("--num-workers", type=cli.non_negative_int, default=NUM_WORKERS,
-                      help="DataLoader worker processes (0: gather in the main process)")
+                      help="DataLoader worker processes (0: gather in the main process; images decoded on the fly, "
+                           "over --cache-budget, get at least min(8, CPU cores))")
+    embedding.add_cache_budget_flag(data, CACHE_BUDGET)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -221,7 +224,7 @@ class Run:
     env: distributed.DistEnv
     device: torch.device
     data: image_data.TripletData
-    images: np.ndarray  # the cache, uint8 [N, c, c, 3]
+    images: np.ndarray | image_cache.StreamedImages  # the cache (or streamed rows), uint8 [N, c, c, 3]
     spec: Preprocessing
     net: deep_rank_net.DeepRankNet
     trainee: nn.Module  # net + class head: what the optimizer trains
@@ -422,7 +425,8 @@ def cache_images(args, data: image_data.TripletData, env, ckpt: dict | None) -> 
     resumed = (ckpt or {}).get("preprocessing") or {}
     cache_size = (args.cache_size or int(resumed.get("cache_size", 0))
                   or image_cache.choose_cache_size(paths, args.image_size))
-    images = image_cache.cache_images(paths, cache_size, progress=env.main and not args.no_progress)
+    images = image_cache.cache_images(paths, cache_size, progress=env.main and not args.no_progress,
+                                      budget=args.cache_budget)  # a cache, or StreamedImages over the budget
     return images, Preprocessing(image_size=args.image_size, cache_size=cache_size)
 
 
@@ -466,8 +470,9 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
         sampler = image_data.EpochBatchSampler(len(data.train), args.batch_size, args.seed, env.rank, env.world_size)
         dataset = image_data.TripletImages(images, data.train)
     steps_per_epoch = len(sampler)  # before restore() sets a skip: the whole epoch (the same every epoch)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+    workers = image_cache.loader_workers(images, args.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                          worker_init_fn=image_data.ignore_sigint)
     run = Run(args=args, env=env, device=device, data=data, images=images, spec=spec, net=net, trainee=trainee,
               model=trainee, optimizer=optimizer, scaler=precision.grad_scaler(), precision=precision,
@@ -720,7 +725,7 @@ def validate(run: Run) -> dict:
     """Val triplet accuracy (fraction with D(q,p) < D(q,n)), mean hinge loss and distances; eval mode."""
     val = run.data.val
     uniq, inverse = np.unique(val, return_inverse=True)  # embed each val image once
-    emb = embedding.embed_images(run.net, run.images[uniq], run.spec, batch_size=max(64, 3 * run.args.batch_size),
+    emb = embedding.embed_images(run.net, image_cache.subset(run.images, uniq), run.spec, batch_size=max(64, 3 * run.args.batch_size),
                                  device=run.device, precision=run.precision, progress=False)  # [U, D]
     e = torch.from_numpy(emb)[torch.from_numpy(inverse.reshape(-1))].view(-1, 3, emb.shape[1])  # [V, 3, D]
     dp, dn = losses.pairwise_distance(e[:, 0], e[:, 1]), losses.pairwise_distance(e[:, 0], e[:, 2])

@@ -140,7 +140,8 @@ def main(args) -> Plan:
     if plan.to_embed:
         precision = runtime.resolve_precision(device, args.amp)
         emb[~kept] = embed_paths(plan.to_embed, model, spec, batch_size=args.batch_size, device=device,
-                                 precision=precision, cache_dir=args.cache_dir, progress=not args.no_progress)
+                                 precision=precision, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                 cache_budget=args.cache_budget)
     seconds = time.perf_counter() - start
     embedding_io.write_embeddings(output, plan.paths, plan.labels, emb, progress=not args.no_progress,
                                   model=fingerprint, images={"root": str(root.resolve()), "stamps": plan.stamps})

@@ -351,9 +351,9 @@ def _bounded(convert, low: float, strict: bool, noun: str):
         try:
             x = convert(value)
         except ValueError:
-            raise _arg_error(f"expected {noun}, got {value!r}")
+            raise arg_error(f"expected {noun}, got {value!r}")
         if not (np.isfinite(x) and (x > low if strict else x >= low)):
-            raise _arg_error(f"expected {noun}, got {value}")
+            raise arg_error(f"expected {noun}, got {value}")
         return x
 
     return parse
@@ -380,9 +380,9 @@ def fraction(value: str) -> float:
     try:
         x = float(value)
     except ValueError:
-        raise _arg_error(f"expected a fraction in [0, 1), got {value!r}")
+        raise arg_error(f"expected a fraction in [0, 1), got {value!r}")
     if not (0.0 <= x < 1.0):
-        raise _arg_error(f"expected a fraction in [0, 1), got {value}")
+        raise arg_error(f"expected a fraction in [0, 1), got {value}")
     return x
 
 
@@ -394,7 +394,7 @@ def progress(iterable=None, enabled: bool = True, **kwargs):
                 **kwargs)
 
 
-def _arg_error(message: str):
+def arg_error(message: str):
     import argparse
 
     return argparse.ArgumentTypeError(message)

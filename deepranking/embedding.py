@@ -20,7 +20,8 @@ from deepranking.preprocessing import Preprocessing, preprocess
 
 
 def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
-    """The flags of every program that embeds images: --batch-size, --device, --amp, --cache-dir, --no-progress."""
+    """The flags of every program that embeds images: --batch-size, --device, --amp, --cache-dir,
+    --cache-budget, --no-progress."""
     from pathlib import Path
 
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help=batch_help)
@@ -30,11 +31,40 @@ def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
                    help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
+    add_cache_budget_flag(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_cache_budget_flag(p, default=None) -> None:
+    """--cache-budget, the same for every program that decodes images."""
+    p.add_argument("--cache-budget", type=image_cache.cache_budget_flag, default=default, metavar="SIZE",
+                   help="bytes the decoded-image cache may hold (e.g. 20G; 0 = never cache; auto = half the "
+                        f"disk's free space; default ${image_cache.BUDGET_ENV} or auto): over it, images are "
+                        "decoded on the fly in worker processes")
+
+
+class _StreamedBatches(torch.utils.data.Dataset):
+    """Batch i of StreamedImages (uint8 [b,H,W,3]), decoded in a DataLoader worker process."""
+
+    def __init__(self, images: image_cache.StreamedImages, batch_size: int):
+        self.images, self.batch_size = images, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[i * self.batch_size:(i + 1) * self.batch_size])
+
+
 def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
-    """uint8 CPU tensors [b,H,W,3]; the next batch is read (from a memmap) while this one computes."""
+    """uint8 CPU tensors [b,H,W,3]; the next batch is read (from a memmap) while this one computes.
+
+    Streamed images (over the cache budget) are decoded by image_cache.loader_workers processes.
+    """
+    if isinstance(images, image_cache.StreamedImages):
+        yield from torch.utils.data.DataLoader(_StreamedBatches(images, batch_size), batch_size=None,
+                                               num_workers=image_cache.loader_workers(images, 0), pin_memory=pin)
+        return
     starts = range(0, len(images), batch_size)
 
     def read(i: int) -> torch.Tensor:
@@ -96,15 +126,17 @@ def embed_paths(
     precision: runtime.Precision | None = None,
     cache_dir=None,
     progress: bool = True,
+    cache_budget: int | None = None,
 ) -> np.ndarray:
     """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them: float32 [N, D].
 
+    ``cache_budget``: see image_cache.cache_images (None: $DEEP_RANK_CACHE_BUDGET or auto).
     ``spec.cache_size`` 0 (a version-1 checkpoint, which did not record it) chooses the size
     from the images, as version-1 code did.
     """
     paths = list(paths)
     cache_size = spec.cache_size or image_cache.choose_cache_size(paths, spec.image_size)
-    images = image_cache.cache_images(paths, cache_size, cache_dir=cache_dir,
-                                      progress=progress)  # uint8 [N, c, c, 3]
+    images = image_cache.cache_images(paths, cache_size, cache_dir=cache_dir, progress=progress,
+                                      budget=cache_budget)  # uint8 [N, c, c, 3]: a cache, or streamed
     return embed_images(model, images, spec, batch_size=batch_size, device=device, precision=precision,
                         progress=progress)

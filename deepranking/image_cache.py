@@ -19,6 +19,16 @@ Every image is decoded before any work starts; if some cannot be read
 (missing, truncated, not an image) the call fails with
 :class:`preprocessing.UnreadableImageError` giving the count and the first paths.
 Nothing is skipped silently.
+
+The cache has a size budget (``--cache-budget``, else ``$DEEP_RANK_CACHE_BUDGET``,
+else ``auto``: half of what the cache folder's disk has free plus what the cache
+holds already). ``open_images`` is what the stages call: a new entry that does
+not fit beside the others evicts the least recently used complete entries (none
+used in the last ``EVICT_GRACE_S`` seconds, which a running stage may still map);
+an entry larger than the budget is not written at all, and the stage gets a
+:class:`StreamedImages` instead: the same rows, decoded on demand, in the
+DataLoader's worker processes (``loader_workers``), with every file's header
+checked before any work starts.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,12 +50,20 @@ import numpy as np
 from PIL import Image
 
 from deepranking import cli
-from deepranking.preprocessing import PIXELS_VERSION, UnreadableImageError, decode_resized
+from deepranking.preprocessing import PIXELS_VERSION, UnreadableImageError, check_image, decode_resized
 
 CACHE_FORMAT = "deep-ranking-image-cache"
 # Bump when the decoded pixels would change (resampling, colour conversion, ...).
 CACHE_VERSION = 1
 CACHE_ENV = "DEEP_RANK_CACHE_DIR"
+BUDGET_ENV = "DEEP_RANK_CACHE_BUDGET"
+# The auto budget: this fraction of (free space on the cache's disk + bytes the cache holds): the
+# cache may take half the room left, so a stage never fills the disk other programs need.
+AUTO_BUDGET_FRACTION = 0.5
+# Entries used (opened or written) this recently are never evicted: another stage may map them.
+EVICT_GRACE_S = 600.0
+# Worker processes that decode a streamed data set when the caller asked for fewer.
+MAX_STREAM_WORKERS = 8
 # Images opened (header only) by choose_cache_size.
 SIZE_SAMPLE = 64
 # Bad paths shown in the error message.
@@ -102,24 +122,22 @@ def _unreadable_error(failures: list[tuple[int, str]], total: int) -> Unreadable
         f"\n  {shown}{more}")
 
 
-def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, progress: bool,
-                 num_workers: int | None) -> list[tuple[int, str]]:
-    """Decode ``paths`` into ``out`` [N, size, size, 3]; return (index, message) of every failure."""
-    n = len(paths)
+def _for_each_image(n: int, work_one, desc: str, progress: bool, num_workers: int | None) -> list[tuple[int, str]]:
+    """Run ``work_one(i)`` for i in range(n) in ``num_workers`` threads, chunk by chunk; returns
+    (index, message) of every UnreadableImageError, in index order."""
     workers = num_workers or min(8, (os.cpu_count() or 1) + 1)
 
     def work(lo: int) -> list[tuple[int, str]]:
         bad = []
         for i in range(lo, min(lo + _CHUNK, n)):
             try:
-                out[i] = decode_resized(paths[i], size)
+                work_one(i)
             except UnreadableImageError as exc:
                 bad.append((i, str(exc)))
         return bad
 
     failures: list[tuple[int, str]] = []
-    with cli.progress(total=n, desc=f"decoding images ({size}px)", unit="img", enabled=progress,
-                      leave=False) as bar:
+    with cli.progress(total=n, desc=desc, unit="img", enabled=progress, leave=False) as bar:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for lo, bad in zip(range(0, n, _CHUNK), pool.map(work, range(0, n, _CHUNK))):
                 failures.extend(bad)
@@ -127,15 +145,29 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, progress: boo
     return failures
 
 
+def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, progress: bool,
+                 num_workers: int | None) -> list[tuple[int, str]]:
+    """Decode ``paths`` into ``out`` [N, size, size, 3]; return (index, message) of every failure."""
+    def decode(i: int) -> None:
+        out[i] = decode_resized(paths[i], size)
+
+    return _for_each_image(len(paths), decode, f"decoding images ({size}px)", progress, num_workers)
+
+
 def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True, num_workers: int | None = None) -> np.ndarray:
-    """Read-only uint8 [N, size, size, 3]: row i is ``paths[i]`` decoded and resized.
+                 progress: bool = True, num_workers: int | None = None,
+                 budget: int | None = None) -> np.ndarray | StreamedImages:
+    """uint8 rows [N, size, size, 3]: row i is ``paths[i]`` decoded and resized.
 
     Served from the cache when a complete entry for the same file list, sizes
     and modification times exists; otherwise every image is decoded (in
-    ``num_workers`` threads) into a new entry. Raises UnreadableImageError
-    listing the unreadable images (missing files included) before returning
-    anything.
+    ``num_workers`` threads) into a new entry, read-only memmap returned. Raises
+    UnreadableImageError listing the unreadable images (missing files included)
+    before returning anything.
+
+    ``budget``: bytes the cache folder may hold (None: ``$DEEP_RANK_CACHE_BUDGET``, else
+    auto). A new entry first evicts least recently used entries to fit; one that cannot
+    fit is not written: the result is then a :class:`StreamedImages` (every header checked).
     """
     size = int(size)
     if size < 1:
@@ -151,14 +183,30 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     if not missing:
         hit = _open_entry(cache_dir, key, n, size)
         if hit is not None:
+            _mark_used(_entry_files(cache_dir, key)[1])
             return hit
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise cli.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
+    nbytes = n * size * size * 3
+    limit = make_room(cache_dir, nbytes, budget)
+    if limit is not None:
+        print(f"note: caching these {n} images at {size} px needs {format_size(nbytes)}, over the image cache budget of "
+              f"{format_size(limit)} in {cache_dir} (--cache-budget or ${BUDGET_ENV}): decoding them on the fly "
+              "instead, in worker processes", file=sys.stderr)
+        check_headers(paths, progress, num_workers)
+        return StreamedImages(paths, size)
+    check_free_space(cache_dir, nbytes)
+    return _build_entry(cache_dir, key, paths, size, progress, num_workers)
+
+
+def _build_entry(cache_dir: Path, key: str, paths: list[str], size: int, progress: bool,
+                 num_workers: int | None) -> np.memmap:
+    """Decode every image into a new complete entry ``key`` (temporary name, then os.replace)."""
+    n = len(paths)
     data, header = _entry_files(cache_dir, key)
     nbytes = n * size * size * 3
-    check_free_space(cache_dir, nbytes)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
     except OSError as exc:
@@ -187,8 +235,163 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+# ----------------------------------------------------------------------------
+# The size budget: least recently used entries go first; an entry over budget streams
+# ----------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from ``20G``, ``512M``, ``1.5T``, ``300k`` or ``123456`` (decimal units; a trailing B is
+    allowed); None for ``auto``. ValueError for anything else, or a negative size."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return None
+    if value.endswith("b"):
+        value = value[:-1]
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(value[-1:], None)
+    number = float(value[:-1] if scale else value)  # ValueError when not a number
+    nbytes = number * (scale or 1)
+    if not np.isfinite(nbytes) or nbytes < 0:
+        raise ValueError(f"not a size: {text!r}")
+    return int(nbytes)
+
+
+def cache_budget_flag(value: str) -> int | None:
+    """argparse type of --cache-budget: a size (``20G``, ``0`` = never cache) or ``auto``."""
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise cli.arg_error(f"expected a size such as 20G, 500M or 0, or auto; got {value!r}")
+
+
+def resolve_budget(cache_dir: Path, budget: int | None, held: int) -> int:
+    """The budget in bytes: ``budget``, else ``$DEEP_RANK_CACHE_BUDGET``, else AUTO_BUDGET_FRACTION of
+    (the disk's free space + ``held``, the bytes the cache's entries take now)."""
+    if budget is None:
+        setting = os.environ.get(BUDGET_ENV, "auto")
+        try:
+            budget = parse_size(setting)
+        except ValueError:
+            raise cli.UserError(f"${BUDGET_ENV}={setting!r} is not a size (e.g. 20G, 500M, 0 or auto)")
+    if budget is not None:
+        return budget
+    try:
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        return sys.maxsize  # unknown: check_free_space and reserve() still fail cleanly
+    return int(AUTO_BUDGET_FRACTION * (free + held))
+
+
+def cache_entries(cache_dir: Path) -> list[tuple[float, int, str]]:
+    """(last use, bytes, key) of every complete entry in the folder, least recently used first."""
+    entries = []
+    for header in cache_dir.glob("*.json"):
+        key = header.stem
+        data = _entry_files(cache_dir, key)[0]
+        try:
+            entries.append((header.stat().st_mtime, data.stat().st_size, key))
+        except OSError:  # incomplete, or removed meanwhile
+            continue
+    return sorted(entries)
+
+
+def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> int | None:
+    """Evict least recently used entries until ``nbytes`` more fit the budget; returns None when they do,
+    else the budget (nothing is evicted then: the new entry will not be written anyway)."""
+    entries = cache_entries(cache_dir)
+    held = sum(size for _, size, _ in entries)
+    limit = resolve_budget(cache_dir, budget, held)
+    if nbytes > limit:
+        return limit
+    now = time.time()
+    for used, size, key in entries:
+        if held + nbytes <= limit:
+            break
+        if now - used < EVICT_GRACE_S:
+            continue  # another stage may have just mapped it
+        data, header = _entry_files(cache_dir, key)
+        try:
+            header.unlink()  # first: without its header the entry is never opened again
+            data.unlink()
+        except OSError:
+            continue
+        held -= size
+        print(f"note: image cache over its budget of {format_size(limit)}: removed the least recently used entry "
+              f"{key} ({format_size(size)})", file=sys.stderr)
+    if held + nbytes > limit:
+        return limit
+    return None
+
+
+def _mark_used(header: Path) -> None:
+    """Set the entry's last use (its header's modification time) to now; a read-only cache stays as it is."""
+    try:
+        os.utime(header)
+    except OSError:
+        pass
+
+
+class StreamedImages:
+    """uint8 rows [N, size, size, 3] decoded on demand: what cache_images gives over its budget.
+
+    Indexing with an int, a slice or an int array decodes those images now (decode_resized:
+    the very pixels a cache entry would hold). Pickled as its path list, so each DataLoader
+    worker process decodes its own batches; :func:`loader_workers` sizes those workers.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, paths: Sequence[str], size: int):
+        self.paths = [str(p) for p in paths]
+        self.size = int(size)
+        self.shape = (len(self.paths), self.size, self.size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return decode_resized(self.paths[index], self.size)
+        rows = range(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
+        for j, i in enumerate(rows):
+            out[j] = decode_resized(self.paths[i], self.size)
+        return out
+
+    def take(self, rows) -> "StreamedImages":
+        """The images ``rows`` (int array), still streamed."""
+        return StreamedImages([self.paths[i] for i in np.asarray(rows, dtype=np.int64)], self.size)
+
+
+def subset(images, rows: np.ndarray):
+    """Rows ``rows`` of a cache (an array) or of StreamedImages (streamed again, not decoded now)."""
+    return images.take(rows) if isinstance(images, StreamedImages) else images[rows]
+
+
+def loader_workers(images, requested: int) -> int:
+    """DataLoader worker processes for ``images``: as requested for a cache (workers only gather rows);
+    streamed images decode in the workers, so at least min(MAX_STREAM_WORKERS, CPU cores)."""
+    if isinstance(images, StreamedImages):
+        return max(int(requested), min(MAX_STREAM_WORKERS, os.cpu_count() or 1))
+    return int(requested)
+
+
+def check_headers(paths: Sequence[str], progress: bool = True, num_workers: int | None = None) -> None:
+    """Open every image's header (no decoding) and raise UnreadableImageError listing all that fail:
+    streamed images are checked, like a cache's, before any work starts."""
+    failures = _for_each_image(len(paths), lambda i: check_image(paths[i]), "checking images", progress,
+                               num_workers)
+    if failures:
+        raise _unreadable_error(failures, len(paths))
+
+
+def format_size(nbytes: int) -> str:
+    """Bytes in decimal units, three significant figures: 2.30 kB, 19.7 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def check_free_space(cache_dir: Path, nbytes: int) -> None:
@@ -198,7 +401,7 @@ def check_free_space(cache_dir: Path, nbytes: int) -> None:
     except OSError:
         return  # unknown: reserve() still fails cleanly
     if nbytes > free:
-        raise cli.UserError(f"the image cache needs {_gb(nbytes)} in {cache_dir} but only {_gb(free)} are free "
+        raise cli.UserError(f"the image cache needs {format_size(nbytes)} in {cache_dir} but only {format_size(free)} are free "
                             f"there: free some space, or point ${CACHE_ENV} (gen_embeddings.py: --cache-dir) "
                             "at a larger disk")
 
@@ -214,7 +417,7 @@ def reserve(fd: int, nbytes: int, cache_dir: Path) -> None:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # the file system cannot preallocate
             os.ftruncate(fd, nbytes)
             return
-        raise cli.UserError(f"cannot reserve {_gb(nbytes)} for the image cache in {cache_dir}: "
+        raise cli.UserError(f"cannot reserve {format_size(nbytes)} for the image cache in {cache_dir}: "
                             f"{cli.os_reason(exc)}; free some space or point ${CACHE_ENV} at a larger disk")
 
 

@@ -42,6 +42,18 @@ MAX_IMAGE_PIXELS_ENV = "DEEP_RANK_MAX_IMAGE_PIXELS"
 class UnreadableImageError(UserError):
     """An image file that PIL cannot decode; the message names the path."""
 
+    def __init__(self, *args, message: str | None = None):
+        # A DataLoader worker's exception is raised again in the main process as exc_type(text) (or
+        # exc_type(message=text)), text = "Caught <Name> in DataLoader worker ...\nOriginal Traceback
+        # ...\n<module>.<Name>: <message>": keep the worker's own message, never the traceback.
+        text = message if message is not None else (args[0] if len(args) == 1 else None)
+        name = type(self).__name__
+        if isinstance(text, str) and text.startswith(f"Caught {name} ") and f"{name}: " in text:
+            args = (text.rstrip().rsplit(f"{name}: ", 1)[-1],)
+        elif message is not None:
+            args = (message,)
+        super().__init__(*args)
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -163,6 +175,16 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     has more than ``max_image_pixels()`` pixels (a decompression bomb). Paths that
     are not valid UTF-8 are read as they are and shown escaped in messages.
     """
+    return _open_rgb(path, decode=True)
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Raise what load_rgb would for a missing file, a non-image or a bomb, reading only the header
+    (a truncated body shows only when decoded)."""
+    _open_rgb(path, decode=False)
+
+
+def _open_rgb(path: str | os.PathLike, decode: bool) -> Image.Image | None:
     limit = max_image_pixels()
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
         Image.MAX_IMAGE_PIXELS = limit  # a raised limit: Pillow's own guard must not refuse first
@@ -176,6 +198,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as im:
                 if im.width * im.height > limit:
                     raise _bomb_error(shown, im.size, None, limit)
+                if not decode:
+                    return None
                 im.load()
                 return _to_rgb(im)
     except FileNotFoundError:

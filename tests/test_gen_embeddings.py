@@ -82,6 +82,20 @@ def test_writes_both_splits_one_row_per_image(outputs, tiny_imagenet, checkpoint
         np.testing.assert_allclose(np.linalg.norm(emb.emb, axis=1), 1.0, atol=1e-5)
 
 
+def test_over_the_cache_budget_streams_the_same_rows(outputs, tmp_path, tiny_imagenet, checkpoint, capsys):
+    """--cache-budget 0: decoded on the fly in worker processes, no cache entry, the same embeddings."""
+    cache = tmp_path / "cache"
+    train, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    run_main("--model", str(checkpoint), "--data-dir", str(tiny_imagenet), "--train-output", str(train),
+             "--test-output", str(test), "--batch-size", "5", "--cache-dir", str(cache), "--cache-budget", "0")
+    assert "decoding them on the fly instead" in capsys.readouterr().err
+    assert not cache.exists() or not any(cache.iterdir())
+    for streamed, cached in ((train, outputs[0]), (test, outputs[1])):
+        a, b = read_embeddings(streamed, progress=False), read_embeddings(cached, progress=False)
+        assert a.paths == b.paths
+        np.testing.assert_allclose(a.emb, b.emb, atol=1e-6)
+
+
 def test_refuses_existing_output_before_any_work(tmp_path, tiny_imagenet, checkpoint, outputs):
     train, test = tmp_path / "train.txt", tmp_path / "test.txt"
     test.write_text("keep me")

@@ -194,8 +194,12 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monke
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
     cache = tmp_path / "cache"
-    with pytest.raises(cli.UserError, match=r"the image cache needs 0\.00 GB in .*cache but only 0\.00 GB are free"):
-        image_cache.cache_images(files, 16, cache_dir=cache, progress=False)
+    # A budget above the free space (given by hand): refused before decoding.
+    with pytest.raises(cli.UserError, match=r"the image cache needs 2.3 kB in .*cache but only 100 B are free"):
+        image_cache.cache_images(files, 16, cache_dir=cache, progress=False, budget=10**6)
+    # The auto budget (half the free space) streams instead.
+    streamed = image_cache.cache_images(files, 16, cache_dir=cache, progress=False)
+    assert isinstance(streamed, image_cache.StreamedImages) and list(cache.iterdir()) == []
     monkeypatch.undo()
 
     def full(fd, offset, length):
@@ -205,3 +209,114 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monke
     with pytest.raises(cli.UserError, match="cannot reserve .* for the image cache in .*: No space left on device"):
         image_cache.cache_images(files, 16, cache_dir=cache, progress=False)
     assert list(cache.iterdir()) == []  # no partial entry, no temp file
+
+
+# --- the size budget ----------------------------------------------------------------------------
+
+
+def test_parse_size_and_flag():
+    assert image_cache.parse_size("auto") is None
+    assert [image_cache.parse_size(v) for v in ("0", "123", "300k", "1.5M", "20G", "2t", "20GB", " 7 ")] == [
+        0, 123, 300_000, 1_500_000, 20 * 10**9, 2 * 10**12, 20 * 10**9, 7]
+    for bad in ("", "-1", "G", "lots", "nan", "inf"):
+        with pytest.raises(ValueError):
+            image_cache.parse_size(bad)
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a size such as 20G"):
+        image_cache.cache_budget_flag("ten gigs")
+
+
+def test_over_budget_streams_the_same_pixels_and_writes_nothing(images, tmp_path, capsys):
+    cache = tmp_path / "c"
+    streamed = image_cache.cache_images(images, 24, cache_dir=cache, progress=False, budget=1000)
+    assert "needs 17.3 kB, over the image cache budget of 1 kB" in capsys.readouterr().err
+    assert isinstance(streamed, image_cache.StreamedImages)
+    assert streamed.shape == (len(images), 24, 24, 3) and len(streamed) == len(images)
+    assert not cache.exists() or list(cache.iterdir()) == []  # nothing written, not even a temp file
+    cached = image_cache.cache_images(images, 24, cache_dir=tmp_path / "other", progress=False)
+    assert isinstance(cached, np.memmap)
+    np.testing.assert_array_equal(streamed[:], cached)  # slice
+    np.testing.assert_array_equal(streamed[np.array([7, 0, 7])], cached[[7, 0, 7]])  # fancy index, repeats
+    np.testing.assert_array_equal(streamed[3], cached[3])
+    np.testing.assert_array_equal(image_cache.subset(streamed, np.array([2, 5]))[:], cached[[2, 5]])
+    np.testing.assert_array_equal(image_cache.subset(cached, np.array([2, 5])), cached[[2, 5]])
+    # Budget 0 = never cache, even a tiny entry; the env var is the default budget.
+    assert isinstance(image_cache.cache_images(images[:1], 8, cache_dir=cache, progress=False, budget=0),
+                      image_cache.StreamedImages)
+
+
+def test_budget_from_env_and_a_bad_env_value(images, tmp_path, monkeypatch):
+    from deepranking import cli
+
+    monkeypatch.setenv(image_cache.BUDGET_ENV, "1k")
+    assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False),
+                      image_cache.StreamedImages)
+    monkeypatch.setenv(image_cache.BUDGET_ENV, "1G")
+    assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False), np.memmap)
+    monkeypatch.setenv(image_cache.BUDGET_ENV, "big")
+    with pytest.raises(cli.UserError, match=r"\$DEEP_RANK_CACHE_BUDGET='big' is not a size"):
+        image_cache.cache_images(images, 20, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_streaming_checks_every_header_first(images, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths = images + [str(bad), str(tmp_path / "gone.png")]
+    with pytest.raises(UnreadableImageError, match=r"(?s)2 of 12 images cannot be read.*bad\.png.*\n.*gone\.png"):
+        image_cache.cache_images(paths, 16, cache_dir=tmp_path / "c", progress=False, budget=0)
+
+
+def test_least_recently_used_entries_make_room(tmp_path, capsys):
+    root = write_class_folder(tmp_path / "imgs", n_classes=1, per_class=4, size=8, ext=".png")
+    paths = image_data.list_class_folder(root).paths
+    cache = tmp_path / "c"
+    entry = 4 * 16 * 16 * 3  # 3,072 bytes at 16 px
+    assert image_cache.format_size(entry) == "3.07 kB" and image_cache.format_size(19.7e9) == "19.7 GB"
+    a = image_cache.cache_images(paths, 16, cache_dir=cache, progress=False)
+    b = image_cache.cache_images(paths[::-1], 16, cache_dir=cache, progress=False)
+    del a, b
+    (used_a, _, key_a), (used_b, _, key_b) = image_cache.cache_entries(cache)
+    old = used_a - 2 * image_cache.EVICT_GRACE_S
+    os.utime(cache / f"{key_a}.json", (old, old))
+    os.utime(cache / f"{key_b}.json", (old + 1, old + 1))  # b used after a
+    image_cache.cache_images(paths, 16, cache_dir=cache, progress=False)  # a hit marks a used now
+    assert image_cache.cache_entries(cache)[-1][2] == key_a
+    # Room for 2 entries: a third evicts the least recently used (b), keeps a.
+    c = image_cache.cache_images(paths[1:] + paths[:1], 16, cache_dir=cache, progress=False, budget=2 * entry)
+    assert isinstance(c, np.memmap)
+    assert f"removed the least recently used entry {key_b}" in capsys.readouterr().err
+    keys = [k for _, _, k in image_cache.cache_entries(cache)]
+    assert len(keys) == 2 and key_a in keys and key_b not in keys
+    assert not (cache / f"{key_b}.u8").exists()
+    # Entries used within the grace period are never evicted: the next new one streams instead.
+    d = image_cache.cache_images(paths[2:] + paths[:2], 16, cache_dir=cache, progress=False, budget=2 * entry)
+    assert isinstance(d, image_cache.StreamedImages)
+    assert len(image_cache.cache_entries(cache)) == 2
+
+
+def _first_batch(images, context):
+    import torch
+
+    from deepranking.image_data import PKImages
+
+    loader = torch.utils.data.DataLoader(PKImages(images), sampler=[np.arange(len(images))], batch_size=None,
+                                         num_workers=1, multiprocessing_context=context)
+    return next(iter(loader))[0].numpy()
+
+
+def test_streamed_images_decode_in_spawned_workers_and_errors_stay_one_line(images, tmp_path):
+    import pickle
+
+    streamed = image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False, budget=0)
+    assert len(pickle.dumps(streamed)) < 2000  # the paths, no pixels
+    np.testing.assert_array_equal(_first_batch(streamed, "spawn"), streamed[:])
+    assert image_cache.loader_workers(streamed, 0) >= 1
+    assert image_cache.loader_workers(streamed, 12) == 12
+    assert image_cache.loader_workers(np.zeros((1, 2, 2, 3), np.uint8), 0) == 0
+    # A body truncated after the header check fails in the worker: the main process gets its message alone.
+    data = Path(images[3]).read_bytes()
+    Path(images[3]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableImageError) as exc:
+        _first_batch(streamed, "spawn")
+    assert str(exc.value).startswith("cannot read image ") and images[3] in str(exc.value)
+    assert "Traceback" not in str(exc.value)

@@ -225,6 +225,21 @@ def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     assert not torch.equal(init["model"]["fuse.weight"], mid["model"]["fuse.weight"])
 
 
+def test_training_over_the_cache_budget_streams_and_equals_the_cached_run(csvs, tmp_path, capsys, monkeypatch):
+    """--cache-budget 0: every batch decoded in DataLoader worker processes; the same weights and log."""
+    common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 1, "--lr", "0.05", *TINY]
+    train(*common, "--output-dir", tmp_path / "cached")
+    capsys.readouterr()
+    monkeypatch.setenv("DEEP_RANK_CACHE_DIR", str(tmp_path / "empty_cache"))  # else the entry just made is reused
+    train(*common, "--output-dir", tmp_path / "streamed", "--cache-budget", "0")
+    assert "decoding them on the fly instead, in worker processes" in capsys.readouterr().err
+    a, b = state(tmp_path / "cached" / "deepranknet.model"), state(tmp_path / "streamed" / "deepranknet.model")
+    for key, value in a.items():
+        assert torch.allclose(value.float(), b[key].float(), atol=1e-6), key
+    assert untimed(tmp_path / "cached" / "metrics.jsonl") == untimed(tmp_path / "streamed" / "metrics.jsonl")
+    assert not any((tmp_path / "empty_cache").iterdir())
+
+
 def test_two_process_ddp_run(csvs, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -20,6 +20,8 @@ Examples::
     python make_sample_data.py --output data/fashion-tin                    # bundled subset
     python make_sample_data.py --output data/fashion-full --source debian   # all 70,000 images
     python make_sample_data.py --build-bundle --force                       # rebuild the bundle
+    python make_sample_data.py --output data/fm200 --source debian --tints 20 \
+        --train-per-class 500 --val-per-class 50          # TinyImageNet's size: 200 classes, 110,000 images
 """
 
 from __future__ import annotations
@@ -216,6 +218,42 @@ def subset(data: dict, train_per_class: int | None, val_per_class: int | None, s
         out[f"{split}_images"] = data[f"{split}_images"][idx]
         out[f"{split}_labels"] = data[f"{split}_labels"][idx]
         out[f"{split}_source_index"] = idx
+    return out
+
+
+def tint_colours(n_tints: int) -> np.ndarray:
+    """float [n_tints, 3] in [0, 1]: fully saturated hues evenly spaced around the colour wheel."""
+    import colorsys
+
+    return np.array([colorsys.hsv_to_rgb(t / n_tints, 1.0, 1.0) for t in range(n_tints)])
+
+
+def tinted_subset(data: dict, n_tints: int, train_per_class: int | None, val_per_class: int | None,
+                  seed: int) -> dict:
+    """``n_tints`` colour classes of every class: a fine-grained task (TinyImageNet's 200 classes from 10 × 20).
+
+    Class ``c * n_tints + t`` ("Coat hue 036") holds ``per_class`` images of class c (a seeded choice
+    without repeats, drawn anew for each tint, so one grey image may appear in several tints but
+    never twice in one), grey value times the t-th hue (:func:`tint_colours`): uint8 [N, H, W, 3].
+    Train images still come from the source's train split and val from its val split.
+    """
+    colours = tint_colours(n_tints)  # [T, 3]
+    n_classes = len(data["class_names"])
+    out = {"class_names": [f"{name} hue {round(360 * t / n_tints):03d}"
+                           for name in data["class_names"] for t in range(n_tints)]}
+    for k, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
+        rng = np.random.default_rng((seed, k, n_tints))
+        grey, labels = data[f"{split}_images"], data[f"{split}_labels"].astype(np.int64)
+        images, new_labels, source = [], [], []
+        for t in range(n_tints):
+            idx = select_per_class(labels, per_class, n_classes, rng, split)
+            rgb = grey[idx] if grey.ndim == 4 else np.repeat(grey[idx][..., None], 3, axis=-1)  # [n, H, W, 3]
+            images.append(np.rint(rgb * colours[t]).astype(np.uint8))
+            new_labels.append(labels[idx] * n_tints + t)
+            source.append(idx)
+        out[f"{split}_images"] = np.concatenate(images)
+        out[f"{split}_labels"] = np.concatenate(new_labels)
+        out[f"{split}_source_index"] = np.concatenate(source)
     return out
 
 
@@ -439,6 +477,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="JPEG quality (default 95)")
     p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="threads encoding JPEGs (default: CPU count, at most 8)")
+    p.add_argument("--tints", type=cli.non_negative_int, default=0,
+                   help="make N colour classes of every class (Fashion-MNIST x 20 = TinyImageNet's 200 classes, "
+                        "a fine-grained task); --train/--val-per-class then count images per tinted class")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the subset choice and of the val order (same seed -> identical files; default 0)")
     p.add_argument("--force", action="store_true",
@@ -468,7 +509,10 @@ def main(args) -> None:
         raise UserError("--output is required (the dataset folder to write)")
     root = check_output_root(args.output, args.force)
     data, desc = load_source(args.source or "bundled")
-    data = subset(data, args.train_per_class, args.val_per_class, args.seed)
+    if args.tints:
+        data = tinted_subset(data, args.tints, args.train_per_class, args.val_per_class, args.seed)
+    else:
+        data = subset(data, args.train_per_class, args.val_per_class, args.seed)
     wnids = write_tiny_imagenet_layout(
         root, data["train_images"], data["train_labels"], data["val_images"], data["val_labels"],
         data["class_names"], size=args.size, seed=args.seed, force=args.force,

@@ -274,3 +274,36 @@ def test_bundle_rebuilds_byte_for_byte(tmp_path):
     assert rebuilt.read_bytes() == msd.BUNDLE_PATH.read_bytes()
     with pytest.raises(UserError, match="already exists"):
         run_main("--build-bundle", "--output", str(rebuilt))
+
+
+def test_tinted_classes_are_colour_times_the_grey_image(bundle, tmp_path):
+    """--tints T: class c*T + t is class c's images times hue t; each class draws its own images, no repeats."""
+    tints, per_class = 4, 5
+    data = msd.tinted_subset(bundle, tints, per_class, 3, seed=0)
+    colours = msd.tint_colours(tints)
+    np.testing.assert_allclose(colours[1], [0.5, 1.0, 0.0])  # hue 90 degrees: yellow-green
+    assert len(data["class_names"]) == 10 * tints and data["class_names"][tints + 2] == "Trouser hue 180"
+    for split, n in (("train", per_class), ("val", 3)):
+        images, labels, source = data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_source_index"]
+        assert images.shape[1:] == (28, 28, 3) and images.dtype == np.uint8
+        assert np.bincount(labels, minlength=10 * tints).tolist() == [n] * (10 * tints)
+        for label in range(10 * tints):
+            rows = np.flatnonzero(labels == label)
+            assert len(set(source[rows])) == n  # no grey image twice in one class
+            assert (bundle[f"{split}_labels"][source[rows]] == label // tints).all()  # the right garment
+            grey = bundle[f"{split}_images"][source[rows]].astype(float)  # [n, 28, 28]
+            expected = np.rint(grey[..., None] * colours[label % tints])
+            np.testing.assert_array_equal(images[rows], expected)
+    again = msd.tinted_subset(bundle, tints, per_class, 3, seed=0)
+    other = msd.tinted_subset(bundle, tints, per_class, 3, seed=1)
+    assert np.array_equal(again["train_images"], data["train_images"])
+    assert not np.array_equal(other["train_source_index"], data["train_source_index"])
+    # Through the command line: 40 class folders with readable names.
+    root = tmp_path / "tinted"
+    subprocess.run([sys.executable, "make_sample_data.py", "--output", str(root), "--tints", str(tints),
+                    "--train-per-class", "2", "--val-per-class", "1", "--size", "32", "--no-progress"],
+                   check=True, cwd=msd.REPO_DIR, capture_output=True)
+    listing = image_data.list_class_folder(root / "train")
+    assert len(set(listing.labels)) == 10 * tints and len(listing.paths) == 2 * 10 * tints
+    names = image_data.read_class_names(root / "words.txt")
+    assert names["fm09_pullover_hue_090"] == "Pullover hue 090"

@@ -62,6 +62,7 @@ BATCH_SAMPLER = "csv"  # --batch-sampler: csv = batches of CSV triplets | pk = P
 PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more, harder negatives)
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
 NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while the model computes
+SHIFT = 0.0  # --shift: also shift each training image by up to this fraction of its side (0: flips only); curbs memorising
 CACHE_BUDGET = "auto"  # --cache-budget: the image cache's size limit; over it images stream from disk (auto: half the free disk)
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
@@ -79,7 +80,7 @@ CONFIG_NAME = "config.json"
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
-RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
+RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
                      "batch_size", "seed", "lr", "lr_schedule", "warmup_steps", "momentum", "nesterov",
                      "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "val_fraction",
                      "log_every", "amp")
@@ -113,6 +114,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                       help="DataLoader worker processes (0: gather in the main process; images decoded on the fly, "
                            "over --cache-budget, get at least min(8, CPU cores))")
     embedding.add_cache_budget_flag(data, CACHE_BUDGET)
+    data.add_argument("--shift", type=cli.fraction, default=SHIFT,
+                      help="augmentation: shift each training image by up to this fraction of --image-size in x and "
+                           "y (border pixels repeated), after the random flip (0: flips only)")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -322,7 +326,7 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
     args = run.args
     x = preprocess(batch.to(run.device, non_blocking=True), run.spec, train=True,
                    generator=flip_generator(args.seed, epoch, run.step),
-                   memory_format=runtime.memory_format(run.device))  # [3b, 3, S, S]
+                   memory_format=runtime.memory_format(run.device), shift=args.shift)  # [3b, 3, S, S]
     with run.precision.autocast():
         emb, logits = run.model(x)  # ONE forward of queries, positives, negatives: [3b, D], [3b, C] or None
     emb = emb.float()

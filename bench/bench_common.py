@@ -22,25 +22,47 @@ if str(REPO) not in sys.path:
 
 
 def run(script: str, *argv) -> float:
-    """Run a pipeline script of the repository as a user would (stdout hidden).
+    """Run a pipeline script of the repository as a user would (stdout hidden); its peak memory in MB.
 
-    Returns that process's own peak resident memory in MB: its VmHWM, read from /proc
-    every 20 ms while it runs, so growth in its last 20 ms is missed (NaN where /proc is
-    missing). Not ru_maxrss: a child's ru_maxrss also counts the pages of this (big,
-    torch-loaded) process that it shared between fork and exec, and RUSAGE_CHILDREN
-    mixes every script a bench ran.
+    See :func:`run_measured` (this is its ``peak_mb``).
+    """
+    return run_measured(script, *argv).peak_mb
+
+
+@dataclasses.dataclass
+class Measured:
+    """One script run: wall seconds, peak resident memory of the process itself and of its whole tree."""
+
+    seconds: float
+    peak_mb: float  # the script's own VmHWM
+    tree_peak_mb: float  # the largest sum of VmRSS over it and its children (DataLoader workers) seen
+
+
+def run_measured(script: str, *argv, stdout=subprocess.DEVNULL) -> Measured:
+    """Run a pipeline script of the repository as a user would (stdout hidden by default).
+
+    Memory is read from /proc every 20 ms while it runs, so growth in its last 20 ms is
+    missed (NaN where /proc is missing): the process's own VmHWM, and the sum of VmRSS
+    over it and its descendants (shared pages, e.g. a memory-mapped cache read by
+    several workers, count once per process: an upper bound). Not ru_maxrss: a child's
+    ru_maxrss also counts the pages of this (big, torch-loaded) process that it shared
+    between fork and exec, and RUSAGE_CHILDREN mixes every script a bench ran.
     A failure becomes a UserError naming the script; the script's own error line is
     already on stderr above it.
     """
+    import time
+
     from deepranking.cli import UserError
 
+    t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO,
-                            stdout=subprocess.DEVNULL)  # returns once the child has exec'd
-    readings = [float("nan")]
+                            stdout=stdout)  # returns once the child has exec'd
+    readings, tree = [float("nan")], [float("nan")]
     try:
         while True:
             try:
                 readings.append(_status_mb("VmHWM", proc.pid))  # a high-water mark: never falls
+                tree.append(sum(_rss_mb(pid) for pid in _process_tree(proc.pid)))
             except (OSError, AttributeError):  # exiting, or no /proc here
                 pass
             try:
@@ -54,7 +76,28 @@ def run(script: str, *argv) -> float:
         raise
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); see its message above")
-    return readings[-1]
+    return Measured(time.perf_counter() - t0, readings[-1], max_known(*tree))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo.extend(int(c) for c in task.read_text().split())
+            except OSError:
+                continue
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        return _status_mb("VmRSS", pid)
+    except (OSError, AttributeError):  # exited meanwhile
+        return 0.0
 
 
 def _status_mb(field: str, pid: int | str = "self") -> float:

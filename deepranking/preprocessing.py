@@ -234,12 +234,16 @@ def preprocess(
     train: bool = False,
     generator: torch.Generator | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    shift: float = 0.0,
 ) -> torch.Tensor:
     """uint8 [B,H,W,3] (any device) -> normalised float32 [B,3,S,S] on the same device.
 
     Bilinear resize to ``spec.image_size`` (antialiased when shrinking), normalisation
     and, when ``train``, a random horizontal flip per image drawn from ``generator``
-    (which may live on another device than ``images``). ``memory_format`` comes from
+    (which may live on another device than ``images``), then, when ``shift`` > 0, a random
+    translation of each image by up to round(shift * S) whole pixels in x and in y, the
+    border pixels repeated into the gap (drawn after the flips, so flips alone draw the
+    same numbers with or without it). ``memory_format`` comes from
     :func:`deepranking.runtime.memory_format` (one policy for training and embedding).
     An int ``spec`` means an image size with the default normalisation.
     """
@@ -259,11 +263,33 @@ def preprocess(
     x = (x - mean) / std
     if train and x.shape[0]:
         gen_device = generator.device if generator is not None else x.device
-        flip = torch.rand(x.shape[0], generator=generator, device=gen_device) < 0.5  # [B]
-        if flip.device != x.device:  # a CPU generator feeding a GPU batch: an asynchronous copy, no wait
-            flip = (flip.pin_memory() if x.device.type == "cuda" else flip).to(x.device, non_blocking=True)
+        flip = _to(torch.rand(x.shape[0], generator=generator, device=gen_device) < 0.5, x.device)  # [B]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        pad = int(round(shift * size))
+        if pad > 0:
+            offsets = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=generator, device=gen_device)
+            x = _translate(x, _to(offsets, x.device), pad)
     return x.contiguous(memory_format=memory_format)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU generator's draws feeding a GPU batch: an asynchronous (pinned) copy, no wait."""
+    if t.device == device:
+        return t
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
+def _translate(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """x [B,C,S,S] shifted per image: the S x S window at (offsets[0], offsets[1]) [2, B] of x padded
+    by ``pad`` border-repeating pixels on each side (offset ``pad`` = no shift)."""
+    b, c, s, _ = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # [B, C, S+2p, S+2p]
+    span = torch.arange(s, device=x.device)
+    rows = (offsets[0].view(b, 1) + span).view(b, 1, s, 1)  # [B, 1, S, 1]
+    cols = (offsets[1].view(b, 1) + span).view(b, 1, 1, s)  # [B, 1, 1, S]
+    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows, cols]  # [B, C, S, S]
 
 
 _NORMALISATION: dict = {}

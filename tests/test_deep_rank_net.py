@@ -272,6 +272,33 @@ def test_preprocess_flip_is_seeded_and_per_image():
     assert torch.equal(preprocess(images, 8, train=False), plain)
 
 
+def test_preprocess_shift_translates_each_image_by_whole_pixels():
+    """--shift: after the (unchanged) flips, each image moves by (dy, dx) in [-p, p], border pixels repeated."""
+    images = torch.from_numpy(uint8_images(n=16, size=8))
+    flips_only = preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5))
+    shifted = preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5), shift=0.25)  # p = 2
+    again = preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5), shift=0.25)
+    assert torch.equal(shifted, again)
+    assert torch.equal(preprocess(images, 8, train=True, generator=torch.Generator().manual_seed(5), shift=0.01),
+                       flips_only)  # round(0.01 * 8) = 0 pixels: flips only
+    seen = set()
+    for i in range(16):
+        padded = torch.nn.functional.pad(flips_only[i:i + 1], (2, 2, 2, 2), mode="replicate")[0]  # [3, 12, 12]
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[:, dy:dy + 8, dx:dx + 8], shifted[i])]
+        assert windows, f"image {i} is not a shifted window of itself"
+        seen.add(windows[0])
+    assert len(seen) > 4  # offsets differ from image to image
+    # A hand-made case: a single bright pixel moves with its image, the border repeats.
+    dot = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
+    dot[0, 1, 1] = 255
+    x = preprocess(dot, 4)
+    from deepranking.preprocessing import _translate
+    moved = _translate(x, torch.tensor([[0], [2]]), 1)  # window at row 0, col 2 of the 1-pixel-padded image
+    assert torch.equal(moved[0, :, 2, 0], x[0, :, 1, 1])  # the dot: row 1 -> 2, col 1 -> 0
+    assert torch.equal(moved[0, :, 0, :], torch.cat([x[0, :, 0, 1:], x[0, :, 0, 3:]], dim=1))  # top row repeated
+
+
 def test_load_image(tmp_path):
     from PIL import Image
 

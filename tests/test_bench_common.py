@@ -64,3 +64,16 @@ def test_run_failure_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_common, "REPO", tmp_path)
     with pytest.raises(UserError, match=r"fail.py failed \(exit 3\)"):
         bench_common.run("fail.py")
+
+
+@linux_only
+def test_run_measured_counts_the_childrens_memory_in_the_tree_peak(tmp_path, monkeypatch):
+    """A script whose worker process holds 200 MB: its own peak stays small, its tree's includes the worker."""
+    script = tmp_path / "workers.py"
+    monkeypatch.setattr(bench_common, "REPO", tmp_path)
+    script.write_text(
+        "import subprocess, sys\n"
+        "code = 'import time\\nbuf = bytearray(200 * 2**20)\\nbuf[::4096] = b\"x\" * len(buf[::4096])\\ntime.sleep(0.5)'\n"
+        "subprocess.run([sys.executable, '-c', code], check=True)\n")
+    m = bench_common.run_measured("workers.py")
+    assert m.peak_mb < 100 and m.tree_peak_mb >= 200 and m.seconds >= 0.5

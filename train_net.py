@@ -67,6 +67,7 @@ CACHE_BUDGET = "auto"  # --cache-budget: the image cache's size limit; over it i
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
 SAVE_EVERY = 0  # --save-every: also checkpoint every N steps mid-epoch (0: end of epoch only)
+KEEP_CHECKPOINTS = 0  # --keep-checkpoints: 0 keeps every temp_<epoch>.model (classic); N keeps the newest N (each can be GBs)
 WEIGHT_GROWTH_WARNING = 100.0  # --weight-growth-warning: warn when the trained weights' norm grows this many times (lr too high)
 COLLAPSE_DISTANCE = 1e-3  # --collapse-distance: mean pairwise distance in a batch below this = collapsed
 AMP = "auto"  # --amp: auto = bf16 on CUDA (fp16 + loss scaling without bf16), fp32 on CPU
@@ -187,6 +188,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                      help="stop after this many seconds of training in total (the run's, resumes included)")
     run.add_argument("--save-every", type=cli.non_negative_int, default=SAVE_EVERY,
                      help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only)")
+    run.add_argument("--keep-checkpoints", type=cli.non_negative_int, default=KEEP_CHECKPOINTS,
+                     help="keep only the newest N temp_<epoch>.model files (0: every epoch's, as the classic code)")
     run.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between log records")
     run.add_argument("--weight-growth-warning", type=cli.positive_float, default=WEIGHT_GROWTH_WARNING,
                      help="warn when the trained weights' norm grows this many times (a too-high lr)")
@@ -208,7 +211,7 @@ def main(args) -> None:
     data, labels, n_classes = load_data(args)
     if ckpt is not None:
         check_resume(ckpt, args, data, env)
-    saver = Checkpointer(args.output_dir, env.main, args.resume)
+    saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints)
     check_outputs(saver, args)
     # One run per folder; taking the lock also proves the folder writable, before any long work.
     with cli.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():

@@ -258,16 +258,24 @@ def _os_reason(exc: BaseException, path: Path) -> str:
     return first_line(exc)
 
 
+def _epoch_of(path: Path) -> int | None:
+    """N of a ``temp_<N>.model`` name, else None."""
+    match = re.fullmatch(r"temp_(\d+)\.model", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 class Checkpointer:
     """The one writer of training checkpoints (rank 0 only; other ranks get ``enabled=False``).
 
     Names: ``temp_<epoch>.model`` (epoch counted from 0, the classic ``temp_net<epoch>.model``),
     rewritten mid-epoch by --save-every / a stop, and ``deepranknet.model`` at the end.
     ``last_good`` is the newest file that was written completely with finite weights.
+    ``keep``: 0 keeps every ``temp_<epoch>.model`` (the classic); N > 0 keeps the newest N epochs'
+    (an older one is removed only after a newer one is written completely).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, resumed_from: Path | None = None):
-        self.out_dir, self.enabled = Path(out_dir), enabled
+    def __init__(self, out_dir: Path, enabled: bool, resumed_from: Path | None = None, keep: int = 0):
+        self.out_dir, self.enabled, self.keep = Path(out_dir), enabled, int(keep)
         self.last_good: Path | None = resumed_from
 
     def epoch_path(self, epoch: int) -> Path:
@@ -314,6 +322,12 @@ class Checkpointer:
         except UserError as exc:
             raise UserError(f"{exc} ({self.kept()})")
         self.last_good = path
+        epoch = _epoch_of(path)
+        if self.keep and epoch is not None and path.parent == self.out_dir:
+            for old in self.out_dir.glob(EPOCH_PATTERN):
+                number = _epoch_of(old)
+                if number is not None and number <= epoch - self.keep:
+                    old.unlink(missing_ok=True)
 
     def kept(self) -> str:
         return f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"

@@ -240,6 +240,16 @@ def test_training_over_the_cache_budget_streams_and_equals_the_cached_run(csvs, 
     assert not any((tmp_path / "empty_cache").iterdir())
 
 
+def test_keep_checkpoints_keeps_the_newest_epochs_only(csvs, tmp_path):
+    train("--triplets", csvs[0], "--epochs", 3, "--keep-checkpoints", 1, "--output-dir", tmp_path / "one", *TINY)
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.model")) == ["deepranknet.model", "temp_2.model"]
+    train("--triplets", csvs[0], "--epochs", 3, "--output-dir", tmp_path / "all", *TINY)  # default: every epoch
+    assert sorted(p.name for p in (tmp_path / "all").glob("temp_*.model")) == [f"temp_{e}.model" for e in range(3)]
+    # The newest kept file is the run's last epoch: the same model either way.
+    assert all(torch.equal(v, state(tmp_path / "all" / "temp_2.model")[k])
+               for k, v in state(tmp_path / "one" / "temp_2.model").items())
+
+
 def test_two_process_ddp_run(csvs, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

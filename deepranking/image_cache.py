@@ -190,11 +190,11 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     except OSError as exc:
         raise cli.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
     nbytes = n * size * size * 3
-    limit = make_room(cache_dir, nbytes, budget)
-    if limit is not None:
-        print(f"note: caching these {n} images at {size} px needs {format_size(nbytes)}, over the image cache budget of "
-              f"{format_size(limit)} in {cache_dir} (--cache-budget or ${BUDGET_ENV}): decoding them on the fly "
-              "instead, in worker processes", file=sys.stderr)
+    no_room = make_room(cache_dir, nbytes, budget)
+    if no_room is not None:
+        print(f"note: caching these {n} images at {size} px needs {format_size(nbytes)}, {no_room} in {cache_dir} "
+              f"(--cache-budget or ${BUDGET_ENV}): decoding them on the fly instead, in worker processes",
+              file=sys.stderr)
         check_headers(paths, progress, num_workers)
         return StreamedImages(paths, size)
     check_free_space(cache_dir, nbytes)
@@ -295,14 +295,14 @@ def cache_entries(cache_dir: Path) -> list[tuple[float, int, str]]:
     return sorted(entries)
 
 
-def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> int | None:
+def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> str | None:
     """Evict least recently used entries until ``nbytes`` more fit the budget; returns None when they do,
-    else the budget (nothing is evicted then: the new entry will not be written anyway)."""
+    else why not (an entry larger than the budget evicts nothing: it will not be written anyway)."""
     entries = cache_entries(cache_dir)
     held = sum(size for _, size, _ in entries)
     limit = resolve_budget(cache_dir, budget, held)
     if nbytes > limit:
-        return limit
+        return f"over the image cache budget of {format_size(limit)}"
     now = time.time()
     for used, size, key in entries:
         if held + nbytes <= limit:
@@ -319,7 +319,8 @@ def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> int | None:
         print(f"note: image cache over its budget of {format_size(limit)}: removed the least recently used entry "
               f"{key} ({format_size(size)})", file=sys.stderr)
     if held + nbytes > limit:
-        return limit
+        return (f"and the image cache budget of {format_size(limit)} has {format_size(max(limit - held, 0))} left "
+                f"beside entries used in the last {EVICT_GRACE_S / 60:.0f} minutes")
     return None
 
 

@@ -289,8 +289,11 @@ def test_least_recently_used_entries_make_room(tmp_path, capsys):
     assert len(keys) == 2 and key_a in keys and key_b not in keys
     assert not (cache / f"{key_b}.u8").exists()
     # Entries used within the grace period are never evicted: the next new one streams instead.
+    capsys.readouterr()
     d = image_cache.cache_images(paths[2:] + paths[:2], 16, cache_dir=cache, progress=False, budget=2 * entry)
     assert isinstance(d, image_cache.StreamedImages)
+    assert ("needs 3.07 kB, and the image cache budget of 6.14 kB has 0 B left beside entries used in the last "
+            "10 minutes") in capsys.readouterr().err
     assert len(image_cache.cache_entries(cache)) == 2
 
 

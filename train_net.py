@@ -297,6 +297,7 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
     """One pass over this rank's batches; returns why it stopped early (a checkpoint is saved), or None."""
     args = run.args
     run.epoch = epoch
+    image_cache.mark_in_use(run.images)  # an entry read for hours must not look unused to other stages' eviction
     run.sampler.set_epoch(epoch, run.step_in_epoch)
     total = run.step_in_epoch + len(run.sampler)
     bar = cli.progress(run.loader, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -605,6 +606,7 @@ def check_outputs(saver: Checkpointer, args) -> None:
 def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
     """A resumed run must be the same run: same trajectory-changing flags, data and process count."""
     saved = dict(ckpt.get("args") or {})
+    saved.setdefault("shift", 0.0)  # checkpoints from before --shift trained without it
     cfg = ckpt["model_config"]
     saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
                  image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))

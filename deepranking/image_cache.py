@@ -110,7 +110,10 @@ def _open_entry(cache_dir: Path, key: str, n: int, size: int) -> np.memmap | Non
         return None
     if not ok:
         return None
-    return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+    try:
+        return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+    except OSError:  # evicted by another stage between the header and the map
+        return None
 
 
 def _unreadable_error(failures: list[tuple[int, str]], total: int) -> UnreadableImageError:
@@ -190,7 +193,8 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     except OSError as exc:
         raise cli.UserError(f"cannot create image cache folder {cache_dir}: {exc}")
     nbytes = n * size * size * 3
-    no_room = make_room(cache_dir, nbytes, budget)
+    # A stage that will fail (missing files) must not evict other entries first.
+    no_room = make_room(cache_dir, nbytes, budget, evict=not missing)
     if no_room is not None:
         print(f"note: caching these {n} images at {size} px needs {format_size(nbytes)}, {no_room} in {cache_dir} "
               f"(--cache-budget or ${BUDGET_ENV}): decoding them on the fly instead, in worker processes",
@@ -295,22 +299,23 @@ def cache_entries(cache_dir: Path) -> list[tuple[float, int, str]]:
     return sorted(entries)
 
 
-def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> str | None:
+def make_room(cache_dir: Path, nbytes: int, budget: int | None, evict: bool = True) -> str | None:
     """Evict least recently used entries until ``nbytes`` more fit the budget; returns None when they do,
-    else why not (an entry larger than the budget evicts nothing: it will not be written anyway)."""
+    else why not (an entry larger than the budget evicts nothing: it will not be written anyway).
+    ``evict=False``: only say whether they fit as things are."""
     entries = cache_entries(cache_dir)
     held = sum(size for _, size, _ in entries)
     limit = resolve_budget(cache_dir, budget, held)
     if nbytes > limit:
         return f"over the image cache budget of {format_size(limit)}"
     now = time.time()
-    for used, size, key in entries:
+    for used, size, key in entries if evict else []:
         if held + nbytes <= limit:
             break
-        if now - used < EVICT_GRACE_S:
-            continue  # another stage may have just mapped it
         data, header = _entry_files(cache_dir, key)
         try:
+            if now - max(used, header.stat().st_mtime) < EVICT_GRACE_S:
+                continue  # used recently (looked at again now: another stage may have just opened it)
             header.unlink()  # first: without its header the entry is never opened again
             data.unlink()
         except OSError:
@@ -320,8 +325,17 @@ def make_room(cache_dir: Path, nbytes: int, budget: int | None) -> str | None:
               f"{key} ({format_size(size)})", file=sys.stderr)
     if held + nbytes > limit:
         return (f"and the image cache budget of {format_size(limit)} has {format_size(max(limit - held, 0))} left "
-                f"beside entries used in the last {EVICT_GRACE_S / 60:.0f} minutes")
+                f"beside the entries it could not remove (used in the last {EVICT_GRACE_S / 60:.0f} minutes, "
+                "or not removable)")
     return None
+
+
+def mark_in_use(images) -> None:
+    """Refresh a cache entry's last use (call it now and then while reading ``images`` for long: each
+    epoch), so no other stage evicts it meanwhile; streamed images and plain arrays are left alone."""
+    filename = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
+    if filename:
+        _mark_used(Path(filename).with_suffix(".json"))
 
 
 def _mark_used(header: Path) -> None:
@@ -352,9 +366,13 @@ class StreamedImages:
         return len(self.paths)
 
     def __getitem__(self, index) -> np.ndarray:
-        if isinstance(index, (int, np.integer)):
-            return decode_resized(self.paths[index], self.size)
-        rows = range(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        if isinstance(index, (int, np.integer)) or (isinstance(index, np.ndarray) and index.ndim == 0):
+            return decode_resized(self.paths[int(index)], self.size)
+        if isinstance(index, slice):
+            rows = range(*index.indices(len(self)))
+        else:
+            index = np.asarray(index)
+            rows = np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64)  # a mask, as numpy
         out = np.empty((len(rows), self.size, self.size, 3), dtype=np.uint8)
         for j, i in enumerate(rows):
             out[j] = decode_resized(self.paths[i], self.size)
@@ -388,9 +406,9 @@ def check_headers(paths: Sequence[str], progress: bool = True, num_workers: int 
 
 
 def format_size(nbytes: int) -> str:
-    """Bytes in decimal units, three significant figures: 2.30 kB, 19.7 GB."""
+    """Bytes in decimal units, three significant figures: 2.3 kB, 19.7 GB (999,999 B: 1 MB)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
+        if nbytes >= 0.9995 * scale:  # what rounds to 1,000 of the unit below is 1 of this one
             return f"{nbytes / scale:.3g} {unit}"
     return f"{int(nbytes)} B"
 

@@ -238,6 +238,11 @@ def test_over_budget_streams_the_same_pixels_and_writes_nothing(images, tmp_path
     np.testing.assert_array_equal(streamed[:], cached)  # slice
     np.testing.assert_array_equal(streamed[np.array([7, 0, 7])], cached[[7, 0, 7]])  # fancy index, repeats
     np.testing.assert_array_equal(streamed[3], cached[3])
+    np.testing.assert_array_equal(streamed[np.int64(-1)], cached[-1])
+    np.testing.assert_array_equal(streamed[np.array(2)], cached[np.array(2)])  # 0-d index
+    mask = np.arange(len(images)) % 3 == 0
+    np.testing.assert_array_equal(streamed[mask], cached[mask])  # a boolean mask selects, as in numpy
+    np.testing.assert_array_equal(streamed[::-2], cached[::-2])
     np.testing.assert_array_equal(image_cache.subset(streamed, np.array([2, 5]))[:], cached[[2, 5]])
     np.testing.assert_array_equal(image_cache.subset(cached, np.array([2, 5])), cached[[2, 5]])
     # Budget 0 = never cache, even a tiny entry; the env var is the default budget.
@@ -271,7 +276,8 @@ def test_least_recently_used_entries_make_room(tmp_path, capsys):
     paths = image_data.list_class_folder(root).paths
     cache = tmp_path / "c"
     entry = 4 * 16 * 16 * 3  # 3,072 bytes at 16 px
-    assert image_cache.format_size(entry) == "3.07 kB" and image_cache.format_size(19.7e9) == "19.7 GB"
+    assert [image_cache.format_size(v) for v in (entry, 19.7e9, 999_999, 999_999_999, 999, 0)] == [
+        "3.07 kB", "19.7 GB", "1 MB", "1 GB", "999 B", "0 B"]
     a = image_cache.cache_images(paths, 16, cache_dir=cache, progress=False)
     b = image_cache.cache_images(paths[::-1], 16, cache_dir=cache, progress=False)
     del a, b
@@ -292,8 +298,21 @@ def test_least_recently_used_entries_make_room(tmp_path, capsys):
     capsys.readouterr()
     d = image_cache.cache_images(paths[2:] + paths[:2], 16, cache_dir=cache, progress=False, budget=2 * entry)
     assert isinstance(d, image_cache.StreamedImages)
-    assert ("needs 3.07 kB, and the image cache budget of 6.14 kB has 0 B left beside entries used in the last "
-            "10 minutes") in capsys.readouterr().err
+    assert ("needs 3.07 kB, and the image cache budget of 6.14 kB has 0 B left beside the entries it could not "
+            "remove (used in the last 10 minutes") in capsys.readouterr().err
+    # A stage bound to fail (a file is missing) evicts nothing on its way.
+    for _, _, key in image_cache.cache_entries(cache):
+        os.utime(cache / f"{key}.json", (old, old))
+    with pytest.raises(UnreadableImageError, match="image not found"):
+        image_cache.cache_images(paths + [str(tmp_path / "gone.png")], 16, cache_dir=cache, progress=False,
+                                 budget=2 * entry + 10)
+    assert len(image_cache.cache_entries(cache)) == 2
+    # mark_in_use refreshes an entry that a long stage keeps reading.
+    mapped = image_cache.cache_images(paths, 16, cache_dir=cache, progress=False)  # entry a, opened now
+    os.utime(cache / f"{key_a}.json", (old, old))  # ... and then read for a long time
+    image_cache.mark_in_use(mapped)
+    assert (cache / f"{key_a}.json").stat().st_mtime > old + 60
+    image_cache.mark_in_use(np.zeros((1, 2, 2, 3), np.uint8))  # not a cache: nothing to do
     assert len(image_cache.cache_entries(cache)) == 2
 
 

@@ -516,6 +516,13 @@ def test_resume_refuses_a_different_run(csvs, trained, tmp_path, capsys):
     err = fails(capsys, "--triplets", csvs[0], "--epochs", 2, "--lr-schedule", "cosine", "--resume",
                 tmp_path / "two.model", "--output-dir", out, *TINY)
     assert "torchrun --nproc_per_node 2" in err
+    # --shift: a checkpoint from before the flag existed trained without it
+    old = checkpoint.load_checkpoint(out / "temp_0.model")
+    del old["args"]["shift"]
+    checkpoint.write_checkpoint(tmp_path / "old.model", old)
+    err = fails(capsys, "--triplets", csvs[0], "--epochs", 2, "--lr-schedule", "cosine", "--shift", "0.2",
+                "--resume", tmp_path / "old.model", "--output-dir", out, *TINY)
+    assert "--shift 0.0" in err
 
 
 def test_time_limit_counts_the_whole_run_like_max_steps(csvs, tmp_path, capsys):

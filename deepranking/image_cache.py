@@ -22,7 +22,7 @@ Nothing is skipped silently.
 
 The cache has a size budget (``--cache-budget``, else ``$DEEP_RANK_CACHE_BUDGET``,
 else ``auto``: half of what the cache folder's disk has free plus what the cache
-holds already). ``open_images`` is what the stages call: a new entry that does
+holds already), decided in ``cache_images``, which every stage calls: a new entry that does
 not fit beside the others evicts the least recently used complete entries (none
 used in the last ``EVICT_GRACE_S`` seconds, which a running stage may still map);
 an entry larger than the budget is not written at all, and the stage gets a

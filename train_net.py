@@ -43,7 +43,7 @@ LEARNING_RATE = 0.001  # --lr: the course reference; higher rates wreck the pret
 EPOCHS = 1  # --epochs: one pass over the triplet CSV; pretrained ResNet-101 keeps improving for ~10
 LR_SCHEDULE = "constant"  # --lr-schedule: constant | cosine (decays to 0 by the last step of --epochs)
 WARMUP_STEPS = 0  # --warmup-steps: linear lr warm-up over the first N steps (a high lr from scratch can diverge)
-OPTIMIZER = "sgd"  # --optim: sgd | adam | rms; SGD + Nesterov is the classic recipe
+OPTIMIZER = "sgd"  # --optim: sgd | adam | adamw | rms; SGD + Nesterov is the classic recipe
 MOMENTUM = 0.9  # --momentum: SGD/RMSprop momentum, as in the classic code
 NESTEROV = True  # --nesterov/--no-nesterov: Nesterov momentum for SGD, as in the classic code
 WEIGHT_DECAY = 0.0  # --weight-decay: the classic recipe uses none; the frozen backbone regularises enough
@@ -58,6 +58,7 @@ SHALLOW = "paper"  # --shallow: paper (the image sub-sampled 4x and 8x, as the p
 MINING = "none"  # --mining: none | batch-hard | hard-negative | semi-hard (harder examples found in each batch)
 ID_LOSS_WEIGHT = 0.0  # --id-loss-weight: > 0 adds a class (softmax) loss on the embeddings; faster from scratch
 ID_LOSS_SCALE = 16.0  # --id-loss-scale: cosine-classifier temperature, logits = scale * cos(embedding, class)
+ID_LOSS_MARGIN = 0.0  # --id-loss-margin: cosine margin of the true class in the class loss (CosFace); 0 = plain softmax
 BATCH_SAMPLER = "csv"  # --batch-sampler: csv = batches of CSV triplets | pk = P classes x K images (in-batch mining)
 PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more, harder negatives)
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
@@ -74,7 +75,7 @@ AMP = "auto"  # --amp: auto = bf16 on CUDA (fp16 + loss scaling without bf16), f
 DETERMINISTIC = False  # --deterministic/--no-deterministic: PyTorch deterministic algorithms (GPU: slower)
 COMPILE = False  # --compile/--no-compile: torch.compile the model (faster steps, slow start)
 
-OPTIMIZERS = ("sgd", "adam", "rms")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rms")
 LR_SCHEDULES = ("constant", "cosine")
 CURVES_NAME = "training_curves.png"
 CONFIG_NAME = "config.json"
@@ -83,7 +84,7 @@ DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
 RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
                      "batch_size", "seed", "lr", "lr_schedule", "warmup_steps", "momentum", "nesterov",
-                     "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "val_fraction",
+                     "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "id_loss_margin", "val_fraction",
                      "log_every", "amp")
 
 
@@ -149,6 +150,8 @@ def _loss_flags(p: argparse.ArgumentParser) -> None:
                       help="weight of a class (cosine softmax) loss added to the ranking loss (needs class folders)")
     loss.add_argument("--id-loss-scale", type=cli.positive_float, default=ID_LOSS_SCALE,
                       help="temperature of the class loss's cosine logits")
+    loss.add_argument("--id-loss-margin", type=cli.fraction, default=ID_LOSS_MARGIN,
+                      help="cosine margin subtracted from the true class in the class loss (CosFace; 0: none)")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
@@ -338,7 +341,7 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
     csv_batch = args.batch_sampler == "csv"  # rows [q|p|n] of CSV triplets, else P x K images
     loss, stats = run.criterion(emb, labels, n_triplets=len(batch) // 3 if csv_batch else None)
     if logits is not None:
-        id_loss, id_stats = losses.class_loss(logits.float(), labels)
+        id_loss, id_stats = losses.class_loss(logits.float(), labels, args.id_loss_scale * args.id_loss_margin)
         loss = loss + args.id_loss_weight * id_loss
         stats.update(id_stats)
     bad = ~torch.isfinite(loss.detach())
@@ -511,7 +514,9 @@ def build_optimizer(args, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                                nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
     if args.optim == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)  # L2 in the gradient
+    if args.optim == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)  # decay apart from Adam's scaling
     return torch.optim.RMSprop(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
@@ -607,6 +612,7 @@ def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
     """A resumed run must be the same run: same trajectory-changing flags, data and process count."""
     saved = dict(ckpt.get("args") or {})
     saved.setdefault("shift", 0.0)  # checkpoints from before --shift trained without it
+    saved.setdefault("id_loss_margin", 0.0)  # nor with a class-loss margin
     cfg = ckpt["model_config"]
     saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
                  image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))

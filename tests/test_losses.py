@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,6 +252,19 @@ def test_cosine_classifier_init_forward_and_class_loss():
     loss.backward()
     assert emb.grad.abs().sum() > 0 and head.weight.grad.abs().sum() > 0
     assert losses.CosineClassifier(8, 5, scale=4.0)(emb).abs().max() <= 4.0 + 1e-5
+
+
+def test_class_loss_margin_lowers_only_the_true_class_logit():
+    # Two rows, three classes; by hand: row 0 true class 2, row 1 true class 0, margin 1.5 (logit units).
+    logits = torch.tensor([[2.0, 0.0, 3.0], [1.0, 1.0, -1.0]])
+    labels = torch.tensor([2, 0])
+    loss, _ = losses.class_loss(logits, labels, margin=1.5)
+    row0 = -math.log(math.exp(1.5) / (math.exp(2.0) + math.exp(0.0) + math.exp(1.5)))
+    row1 = -math.log(math.exp(-0.5) / (math.exp(-0.5) + math.exp(1.0) + math.exp(-1.0)))
+    assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    assert losses.class_loss(logits, labels, margin=0.0)[0].item() == pytest.approx(
+        F.cross_entropy(logits, labels).item(), abs=1e-7)
+    assert loss.item() > losses.class_loss(logits, labels)[0].item()  # the margin asks for more
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -355,6 +355,7 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--image-size", "1"], "expected an integer >= 32"),
     (["--collapse-distance", "nan"], "expected a non-negative number"),
     (["--id-loss-scale", "0"], "expected a positive number"),
+    (["--id-loss-margin", "1"], "expected a fraction in [0, 1)"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -364,7 +365,23 @@ def test_bad_flags(csvs, tmp_path, capsys, extra, message):
 
 def test_optim_names_are_case_insensitive():
     parse = train_net.get_args_parser().parse_args
-    assert [parse(["--optim", name]).optim for name in ("SGD", "Adam", "rms")] == ["sgd", "adam", "rms"]
+    assert [parse(["--optim", name]).optim for name in ("SGD", "Adam", "AdamW", "rms")] == ["sgd", "adam", "adamw",
+                                                                                           "rms"]
+
+
+def test_adam_decays_through_the_gradient_adamw_apart_from_it():
+    # One step on a weight of 1 with a zero gradient: Adam's L2 term is the whole gradient, so
+    # its normalised step is the full lr; AdamW shrinks the weight by lr * decay and nothing else.
+    def step(optim):
+        w = torch.nn.Parameter(torch.ones(1))
+        args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.1", "--weight-decay", "0.01"])
+        opt = train_net.build_optimizer(args, [w])
+        w.grad = torch.zeros(1)
+        opt.step()
+        return w.item(), type(opt)
+
+    assert step("adam") == (pytest.approx(1 - 0.1, abs=1e-6), torch.optim.Adam)
+    assert step("adamw") == (pytest.approx(1 - 0.1 * 0.01, abs=1e-7), torch.optim.AdamW)
 
 
 def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):

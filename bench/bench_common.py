@@ -209,12 +209,16 @@ class Evaluator:
                                       for p in (self.train.paths, self.val.paths))
         return self._cache[side]
 
-    def score(self, db: np.ndarray, queries: np.ndarray) -> float:
+    def per_query(self, db: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """float [Q]: each val query's precision@k against the train images."""
         from deepranking import retrieval
 
         _, idx = retrieval.knn_search(queries, db, self.k, device=self.device)
         neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]
-        return retrieval.precision_at_k(self.val.label_names, neighbour_labels, self.k)
+        return retrieval.precision_at_k_per_query(self.val.label_names, neighbour_labels, self.k)
+
+    def score(self, db: np.ndarray, queries: np.ndarray) -> float:
+        return float(self.per_query(db, queries).mean())
 
     def embed(self, model, images: np.ndarray, spec_or_size) -> np.ndarray:
         """float32 [N, D] embeddings of cached uint8 images [N, H, W, 3] (as gen_embeddings.py)."""
@@ -225,9 +229,13 @@ class Evaluator:
 
     def model(self, model, spec_or_size) -> float:
         """precision@k of ``model`` with its Preprocessing (a checkpoint's) or a bare image size."""
+        return float(self.model_per_query(model, spec_or_size).mean())
+
+    def model_per_query(self, model, spec_or_size) -> np.ndarray:
+        """float [Q]: per-query precision@k of ``model`` (mean: ``model``; spread: retrieval.standard_error)."""
         spec = self.spec(spec_or_size)
         train_images, val_images = self.images(spec)
-        return self.score(self.embed(model, train_images, spec), self.embed(model, val_images, spec))
+        return self.per_query(self.embed(model, train_images, spec), self.embed(model, val_images, spec))
 
     def raw_pixels(self) -> float:
         train_images, val_images = self.images(64)

@@ -19,7 +19,8 @@ every layer trained) on the same triplet CSV, on the CPU unless ``--device``:
 
 At each ``--eval-at`` second of training time (evaluation not counted) the
 model embeds every val image (queries) and every train image (database) and
-test precision@30 is computed exactly as eval.py does (retrieval.precision_at_k).
+test precision@30 is computed exactly as eval.py does (retrieval.precision_at_k), with
+its standard error over the val queries for our rows (retrieval.standard_error).
 Raw pixels (the 64 px images flattened, unit-normalised) are the reference row.
 The peak resident memory of training is reported too: the classic loop's rise in this
 process during its training segments (bench_common.PeakRSS, evaluation excluded), and
@@ -147,6 +148,7 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
     finished model at its own training time.
     """
     import deep_rank_net
+    from deepranking import retrieval
     from deepranking.checkpoint import load_checkpoint
 
     out = root / "run_ours"
@@ -165,9 +167,10 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         ckpt = load_checkpoint(ckpt_path)
         model, spec = deep_rank_net.model_from_checkpoint(ckpt, evaluator.device)
         batch = int(ckpt["args"]["batch_size"])
+        per_query = evaluator.model_per_query(model, spec)  # [Q]
         results.append(dict(recipe="ours", seconds=float(ckpt["train_seconds"]), wall_seconds=wall,
                             steps=int(ckpt["step"]), images=3 * int(ckpt["step"]) * batch, train_peak_mb=peak_mb,
-                            precision=evaluator.model(model, spec)))
+                            precision=float(per_query.mean()), precision_se=retrieval.standard_error(per_query)))
         print(f"  ours: {results[-1]}", file=sys.stderr)
         if ckpt_path.name == "deepranknet.model":  # all epochs done within the budget
             break
@@ -209,11 +212,13 @@ def main(args) -> None:
     print(f"{len(evaluator.train.paths)} train / {len(evaluator.val.paths)} val images, device {device}, "
           f"{torch.get_num_threads()} torch threads; raw pixels precision@{args.k} {raw:.4f}")
     print(f"{'recipe':<8} {'train s':>8} {'steps':>7} {'images':>9} {'precision@' + str(args.k):>13} "
-          f"{'train peak MB':>14}")
+          f"{'± s.e.':>7} {'train peak MB':>14}")
     for r in rows:
+        se = f"{r['precision_se']:.4f}" if "precision_se" in r else "-"
         print(f"{r['recipe']:<8} {r['seconds']:>8.0f} {r['steps']:>7} {r['images']:>9} {r['precision']:>13.4f} "
-              f"{r['train_peak_mb']:>14.0f}")
-    print("(train peak MB: the classic loop's rise in this process while training; ours: train_net.py's own peak)")
+              f"{se:>7} {r['train_peak_mb']:>14.0f}")
+    print("(train peak MB: the classic loop's rise in this process while training; ours: train_net.py's own peak;"
+          " s.e.: the standard error over the val queries: another draw of queries moves the figure this much)")
     for recipe in args.recipes:
         hit = next((r for r in rows if r["recipe"] == recipe and r["precision"] >= args.target), None)
         print(f"{recipe}: " + (f"precision@{args.k} >= {args.target:g} first seen at {hit['seconds']:.0f} s"

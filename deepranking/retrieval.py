@@ -389,6 +389,16 @@ def precision_at_k_per_query(query_labels, neighbour_labels, k: int) -> np.ndarr
     return matches(query_labels, nb[:, :k]).mean(1)
 
 
+def standard_error(per_query) -> float:
+    """Standard error of a mean over queries: sample std (ddof 1) / sqrt(Q); nan for Q < 2.
+
+    A metric from 1,000 queries moves by about this much with another draw of the
+    queries alone, so two figures closer than ~2 standard errors are not different.
+    """
+    v = np.asarray(per_query, dtype=np.float64)
+    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
 def per_class_mean(query_labels, per_query, column: str = "precision_at_k"):
     """pandas DataFrame (class, n_queries, <column>): the mean of a per-query value by class, best first."""
     import pandas as pd

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,9 @@ def test_metrics_by_hand():
     assert retrieval.precision_at_k_curve(qlab, nb, [1, 2, 4]) == pytest.approx([0.5, 0.25, 0.5])
     # MAP@R: query a has R=3: relevant at 1 and 3 -> (1/1 + 2/3)/3; query b R=1: 0.
     assert retrieval.map_at_r(qlab, nb, [3, 1]) == pytest.approx(((1 + 2 / 3) / 3 + 0) / 2)
+    per_query = retrieval.precision_at_k_per_query(qlab, nb, 4)  # [3/4, 1/4]: mean 1/2, sample std sqrt(1/8)
+    assert retrieval.standard_error(per_query) == pytest.approx(math.sqrt(1 / 8) / math.sqrt(2))
+    assert math.isnan(retrieval.standard_error([0.5]))
     table = retrieval.per_class_precision(qlab, nb, 4)
     assert table["class"].tolist() == ["a", "b"]
     assert table["precision_at_k"].tolist() == pytest.approx([0.75, 0.25])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,8 @@ def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: i
         "protocol": protocol,
         "k": k,
         "test_precision_at_k": float(s["precision"].mean()),
+        # Another draw of as many queries moves the figure by about this much; None with one query.
+        "test_precision_at_k_se": _none_if_nan(retrieval.standard_error(s["precision"])),
         "hit_at_k": float(s["hit"].mean()),
         "recall_at_1": _mean_or_none(s["recall_at_1"]),
         "r_precision": _mean_or_none(s["r_precision"]),
@@ -305,6 +308,10 @@ def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
                      f"rows of {path} (a diverged or untrained model?); every ranking below is arbitrary")
 
 
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -345,11 +352,12 @@ def report(args, train, test, queries: list[int], device) -> dict:
         p.unlink()
 
     k = args.k
+    se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries
     if self_search:
-        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f}  ({len(test)} queries, "
+        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} queries, "
               f"each against the other {len(test) - 1} of {args.test_embeddings})")
     else:
-        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f}  ({len(test)} val queries, "
+        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} val queries, "
               f"{len(train)} db)")
     if metrics["train_precision_at_k"] is not None:
         print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}  "

@@ -44,6 +44,7 @@ def test_metrics_and_pictures_by_hand(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     # Query a: 2 nearest are a, a -> 1.0. Query b at 5: nearest are 2 (a), 1 (a) -> 0.0.
     assert m["test_precision_at_k"] == pytest.approx(0.5)
+    assert m["test_precision_at_k_se"] == pytest.approx(0.5)  # per query [1, 0]: sample std sqrt(1/2) / sqrt(2)
     assert m["hit_at_k"] == pytest.approx(0.5)
     assert m["recall_at_1"] == pytest.approx(0.5)
     # MAP@R, R = 3: query a -> 1; query b: order 2,1,0,3 -> no b in the first 3 -> 0.

@@ -59,6 +59,7 @@ MINING = "none"  # --mining: none | batch-hard | hard-negative | semi-hard (hard
 ID_LOSS_WEIGHT = 0.0  # --id-loss-weight: > 0 adds a class (softmax) loss on the embeddings; faster from scratch
 ID_LOSS_SCALE = 16.0  # --id-loss-scale: cosine-classifier temperature, logits = scale * cos(embedding, class)
 ID_LOSS_MARGIN = 0.0  # --id-loss-margin: cosine margin of the true class in the class loss (CosFace); 0 = plain softmax
+ID_LOSS_SMOOTHING = 0.0  # --id-loss-smoothing: label smoothing of the class loss (a regulariser); 0 = one-hot targets
 BATCH_SAMPLER = "csv"  # --batch-sampler: csv = batches of CSV triplets | pk = P classes x K images (in-batch mining)
 PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more, harder negatives)
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
@@ -84,7 +85,8 @@ DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
 RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
                      "batch_size", "seed", "lr", "lr_schedule", "warmup_steps", "momentum", "nesterov",
-                     "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "id_loss_margin", "val_fraction",
+                     "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "id_loss_margin", "id_loss_smoothing",
+                     "val_fraction",
                      "log_every", "amp")
 
 
@@ -152,6 +154,8 @@ def _loss_flags(p: argparse.ArgumentParser) -> None:
                       help="temperature of the class loss's cosine logits")
     loss.add_argument("--id-loss-margin", type=cli.fraction, default=ID_LOSS_MARGIN,
                       help="cosine margin subtracted from the true class in the class loss (CosFace; 0: none)")
+    loss.add_argument("--id-loss-smoothing", type=cli.fraction, default=ID_LOSS_SMOOTHING,
+                      help="label smoothing of the class loss (0: one-hot targets)")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
@@ -341,7 +345,8 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
     csv_batch = args.batch_sampler == "csv"  # rows [q|p|n] of CSV triplets, else P x K images
     loss, stats = run.criterion(emb, labels, n_triplets=len(batch) // 3 if csv_batch else None)
     if logits is not None:
-        id_loss, id_stats = losses.class_loss(logits.float(), labels, args.id_loss_scale * args.id_loss_margin)
+        id_loss, id_stats = losses.class_loss(logits.float(), labels, args.id_loss_scale * args.id_loss_margin,
+                                               args.id_loss_smoothing)
         loss = loss + args.id_loss_weight * id_loss
         stats.update(id_stats)
     bad = ~torch.isfinite(loss.detach())
@@ -613,6 +618,7 @@ def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
     saved = dict(ckpt.get("args") or {})
     saved.setdefault("shift", 0.0)  # checkpoints from before --shift trained without it
     saved.setdefault("id_loss_margin", 0.0)  # nor with a class-loss margin
+    saved.setdefault("id_loss_smoothing", 0.0)  # or label smoothing
     cfg = ckpt["model_config"]
     saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
                  image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))

@@ -303,16 +303,18 @@ class CosineClassifier(torch.nn.Module):
         return f"dim={self.weight.shape[1]}, n_classes={self.weight.shape[0]}, scale={self.scale}"
 
 
-def class_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> tuple[torch.Tensor, dict[str, Stat]]:
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 0.0,
+               smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, Stat]]:
     """Cross-entropy of logits [M, C] against labels [M]; stats {"class_loss": (loss, 1)}.
 
     ``margin`` > 0 is subtracted from each row's true-class logit first (CosFace's
     additive margin, in logit units: scale * cosine margin), so an embedding must be
     closer to its own class than the softmax alone asks; retrieval scores the raw
-    cosines, which the margin leaves untouched.
+    cosines, which the margin leaves untouched. ``smoothing`` > 0 is label smoothing: the
+    target puts 1 - smoothing on the true class and spreads smoothing evenly over all C.
     """
     logits = logits.float()
     if margin:
         logits = logits - margin * F.one_hot(labels, logits.shape[1]).to(logits.dtype)  # [M, C]
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
     return loss, {"class_loss": (loss.detach(), torch.ones((), device=loss.device))}

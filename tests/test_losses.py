@@ -265,6 +265,11 @@ def test_class_loss_margin_lowers_only_the_true_class_logit():
     assert losses.class_loss(logits, labels, margin=0.0)[0].item() == pytest.approx(
         F.cross_entropy(logits, labels).item(), abs=1e-7)
     assert loss.item() > losses.class_loss(logits, labels)[0].item()  # the margin asks for more
+    # Smoothing 0.3 over C = 3: target 0.8 on the true class, 0.1 on each other; by hand for row 1.
+    logp1 = [x - math.log(math.exp(1.0) + math.exp(1.0) + math.exp(-1.0)) for x in (1.0, 1.0, -1.0)]
+    want1 = -(0.8 * logp1[0] + 0.1 * logp1[1] + 0.1 * logp1[2])
+    smooth, _ = losses.class_loss(logits[1:], labels[1:], smoothing=0.3)
+    assert smooth.item() == pytest.approx(want1, abs=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

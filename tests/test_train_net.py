@@ -356,6 +356,7 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--collapse-distance", "nan"], "expected a non-negative number"),
     (["--id-loss-scale", "0"], "expected a positive number"),
     (["--id-loss-margin", "1"], "expected a fraction in [0, 1)"),
+    (["--id-loss-smoothing", "-0.1"], "expected a fraction in [0, 1)"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:

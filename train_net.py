@@ -83,11 +83,12 @@ CONFIG_NAME = "config.json"
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
-RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images", "train_from", "image_size", "cache_size", "optim",
-                     "batch_size", "seed", "lr", "lr_schedule", "warmup_steps", "momentum", "nesterov",
-                     "weight_decay", "margin", "mining", "id_loss_weight", "id_loss_scale", "id_loss_margin", "id_loss_smoothing",
-                     "val_fraction",
-                     "log_every", "amp")
+RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images",
+                     "train_from", "image_size", "cache_size", "optim", "batch_size", "seed", "lr", "lr_schedule",
+                     "warmup_steps", "momentum", "nesterov", "weight_decay", "margin", "mining", "id_loss_weight",
+                     "id_loss_scale", "id_loss_margin", "id_loss_smoothing", "val_fraction", "log_every", "amp")
+# Flags added after checkpoints were first written: an older checkpoint trained as these values do.
+ADDED_FLAG_DEFAULTS = {"shift": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -615,10 +616,7 @@ def check_outputs(saver: Checkpointer, args) -> None:
 
 def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
     """A resumed run must be the same run: same trajectory-changing flags, data and process count."""
-    saved = dict(ckpt.get("args") or {})
-    saved.setdefault("shift", 0.0)  # checkpoints from before --shift trained without it
-    saved.setdefault("id_loss_margin", 0.0)  # nor with a class-loss margin
-    saved.setdefault("id_loss_smoothing", 0.0)  # or label smoothing
+    saved = {**ADDED_FLAG_DEFAULTS, **(ckpt.get("args") or {})}
     cfg = ckpt["model_config"]
     saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
                  image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))

@@ -34,6 +34,7 @@ from deepranking.checkpoint import Checkpointer, capture_rng_state, load_checkpo
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
 from deepranking.training_log import METRICS_NAME, MetricsLog, RunningStats
+from deepranking.weight_average import WeightAverage
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: edit here. Each is the default of the flag named beside it.
@@ -47,6 +48,7 @@ OPTIMIZER = "sgd"  # --optim: sgd | adam | adamw | rms; SGD + Nesterov is the cl
 MOMENTUM = 0.9  # --momentum: SGD/RMSprop momentum, as in the classic code
 NESTEROV = True  # --nesterov/--no-nesterov: Nesterov momentum for SGD, as in the classic code
 WEIGHT_DECAY = 0.0  # --weight-decay: the classic recipe uses none; the frozen backbone regularises enough
+EMA_DECAY = 0.0  # --ema-decay: > 0 = checkpoints hold an EMA of the weights over ~1/(1-decay) steps; 0 = the last step's
 MARGIN = 1.0  # --margin: gap g in max(0, g + D(q,p) - D(q,n)); unit-norm embeddings: D in [0, 2]
 IMAGE_SIZE = 224  # --image-size: TinyImageNet's 64 px images are upsampled on the device, as classic
 CACHE_SIZE = 0  # --cache-size: side of the decoded-image cache; 0 = the images' own size when small, else IMAGE_SIZE
@@ -86,9 +88,10 @@ DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images",
                      "train_from", "image_size", "cache_size", "optim", "batch_size", "seed", "lr", "lr_schedule",
                      "warmup_steps", "momentum", "nesterov", "weight_decay", "margin", "mining", "id_loss_weight",
-                     "id_loss_scale", "id_loss_margin", "id_loss_smoothing", "val_fraction", "log_every", "amp")
+                     "id_loss_scale", "id_loss_margin", "id_loss_smoothing", "ema_decay", "val_fraction", "log_every",
+                     "amp")
 # Flags added after checkpoints were first written: an older checkpoint trained as these values do.
-ADDED_FLAG_DEFAULTS = {"shift": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0}
+ADDED_FLAG_DEFAULTS = {"shift": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0, "ema_decay": 0.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -173,6 +176,9 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--momentum", type=cli.unit_interval, default=MOMENTUM, help="momentum (sgd, rms), in [0, 1)")
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=NESTEROV, help="Nesterov momentum (sgd)")
     opt.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY, help="weight decay (>= 0)")
+    opt.add_argument("--ema-decay", type=cli.unit_interval, default=EMA_DECAY,
+                     help="keep an exponential moving average of the weights with this decay, in [0, 1); "
+                          "checkpoints, validation and every later stage use the average (0: off)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -248,6 +254,7 @@ class Run:
     scaler: torch.amp.GradScaler
     precision: runtime.Precision
     criterion: losses.RankingLoss
+    ema: WeightAverage | None  # --ema-decay: the averaged weights that checkpoints hold, or None
     labels: torch.Tensor | None  # class id [N] of each image, on the device
     loader: torch.utils.data.DataLoader
     sampler: image_data.EpochBatchSampler | image_data.PKBatchSampler
@@ -359,6 +366,8 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
     run.scaler.scale(loss).backward()  # a pass-through unless fp16 (runtime.Precision)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.net)
     run.last_emb = emb.detach()
     return stats
 
@@ -494,6 +503,7 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
     run = Run(args=args, env=env, device=device, data=data, images=images, spec=spec, net=net, trainee=trainee,
               model=trainee, optimizer=optimizer, scaler=precision.grad_scaler(), precision=precision,
               criterion=losses.RankingLoss(args.margin, args.mining),
+              ema=WeightAverage(net, args.ema_decay) if args.ema_decay > 0 else None,
               labels=torch.from_numpy(labels).to(device) if labels is not None else None, loader=loader,
               sampler=sampler, saver=saver, log=MetricsLog(args.output_dir / METRICS_NAME, env.main),
               steps_per_epoch=steps_per_epoch)
@@ -560,7 +570,9 @@ def run_record(args, data: image_data.TripletData, env, spec: Preprocessing | No
 
 def training_checkpoint(run: Run) -> dict:
     """The checkpoint dict of the run's current state (the weights, plus all a resume needs)."""
-    ckpt = deep_rank_net.model_record(run.net, run.spec)
+    ckpt = deep_rank_net.model_record(embedding_net(run), run.spec)  # "model": what later stages embed with
+    if run.ema is not None:  # the weights being trained, for --resume
+        ckpt.update(train_model=strip_wrapper_prefixes(run.net.state_dict()), ema_updates=run.ema.updates)
     ckpt.update(epoch=run.epoch, step=run.step, step_in_epoch=run.step_in_epoch, train_seconds=run.train_seconds(),
                 optimizer=run.optimizer.state_dict(), grad_scaler=run.scaler.state_dict(), args=vars(run.args),
                 rng=capture_rng_state(), run=run_record(run.args, run.data, run.env, run.spec),
@@ -579,7 +591,9 @@ def save_progress(run: Run) -> None:
 def restore(run: Run, ckpt: dict) -> None:
     """Load a checkpoint's weights, optimizer, scaler, RNG, counters and running statistics."""
     try:
-        run.net.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+        run.net.load_state_dict(strip_wrapper_prefixes(ckpt.get("train_model", ckpt["model"])))
+        if run.ema is not None:
+            run.ema.load(strip_wrapper_prefixes(ckpt["model"]), ckpt["ema_updates"])
         if run.trainee.class_head is not None:
             head = ckpt.get("class_head") or {"weight": ckpt["id_head"]}  # id_head: version-1 name
             run.trainee.class_head.load_state_dict(head)
@@ -663,6 +677,11 @@ def scheduled_lr(base_lr: float, step: int, total_steps: int, schedule: str, war
     return lr
 
 
+def embedding_net(run: Run) -> deep_rank_net.DeepRankNet:
+    """The weights the run's checkpoints hold and its validation scores: the EMA with --ema-decay."""
+    return run.ema.module if run.ema is not None else run.net
+
+
 def current_lr(run: Run) -> float:
     """The lr of the last step taken."""
     a = run.args
@@ -744,7 +763,7 @@ def validate(run: Run) -> dict:
     """Val triplet accuracy (fraction with D(q,p) < D(q,n)), mean hinge loss and distances; eval mode."""
     val = run.data.val
     uniq, inverse = np.unique(val, return_inverse=True)  # embed each val image once
-    emb = embedding.embed_images(run.net, image_cache.subset(run.images, uniq), run.spec, batch_size=max(64, 3 * run.args.batch_size),
+    emb = embedding.embed_images(embedding_net(run), image_cache.subset(run.images, uniq), run.spec, batch_size=max(64, 3 * run.args.batch_size),
                                  device=run.device, precision=run.precision, progress=False)  # [U, D]
     e = torch.from_numpy(emb)[torch.from_numpy(inverse.reshape(-1))].view(-1, 3, emb.shape[1])  # [V, 3, D]
     dp, dn = losses.pairwise_distance(e[:, 0], e[:, 1]), losses.pairwise_distance(e[:, 0], e[:, 2])

@@ -18,6 +18,7 @@ from deepranking import cli
 import deep_rank_net
 from deepranking import checkpoint, image_cache, image_data, losses
 from deepranking.training_log import RunningStats
+from deepranking.weight_average import WeightAverage
 import train_net
 from conftest import REPO, class_image, write_tiny_imagenet
 
@@ -197,8 +198,8 @@ def test_training_keeps_frozen_layers_and_bn_stats(trained):
 
 
 @pytest.mark.parametrize("loss", [[], ["--mining", "batch-hard", "--id-loss-weight", "1", "--margin", "0.2"],
-                                  ["--lr-schedule", "cosine", "--warmup-steps", "2"]],
-                         ids=["plain", "batch-hard+id-loss", "cosine+warmup"])
+                                  ["--lr-schedule", "cosine", "--warmup-steps", "2"], ["--ema-decay", "0.8"]],
+                         ids=["plain", "batch-hard+id-loss", "cosine+warmup", "ema"])
 def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
               *loss, *TINY]
@@ -214,6 +215,12 @@ def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
     assert ("class_head" in a) == ("--id-loss-weight" in loss)  # the class loss's classifier is saved for --resume
+    assert ("train_model" in a) == ("--ema-decay" in loss)  # the trained weights beside their average
+    if "--ema-decay" in loss:
+        assert a["ema_updates"] == b["ema_updates"] == 10
+        for key, value in a["train_model"].items():
+            assert torch.allclose(value.float(), b["train_model"][key].float(), atol=1e-6), key
+        assert not torch.allclose(a["model"]["fuse.weight"], a["train_model"]["fuse.weight"])
     assert 0 < mid["train_seconds"] < b["train_seconds"]  # training time adds up across --resume
     if "--id-loss-weight" in loss:
         assert torch.allclose(a["class_head"]["weight"], b["class_head"]["weight"], atol=1e-6)
@@ -357,6 +364,7 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--id-loss-scale", "0"], "expected a positive number"),
     (["--id-loss-margin", "1"], "expected a fraction in [0, 1)"),
     (["--id-loss-smoothing", "-0.1"], "expected a fraction in [0, 1)"),
+    (["--ema-decay", "1"], "expected a fraction in [0, 1)"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -383,6 +391,57 @@ def test_adam_decays_through_the_gradient_adamw_apart_from_it():
 
     assert step("adam") == (pytest.approx(1 - 0.1, abs=1e-6), torch.optim.Adam)
     assert step("adamw") == (pytest.approx(1 - 0.1 * 0.01, abs=1e-7), torch.optim.AdamW)
+
+
+def test_weight_average_folds_each_step_in_by_hand():
+    # decay 0.75: the first update copies, then average = 0.75 * average + 0.25 * weights for floats
+    # (BatchNorm running statistics included); the integer step counter is copied.
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[2.0, -4.0]]))
+    avg = WeightAverage(net, 0.75)
+    avg.update(net)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[6.0, 0.0]]))
+        net[1].running_mean.fill_(2.0)
+        net[1].num_batches_tracked.fill_(5)
+    avg.update(net)
+    assert avg.module[0].weight.tolist() == [[3.0, -3.0]]
+    assert avg.module[1].running_mean.tolist() == [0.5]
+    assert int(avg.module[1].num_batches_tracked) == 5 and avg.updates == 2
+    assert not avg.module[0].weight.requires_grad and net[0].weight.requires_grad  # the copy is never trained
+    assert net[0].weight.tolist() == [[6.0, 0.0]]  # the net is left as it was
+
+
+def test_ema_checkpoint_embeds_with_the_average_and_validates_it(csvs, tmp_path):
+    """--ema-decay: "model" holds the average (what every later stage loads, and what validation scored),
+    "train_model" the weights being trained."""
+    import gen_embeddings
+    from deepranking.embedding_io import read_embeddings
+
+    out = tmp_path / "run"
+    train("--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 1, "--lr", "0.05", "--output-dir", out,
+          "--ema-decay", "0.5", *TINY)
+    ckpt = checkpoint.load_checkpoint(out / "deepranknet.model")
+    assert ckpt["ema_updates"] == 5 and ckpt["args"]["ema_decay"] == 0.5  # 24 triplets in batches of 5
+    assert not torch.allclose(ckpt["model"]["fuse.weight"], ckpt["train_model"]["fuse.weight"])
+    q, p, _ = (np.array(col) for col in image_data.read_triplet_csv(csvs[1]))
+    epoch = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    for weights, d_pos in (("model", epoch["val_d_pos"]), ("train_model", None)):
+        model = tmp_path / f"{weights}.model"
+        torch.save({**ckpt, "model": ckpt[weights]}, model)
+        emb_file = tmp_path / f"{weights}.txt"
+        cli.run(gen_embeddings.main, gen_embeddings.get_args_parser(),
+                ["--model", str(model), "--data-dir", str(csvs[0].parent / "tin"), "--splits", "val",
+                 "--test-output", str(emb_file), "--no-progress", "--device", "cpu"])
+        db = read_embeddings(emb_file, progress=False)
+        row = {path: i for i, path in enumerate(db.paths)}
+        e = db.emb.astype(np.float64)
+        measured = np.linalg.norm(e[[row[x] for x in q]] - e[[row[x] for x in p]], axis=1).mean()
+        if d_pos is not None:  # validation scored the average
+            assert measured == pytest.approx(d_pos, abs=1e-5)
+        else:
+            assert measured != pytest.approx(epoch["val_d_pos"], abs=1e-5)
 
 
 def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):

@@ -21,6 +21,8 @@ At each ``--eval-at`` second of training time (evaluation not counted) the
 model embeds every val image (queries) and every train image (database) and
 test precision@30 is computed exactly as eval.py does (retrieval.precision_at_k), with
 its standard error over the val queries for our rows (retrieval.standard_error).
+With ``--ours "--ema-decay D"`` each of our rows also gives the same run's last-step weights'
+figure (``precision_train_weights``): the weight average against no average on one trajectory.
 Raw pixels (the 64 px images flattened, unit-normalised) are the reference row.
 The peak resident memory of training is reported too: the classic loop's rise in this
 process during its training segments (bench_common.PeakRSS, evaluation excluded), and
@@ -171,6 +173,9 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         results.append(dict(recipe="ours", seconds=float(ckpt["train_seconds"]), wall_seconds=wall,
                             steps=int(ckpt["step"]), images=3 * int(ckpt["step"]) * batch, train_peak_mb=peak_mb,
                             precision=float(per_query.mean()), precision_se=retrieval.standard_error(per_query)))
+        if "train_model" in ckpt:  # --ema-decay: the same run's last-step weights, a paired comparison
+            trained, _ = deep_rank_net.model_from_checkpoint({**ckpt, "model": ckpt["train_model"]}, evaluator.device)
+            results[-1]["precision_train_weights"] = float(evaluator.model_per_query(trained, spec).mean())
         print(f"  ours: {results[-1]}", file=sys.stderr)
         if ckpt_path.name == "deepranknet.model":  # all epochs done within the budget
             break
@@ -219,6 +224,10 @@ def main(args) -> None:
               f"{se:>7} {r['train_peak_mb']:>14.0f}")
     print("(train peak MB: the classic loop's rise in this process while training; ours: train_net.py's own peak;"
           " s.e.: the standard error over the val queries: another draw of queries moves the figure this much)")
+    for r in rows:
+        if "precision_train_weights" in r:
+            print(f"{r['recipe']} at {r['seconds']:.0f} s: the weight average (--ema-decay) {r['precision']:.4f}, "
+                  f"the same run's last-step weights {r['precision_train_weights']:.4f}")
     for recipe in args.recipes:
         hit = next((r for r in rows if r["recipe"] == recipe and r["precision"] >= args.target), None)
         print(f"{recipe}: " + (f"precision@{args.k} >= {args.target:g} first seen at {hit['seconds']:.0f} s"

@@ -71,6 +71,66 @@ def test_resnet101_default_constructs_and_runs():
     assert abs(out.norm().item() - 1) < 1e-4
 
 
+@pytest.mark.parametrize("side, expected", [
+    ((1, 3, 1, 1, 1), (1, 2, 0)),  # 3x3 on a 1x1 map (layer4 at 32 px): the centre tap alone
+    ((2, 3, 2, 1, 1), (1, 3, 0)),  # stride 2 from 2 to 1 (layer4.0.conv1 at 32 px): taps 1-2, no padding
+    ((1, 5, 1, 2, 1), (2, 3, 0)),  # 5 taps on 1 pixel
+    ((2, 5, 1, 2, 1), (1, 4, 1)),  # 5 taps on 2 pixels: the outer two read only padding, 1 pixel of it left
+    ((3, 5, 1, 2, 1), None),  # 5 taps on 3 pixels: the outer taps read the edge pixels
+    ((2, 3, 1, 1, 1), None),  # stride 1, 2 pixels: each tap reads input for some output
+    ((32, 7, 2, 3, 1), None),  # the stem at 32 px
+    ((1, 3, 2, 2, 1), None),  # taps 0 and 2 read input, tap 1 never: not a range, nothing left out
+    ((1, 3, 1, 2, 2), (1, 2, 0)),  # dilation 2: the centre tap alone
+])
+def test_conv_tap_range_by_hand(side, expected):
+    assert drn.conv_tap_range(*side) == expected
+
+
+@pytest.mark.parametrize("shape, conv", [
+    ((4, 8, 1, 1), dict(kernel_size=3, padding=1)),
+    ((4, 8, 2, 2), dict(kernel_size=3, padding=1, stride=2)),
+    ((4, 8, 1, 3), dict(kernel_size=3, padding=1)),  # only the height loses taps
+    ((4, 8, 1, 2), dict(kernel_size=5, padding=2)),  # (2, 3, 0) down, (1, 4, 1) across
+    ((4, 8, 1, 1), dict(kernel_size=3, padding=2, dilation=2, groups=4, bias=False)),
+    ((4, 8, 5, 5), dict(kernel_size=3, padding=1)),  # nothing to leave out: the torch path
+])
+def test_padding_skipping_conv_equals_torch_conv_with_gradients(shape, conv):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(8, 16, **conv)
+    mine = torch.nn.Conv2d(8, 16, **conv)
+    mine.load_state_dict(ref.state_dict())
+    mine.__class__ = drn.PaddingSkippingConv2d
+    x = torch.randn(shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out_ref, out = ref(x), mine(x2)
+    assert out.shape == out_ref.shape
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out_ref.backward(g)
+    out.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if conv.get("bias", True):
+        torch.testing.assert_close(mine.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_headless_resnet_keeps_torchvisions_seeded_weights_and_keys():
+    torch.manual_seed(3)
+    ours, dim = drn.headless_resnet("resnet18")
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(weights=None)
+    theirs.fc = torch.nn.Identity()
+    assert dim == 512
+    mine, want = ours.state_dict(), theirs.state_dict()
+    assert list(mine) == list(want)
+    assert all(torch.equal(mine[k], want[k]) for k in want)
+    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20 and all(type(m) is drn.PaddingSkippingConv2d for m in convs)
+    x = torch.randn(2, 3, 32, 32)  # layer4 maps are 1x1 here: the skipping path runs
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arch_and_stage_are_user_errors():
     with pytest.raises(UserError, match="unknown architecture"):
         drn.DeepRankNet("vgg16", DIM)

@@ -393,6 +393,27 @@ def test_adam_decays_through_the_gradient_adamw_apart_from_it():
     assert step("adamw") == (pytest.approx(1 - 0.1 * 0.01, abs=1e-7), torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("optim", ["sgd", "adam", "adamw", "rms"])
+def test_each_optimizer_updates_a_channels_last_weight_whose_gradient_is_nchw(optim):
+    # The net's conv weights are channels_last; a gradient may arrive in the other layout (fp16
+    # autocast). Each element must get its own update (torch 2.14's fused CPU Adam would not).
+    torch.manual_seed(0)
+    args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.1", "--momentum", "0"])
+    start, grad = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    moved = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = torch.nn.Parameter(start.clone(memory_format=layout))
+        opt = train_net.build_optimizer(args, [w])
+        w.grad = grad.clone()  # NCHW
+        opt.step()
+        moved[layout] = (start - w.detach()).contiguous()
+    torch.testing.assert_close(moved[torch.channels_last], moved[torch.contiguous_format])
+    if optim == "sgd":
+        torch.testing.assert_close(moved[torch.channels_last], 0.1 * grad)
+    if optim in ("adam", "adamw"):  # the first Adam step moves every element by lr against its gradient's sign
+        torch.testing.assert_close(moved[torch.channels_last], 0.1 * grad.sign(), rtol=0, atol=1e-6)
+
+
 def test_weight_average_folds_each_step_in_by_hand():
     # decay 0.75: the first update copies, then average = 0.75 * average + 0.25 * weights for floats
     # (BatchNorm running statistics included); the integer step counter is copied.

@@ -1,0 +1,106 @@
+"""What a training step of the net costs on this machine, and what its two CPU speed-ups buy.
+
+    python bench/bench_train_step.py [--arch resnet18] [--sizes 32,64] [--threads 2]
+
+One step = forward, backward and optimizer step of the Deep Ranking net on a batch of random
+images (channels_last, as train_net.py runs it), a sum of the embeddings as the loss. Four
+variants, alternated ``--repeats`` times in one process (best of each):
+
+* ``torch convs``: every backbone conv a plain ``nn.Conv2d``;
+* ``skip-padding convs``: ``deep_rank_net.PaddingSkippingConv2d`` (what the net uses), which
+  leaves out the kernel taps that read only zero padding (at 32 px, layer4's 3x3 convs on 1x1 maps);
+* the optimizer as train_net.py builds it (torch's default) or ``fused=True``, which train_net.py
+  does NOT use: torch 2.14's CPU fused kernel updates a channels_last weight wrongly when its
+  gradient comes NCHW (train_net.build_optimizer); the row says what that would have bought.
+
+Prints ms per step and the ratio to the first variant (torch convs, default optimizer); the
+skip-padding net's embeddings are checked against the plain net's (same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import bench_common  # noqa: F401  (puts the repository on sys.path)
+from bench_common import comma_list
+
+import torch
+from torch import nn
+
+import deep_rank_net
+from deepranking import cli
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18", choices=deep_rank_net.ARCHITECTURES)
+    p.add_argument("--sizes", type=comma_list(cli.bounded_int(32)), default=[32, 64], help="image sides")
+    p.add_argument("--batch", type=cli.positive_int, default=96, help="images per step (the recipe: 32 triplets)")
+    p.add_argument("--optim", choices=OPTIMIZERS, default="adam", help="optimizer of the timed steps")
+    p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per variant and repeat")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="alternating repeats (best of)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's)")
+    return p
+
+
+def build_net(arch: str, skip_padding: bool) -> nn.Module:
+    torch.manual_seed(0)  # both variants start from the same weights
+    net = deep_rank_net.build_model(arch, 128, None, "none", "conv1")
+    if not skip_padding:
+        for module in net.modules():
+            if type(module) is deep_rank_net.PaddingSkippingConv2d:
+                module.__class__ = nn.Conv2d
+    return net.to(memory_format=torch.channels_last).train()
+
+
+def make_optimizer(name: str, params, fused: bool) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, fused=fused)
+    return torch.optim.Adam(params, lr=1e-3, fused=fused)
+
+
+def step_seconds(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        net(x).sum().backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def main(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{args.arch}, {torch.get_num_threads()} threads, batch {args.batch}, {args.optim}, "
+          f"{args.steps} steps, best of {args.repeats}")
+    variants = [(skip, fused) for skip in (False, True) for fused in (False, True)]
+    for size in args.sizes:
+        gen = torch.Generator().manual_seed(size)
+        x = torch.randn(args.batch, 3, size, size, generator=gen).to(memory_format=torch.channels_last)
+        runs = {}
+        for skip, fused in variants:
+            net = build_net(args.arch, skip)
+            params = net.trainable_parameters()
+            runs[skip, fused] = (net, make_optimizer(args.optim, params, fused))
+            step_seconds(*runs[skip, fused], x, 1)  # warm-up: oneDNN primitives, optimizer state
+        with torch.no_grad():
+            plain, skipping = build_net(args.arch, False).eval(), build_net(args.arch, True).eval()
+            gap = (plain(x) - skipping(x)).abs().max().item()
+        best = {v: float("inf") for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:
+                best[v] = min(best[v], step_seconds(*runs[v], x, args.steps))
+        base = best[False, False]
+        print(f"\n{size} px (skip-padding vs torch convs, same weights: max |embedding difference| {gap:.1e})")
+        print(f"{'convs':<20}{'optimizer':<12}{'ms/step':>9}{'ratio':>8}")
+        for skip, fused in variants:
+            s = best[skip, fused]
+            print(f"{'skip-padding' if skip else 'torch':<20}{'fused' if fused else 'default':<12}"
+                  f"{1000 * s:>9.1f}{s / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

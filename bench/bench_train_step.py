@@ -1,20 +1,22 @@
-"""What a training step of the net costs on this machine, and what its two CPU speed-ups buy.
+"""What a training step of the net costs on this machine, with and without its CPU speed-up.
 
     python bench/bench_train_step.py [--arch resnet18] [--sizes 32,64] [--threads 2]
 
 One step = forward, backward and optimizer step of the Deep Ranking net on a batch of random
-images (channels_last, as train_net.py runs it), a sum of the embeddings as the loss. Four
+images (channels_last, as train_net.py runs it), a sum of the embeddings as the loss. Six
 variants, alternated ``--repeats`` times in one process (best of each):
 
-* ``torch convs``: every backbone conv a plain ``nn.Conv2d``;
-* ``skip-padding convs``: ``deep_rank_net.PaddingSkippingConv2d`` (what the net uses), which
-  leaves out the kernel taps that read only zero padding (at 32 px, layer4's 3x3 convs on 1x1 maps);
-* the optimizer as train_net.py builds it (torch's default) or ``fused=True``, which train_net.py
-  does NOT use: torch 2.14's CPU fused kernel updates a channels_last weight wrongly when its
-  gradient comes NCHW (train_net.build_optimizer); the row says what that would have bought.
+* the convs: every backbone conv a plain ``nn.Conv2d`` (``torch``), or
+  ``deep_rank_net.PaddingSkippingConv2d`` (``skip-padding``, what the net uses), which leaves
+  out the kernel taps that read only zero padding (at 32 px, layer4's 3x3 convs on 1x1 maps);
+* the optimizer: torch's CPU default (a loop over the parameters, what
+  train_net.build_optimizer uses), ``foreach=True``, or ``fused=True``, which train_net.py
+  must not use (torch 2.14's CPU fused kernel updates a channels_last weight wrongly when its
+  gradient comes NCHW); their rows say what the others would buy.
 
-Prints ms per step and the ratio to the first variant (torch convs, default optimizer); the
-skip-padding net's embeddings are checked against the plain net's (same weights).
+Prints ms per step and the ratio to the first variant (torch convs, default optimizer: the
+step before the speed-up); the skip-padding net's embeddings are checked against the plain
+net's (same weights).
 """
 
 from __future__ import annotations
@@ -56,10 +58,14 @@ def build_net(arch: str, skip_padding: bool) -> nn.Module:
     return net.to(memory_format=torch.channels_last).train()
 
 
-def make_optimizer(name: str, params, fused: bool) -> torch.optim.Optimizer:
+IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_optimizer(name: str, params, implementation: str) -> torch.optim.Optimizer:
+    kw = IMPLEMENTATIONS[implementation]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, fused=fused)
-    return torch.optim.Adam(params, lr=1e-3, fused=fused)
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, **kw)
+    return torch.optim.Adam(params, lr=1e-3, **kw)
 
 
 def step_seconds(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int) -> float:
@@ -76,16 +82,15 @@ def main(args) -> None:
         torch.set_num_threads(args.threads)
     print(f"{args.arch}, {torch.get_num_threads()} threads, batch {args.batch}, {args.optim}, "
           f"{args.steps} steps, best of {args.repeats}")
-    variants = [(skip, fused) for skip in (False, True) for fused in (False, True)]
+    variants = [(skip, impl) for skip in (False, True) for impl in IMPLEMENTATIONS]
     for size in args.sizes:
         gen = torch.Generator().manual_seed(size)
         x = torch.randn(args.batch, 3, size, size, generator=gen).to(memory_format=torch.channels_last)
         runs = {}
-        for skip, fused in variants:
+        for skip, impl in variants:
             net = build_net(args.arch, skip)
-            params = net.trainable_parameters()
-            runs[skip, fused] = (net, make_optimizer(args.optim, params, fused))
-            step_seconds(*runs[skip, fused], x, 1)  # warm-up: oneDNN primitives, optimizer state
+            runs[skip, impl] = (net, make_optimizer(args.optim, net.trainable_parameters(), impl))
+            step_seconds(*runs[skip, impl], x, 1)  # warm-up: oneDNN primitives, optimizer state
         with torch.no_grad():
             plain, skipping = build_net(args.arch, False).eval(), build_net(args.arch, True).eval()
             gap = (plain(x) - skipping(x)).abs().max().item()
@@ -93,13 +98,12 @@ def main(args) -> None:
         for _ in range(args.repeats):
             for v in variants:
                 best[v] = min(best[v], step_seconds(*runs[v], x, args.steps))
-        base = best[False, False]
+        base = best[False, "default"]
         print(f"\n{size} px (skip-padding vs torch convs, same weights: max |embedding difference| {gap:.1e})")
         print(f"{'convs':<20}{'optimizer':<12}{'ms/step':>9}{'ratio':>8}")
-        for skip, fused in variants:
-            s = best[skip, fused]
-            print(f"{'skip-padding' if skip else 'torch':<20}{'fused' if fused else 'default':<12}"
-                  f"{1000 * s:>9.1f}{s / base:>8.2f}")
+        for skip, impl in variants:
+            s = best[skip, impl]
+            print(f"{'skip-padding' if skip else 'torch':<20}{impl:<12}{1000 * s:>9.1f}{s / base:>8.2f}")
 
 
 if __name__ == "__main__":

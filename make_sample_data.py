@@ -221,6 +221,14 @@ def subset(data: dict, train_per_class: int | None, val_per_class: int | None, s
     return out
 
 
+def tint_count(value: str) -> int:
+    """argparse type of --tints: 0 (the grey images) or at least 2 (one tint would only colour them all red)."""
+    count = cli.non_negative_int(value)
+    if count == 1:
+        raise cli.arg_error("0 (grey images) or at least 2: one tint would colour every image red and add no classes")
+    return count
+
+
 def tint_colours(n_tints: int) -> np.ndarray:
     """float [n_tints, 3] in [0, 1]: fully saturated hues evenly spaced around the colour wheel."""
     import colorsys
@@ -477,7 +485,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="JPEG quality (default 95)")
     p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="threads encoding JPEGs (default: CPU count, at most 8)")
-    p.add_argument("--tints", type=cli.non_negative_int, default=0,
+    p.add_argument("--tints", type=tint_count, default=0,
                    help="make N colour classes of every class (Fashion-MNIST x 20 = TinyImageNet's 200 classes, "
                         "a fine-grained task); --train/--val-per-class then count images per tinted class")
     p.add_argument("--seed", type=int, default=0,

@@ -67,7 +67,7 @@ PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more,
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
 NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while the model computes
 SHIFT = 0.0  # --shift: also shift each training image by up to this fraction of its side (0: flips only); hurt centred Fashion-MNIST (RESULTS.md)
-CACHE_BUDGET = "auto"  # --cache-budget: the image cache's size limit; over it images stream from disk (auto: half the free disk)
+CACHE_BUDGET = None  # --cache-budget: the image cache's size limit, over it images stream from disk (None: $DEEP_RANK_CACHE_BUDGET, else auto = half the free disk)
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
 SAVE_EVERY = 0  # --save-every: also checkpoint every N steps mid-epoch (0: end of epoch only)

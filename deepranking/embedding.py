@@ -127,7 +127,7 @@ def embed_paths(
     precision: runtime.Precision | None = None,
     cache_dir=None,
     progress: bool = True,
-    cache_budget: int | None = None,
+    cache_budget: int | str | None = None,
 ) -> np.ndarray:
     """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them: float32 [N, D].
 

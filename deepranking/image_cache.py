@@ -60,6 +60,7 @@ BUDGET_ENV = "DEEP_RANK_CACHE_BUDGET"
 # The auto budget: this fraction of (free space on the cache's disk + bytes the cache holds): the
 # cache may take half the room left, so a stage never fills the disk other programs need.
 AUTO_BUDGET_FRACTION = 0.5
+AUTO_BUDGET = "auto"  # --cache-budget auto: that fraction, even when $DEEP_RANK_CACHE_BUDGET says otherwise
 # Entries used (opened or written) this recently are never evicted: another stage may map them.
 EVICT_GRACE_S = 600.0
 # Worker processes that decode a streamed data set when the caller asked for fewer.
@@ -159,7 +160,7 @@ def _decode_into(out: np.ndarray, paths: Sequence[str], size: int, progress: boo
 
 def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike | None = None,
                  progress: bool = True, num_workers: int | None = None,
-                 budget: int | None = None) -> np.ndarray | StreamedImages:
+                 budget: int | str | None = None) -> np.ndarray | StreamedImages:
     """uint8 rows [N, size, size, 3]: row i is ``paths[i]`` decoded and resized.
 
     Served from the cache when a complete entry for the same file list, sizes
@@ -168,8 +169,8 @@ def cache_images(paths: Sequence[str], size: int, cache_dir: str | os.PathLike |
     UnreadableImageError listing the unreadable images (missing files included)
     before returning anything.
 
-    ``budget``: bytes the cache folder may hold (None: ``$DEEP_RANK_CACHE_BUDGET``, else
-    auto). A new entry first evicts least recently used entries to fit; one that cannot
+    ``budget``: bytes the cache folder may hold, or AUTO_BUDGET (None: ``$DEEP_RANK_CACHE_BUDGET``,
+    else auto). A new entry first evicts least recently used entries to fit; one that cannot
     fit is not written: the result is then a :class:`StreamedImages` (every header checked).
     """
     size = int(size)
@@ -244,12 +245,12 @@ def _build_entry(cache_dir: Path, key: str, paths: list[str], size: int, progres
 # ----------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int | None:
+def parse_size(text: str) -> int | str:
     """Bytes from ``20G``, ``512M``, ``1.5T``, ``300k`` or ``123456`` (decimal units; a trailing B is
-    allowed); None for ``auto``. ValueError for anything else, or a negative size."""
+    allowed); AUTO_BUDGET for ``auto``. ValueError for anything else, or a negative size."""
     value = str(text).strip().lower()
-    if value == "auto":
-        return None
+    if value == AUTO_BUDGET:
+        return AUTO_BUDGET
     if value.endswith("b"):
         value = value[:-1]
     scale = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(value[-1:], None)
@@ -260,7 +261,7 @@ def parse_size(text: str) -> int | None:
     return int(nbytes)
 
 
-def cache_budget_flag(value: str) -> int | None:
+def cache_budget_flag(value: str) -> int | str:
     """argparse type of --cache-budget: a size (``20G``, ``0`` = never cache) or ``auto``."""
     try:
         return parse_size(value)
@@ -268,16 +269,16 @@ def cache_budget_flag(value: str) -> int | None:
         raise cli.arg_error(f"expected a size such as 20G, 500M or 0, or auto; got {value!r}")
 
 
-def resolve_budget(cache_dir: Path, budget: int | None, held: int) -> int:
-    """The budget in bytes: ``budget``, else ``$DEEP_RANK_CACHE_BUDGET``, else AUTO_BUDGET_FRACTION of
-    (the disk's free space + ``held``, the bytes the cache's entries take now)."""
+def resolve_budget(cache_dir: Path, budget: int | str | None, held: int) -> int:
+    """The budget in bytes: ``budget`` (bytes, or AUTO_BUDGET), else (None) ``$DEEP_RANK_CACHE_BUDGET``;
+    auto is AUTO_BUDGET_FRACTION of (the disk's free space + ``held``, the bytes the cache's entries take now)."""
     if budget is None:
-        setting = os.environ.get(BUDGET_ENV, "auto")
+        setting = os.environ.get(BUDGET_ENV, AUTO_BUDGET)
         try:
             budget = parse_size(setting)
         except ValueError:
             raise cli.UserError(f"${BUDGET_ENV}={setting!r} is not a size (e.g. 20G, 500M, 0 or auto)")
-    if budget is not None:
+    if budget != AUTO_BUDGET:
         return budget
     try:
         free = shutil.disk_usage(cache_dir).free
@@ -299,7 +300,7 @@ def cache_entries(cache_dir: Path) -> list[tuple[float, int, str]]:
     return sorted(entries)
 
 
-def make_room(cache_dir: Path, nbytes: int, budget: int | None, evict: bool = True) -> str | None:
+def make_room(cache_dir: Path, nbytes: int, budget: int | str | None, evict: bool = True) -> str | None:
     """Evict least recently used entries until ``nbytes`` more fit the budget; returns None when they do,
     else why not (an entry larger than the budget evicts nothing: it will not be written anyway).
     ``evict=False``: only say whether they fit as things are."""

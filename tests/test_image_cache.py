@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,7 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monke
 
 
 def test_parse_size_and_flag():
-    assert image_cache.parse_size("auto") is None
+    assert image_cache.parse_size("auto") == image_cache.parse_size(" AUTO ") == image_cache.AUTO_BUDGET
     assert [image_cache.parse_size(v) for v in ("0", "123", "300k", "1.5M", "20G", "2t", "20GB", " 7 ")] == [
         0, 123, 300_000, 1_500_000, 20 * 10**9, 2 * 10**12, 20 * 10**9, 7]
     for bad in ("", "-1", "G", "lots", "nan", "inf"):
@@ -261,6 +262,24 @@ def test_budget_from_env_and_a_bad_env_value(images, tmp_path, monkeypatch):
     monkeypatch.setenv(image_cache.BUDGET_ENV, "big")
     with pytest.raises(cli.UserError, match=r"\$DEEP_RANK_CACHE_BUDGET='big' is not a size"):
         image_cache.cache_images(images, 20, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_an_explicit_auto_budget_overrides_the_env(images, tmp_path, monkeypatch):
+    # --cache-budget auto (AUTO_BUDGET) is half the free disk even when $DEEP_RANK_CACHE_BUDGET says 0;
+    # no flag (None) is the env's 0.
+    import train_net
+
+    monkeypatch.setenv(image_cache.BUDGET_ENV, "0")
+    auto = train_net.get_args_parser().parse_args(["--cache-budget", "auto"]).cache_budget
+    unset = train_net.get_args_parser().parse_args([]).cache_budget
+    assert (auto, unset) == (image_cache.AUTO_BUDGET, None)
+    free = shutil.disk_usage(tmp_path).free
+    assert image_cache.resolve_budget(tmp_path, auto, 0) == pytest.approx(0.5 * free, rel=0.01)
+    assert image_cache.resolve_budget(tmp_path, unset, 0) == 0
+    assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False,
+                                               budget=unset), image_cache.StreamedImages)
+    assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False,
+                                               budget=auto), np.memmap)
 
 
 def test_streaming_checks_every_header_first(images, tmp_path):

@@ -201,6 +201,9 @@ def test_bad_arguments(tmp_path):
         run_main("--build-bundle", "--source", "bundled", "--output", str(tmp_path / "x.npz"))
     result = run_cli("--output", str(tmp_path / "o"), "--train-per-class", "0")
     assert result.returncode == 2 and "positive integer" in result.stderr
+    result = run_cli("--output", str(tmp_path / "o"), "--tints", "1")
+    assert result.returncode == 2 and "at least 2: one tint would colour every image red" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

@@ -67,6 +67,7 @@ PK_CLASSES = 16  # --pk-classes: P, classes per P x K batch (more classes: more,
 PK_IMAGES = 4  # --pk-images: K, images per class in a P x K batch (K-1 positives for every anchor)
 NUM_WORKERS = 2  # --num-workers: DataLoader workers gathering cached rows while the model computes
 SHIFT = 0.0  # --shift: also shift each training image by up to this fraction of its side (0: flips only); hurt centred Fashion-MNIST (RESULTS.md)
+ERASE = 0.0  # --erase: also erase one random rectangle of each training image with this probability (random erasing)
 CACHE_BUDGET = None  # --cache-budget: the image cache's size limit, over it images stream from disk (None: $DEEP_RANK_CACHE_BUDGET, else auto = half the free disk)
 SEED = 0  # --seed: same seed + same CSV -> same weights (on the same device; see --deterministic for GPUs)
 LOG_EVERY = 20  # --log-every: steps between metrics.jsonl records, the only steps that sync with the GPU
@@ -85,13 +86,13 @@ CONFIG_NAME = "config.json"
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
-RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "batch_sampler", "pk_classes", "pk_images",
+RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "erase", "batch_sampler", "pk_classes", "pk_images",
                      "train_from", "image_size", "cache_size", "optim", "batch_size", "seed", "lr", "lr_schedule",
                      "warmup_steps", "momentum", "nesterov", "weight_decay", "margin", "mining", "id_loss_weight",
                      "id_loss_scale", "id_loss_margin", "id_loss_smoothing", "ema_decay", "val_fraction", "log_every",
                      "amp")
 # Flags added after checkpoints were first written: an older checkpoint trained as these values do.
-ADDED_FLAG_DEFAULTS = {"shift": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0, "ema_decay": 0.0}
+ADDED_FLAG_DEFAULTS = {"shift": 0.0, "erase": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0, "ema_decay": 0.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -125,6 +126,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--shift", type=cli.fraction, default=SHIFT,
                       help="augmentation: shift each training image by up to this fraction of --image-size in x and "
                            "y (border pixels repeated), after the random flip (0: flips only)")
+    data.add_argument("--erase", type=cli.probability, default=ERASE,
+                      help="augmentation: with this probability, set one random rectangle (2-33%% of the image) "
+                           "of each training image to the mean colour, after flip and shift (0: never)")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -345,7 +349,8 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
     args = run.args
     x = preprocess(batch.to(run.device, non_blocking=True), run.spec, train=True,
                    generator=flip_generator(args.seed, epoch, run.step),
-                   memory_format=runtime.memory_format(run.device), shift=args.shift)  # [3b, 3, S, S]
+                   memory_format=runtime.memory_format(run.device), shift=args.shift,
+                   erase=args.erase)  # [3b, 3, S, S]
     with run.precision.autocast():
         emb, logits = run.model(x)  # ONE forward of queries, positives, negatives: [3b, D], [3b, C] or None
     emb = emb.float()

@@ -386,6 +386,17 @@ def fraction(value: str) -> float:
     return x
 
 
+def probability(value: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise arg_error(f"expected a probability in [0, 1], got {value!r}")
+    if not (0.0 <= x <= 1.0):
+        raise arg_error(f"expected a probability in [0, 1], got {value}")
+    return x
+
+
 def progress(iterable=None, enabled: bool = True, **kwargs):
     """A tqdm progress bar on stderr, drawn only when stderr is a terminal (a log file gets none)."""
     from tqdm import tqdm

@@ -13,6 +13,7 @@ every stage. Change a default here only with a new ``PIXELS_VERSION``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -235,6 +236,7 @@ def preprocess(
     generator: torch.Generator | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
     shift: float = 0.0,
+    erase: float = 0.0,
 ) -> torch.Tensor:
     """uint8 [B,H,W,3] (any device) -> normalised float32 [B,3,S,S] on the same device.
 
@@ -243,7 +245,9 @@ def preprocess(
     (which may live on another device than ``images``), then, when ``shift`` > 0, a random
     translation of each image by up to round(shift * S) whole pixels in x and in y, the
     border pixels repeated into the gap (drawn after the flips, so flips alone draw the
-    same numbers with or without it). ``memory_format`` comes from
+    same numbers with or without it); then, when ``erase`` > 0, each image with probability
+    ``erase`` has one random rectangle set to 0, the mean colour (:func:`erase_rectangles`,
+    drawn last). ``memory_format`` comes from
     :func:`deepranking.runtime.memory_format` (one policy for training and embedding).
     An int ``spec`` means an image size with the default normalisation.
     """
@@ -269,7 +273,35 @@ def preprocess(
         if pad > 0:
             offsets = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=generator, device=gen_device)
             x = _translate(x, _to(offsets, x.device), pad)
+        if erase > 0:
+            x = x.masked_fill(_to(erase_rectangles(x.shape[0], size, erase, generator, gen_device), x.device), 0.0)
     return x.contiguous(memory_format=memory_format)
+
+
+ERASE_AREA = (0.02, 0.33)  # fraction of the image a rectangle covers (torchvision RandomErasing's defaults)
+ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))  # log of height / width
+
+
+def erase_rectangles(n: int, size: int, p: float, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [n, 1, size, size]: for each image, with probability ``p``, one rectangle to erase (else none).
+
+    Random erasing (Zhong et al. 2017): area a uniform fraction ERASE_AREA of the image, aspect
+    log-uniform in ERASE_LOG_RATIO, sides rounded and clamped to [1, size], position uniform over
+    where it fits. All five draws come from ``generator`` for every image, erased or not.
+    """
+    draws = torch.rand(5, n, generator=generator, device=device)  # [5, n]
+    area = (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * draws[0]) * size * size
+    ratio = torch.exp(ERASE_LOG_RATIO[0] + (ERASE_LOG_RATIO[1] - ERASE_LOG_RATIO[0]) * draws[1])
+    h = torch.sqrt(area * ratio).round().clamp(1, size)  # [n]
+    w = torch.sqrt(area / ratio).round().clamp(1, size)
+    top = torch.floor(draws[2] * (size - h + 1))  # [n], in [0, size - h]
+    left = torch.floor(draws[3] * (size - w + 1))
+    on = draws[4] < p  # [n]
+    span = torch.arange(size, device=device, dtype=h.dtype)  # [S]
+    rows = (span >= top[:, None]) & (span < (top + h)[:, None])  # [n, S]
+    cols = (span >= left[:, None]) & (span < (left + w)[:, None])  # [n, S]
+    return (on[:, None, None] & rows[:, :, None] & cols[:, None, :])[:, None]  # [n, 1, S, S]
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -359,6 +359,31 @@ def test_preprocess_shift_translates_each_image_by_whole_pixels():
     assert torch.equal(moved[0, :, 0, :], torch.cat([x[0, :, 0, 1:], x[0, :, 0, 3:]], dim=1))  # top row repeated
 
 
+def test_preprocess_erase_blanks_one_rectangle_per_chosen_image():
+    """--erase p: after the (unchanged) flips, about p of the images get one rectangle of mean colour (0)."""
+    from deepranking.preprocessing import ERASE_AREA, erase_rectangles
+
+    images = torch.from_numpy(uint8_images(n=400, size=16))  # random pixels: a 0.0 pixel is (almost) never kept
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    flips_only = preprocess(images, 16, train=True, generator=gen())
+    erased = preprocess(images, 16, train=True, generator=gen(), erase=0.5)
+    assert torch.equal(erased, preprocess(images, 16, train=True, generator=gen(), erase=0.5))  # seeded
+    changed = (erased != flips_only).any(dim=1)  # [N, S, S]
+    assert torch.equal(erased[:, :, ~changed.any(0)], flips_only[:, :, ~changed.any(0)])
+    assert (erased.permute(0, 2, 3, 1)[changed] == 0).all()  # what changed became the mean colour
+    hit = changed.flatten(1).any(1)
+    assert 0.4 < hit.float().mean() < 0.6
+    for i in hit.nonzero().flatten()[:50]:
+        rows, cols = changed[i].any(1), changed[i].any(0)
+        r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
+        assert r.max() - r.min() + 1 == rows.sum() and c.max() - c.min() + 1 == cols.sum()  # one band each way
+        assert torch.equal(changed[i], rows[:, None] & cols[None, :])  # one rectangle
+    masks = erase_rectangles(2000, 32, 1.0, torch.Generator().manual_seed(0))  # [2000, 1, 32, 32]
+    area = masks.flatten(1).float().mean(1)
+    assert area.min() > 0.5 * ERASE_AREA[0] and area.max() < 1.3 * ERASE_AREA[1]  # rounding of the sides aside
+    assert not erase_rectangles(50, 32, 0.0, torch.Generator().manual_seed(0)).any()
+
+
 def test_load_image(tmp_path):
     from PIL import Image
 

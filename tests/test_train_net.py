@@ -198,8 +198,9 @@ def test_training_keeps_frozen_layers_and_bn_stats(trained):
 
 
 @pytest.mark.parametrize("loss", [[], ["--mining", "batch-hard", "--id-loss-weight", "1", "--margin", "0.2"],
-                                  ["--lr-schedule", "cosine", "--warmup-steps", "2"], ["--ema-decay", "0.8"]],
-                         ids=["plain", "batch-hard+id-loss", "cosine+warmup", "ema"])
+                                  ["--lr-schedule", "cosine", "--warmup-steps", "2", "--shift", "0.1", "--erase", "0.5"],
+                                  ["--ema-decay", "0.8"]],
+                         ids=["plain", "batch-hard+id-loss", "cosine+warmup+augment", "ema"])
 def test_resume_mid_epoch_equals_uninterrupted_run(csvs, tmp_path, loss):
     common = ["--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 2, "--optim", "sgd", "--lr", "0.05",
               *loss, *TINY]
@@ -365,6 +366,8 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--id-loss-margin", "1"], "expected a fraction in [0, 1)"),
     (["--id-loss-smoothing", "-0.1"], "expected a fraction in [0, 1)"),
     (["--ema-decay", "1"], "expected a fraction in [0, 1)"),
+    (["--erase", "1.5"], "expected a probability in [0, 1], got 1.5"),
+    (["--erase", "often"], "expected a probability in [0, 1], got 'often'"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:

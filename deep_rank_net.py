@@ -7,7 +7,9 @@ Model (Wang et al. 2014, "Learning Fine-grained Image Similarity with Deep Ranki
                     └ shallow path 2 ─ [B,96,4,4] ─ flatten [B,1536] ─ L2 ──────────────────────┘ [B,D+3072]
                                                               ─ Linear(D+3072, D) ─ L2 ─> [B,D]
 
-F is 512 (resnet18/34) or 2048 (resnet50/101/152). The shallow paths come in three
+F is 512 (resnet18/34) or 2048 (resnet50/101/152). The ResNet is torchvision's, its convs
+leaving out the kernel taps that read only zero padding (:class:`PaddingSkippingConv2d`: the
+same sums, half the CPU time of a step at 32 px). The shallow paths come in three
 geometries, ``shallow=``:
 
 ``"paper"`` (the default) — as in the paper, each path sees the WHOLE image sub-sampled,

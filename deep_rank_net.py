@@ -54,7 +54,6 @@ before ``shallow`` existed rebuild as ``"classic"``, or ``"none"`` without multi
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import zipfile
@@ -134,7 +133,6 @@ def config_shallow(cfg: dict) -> str:
         raise UserError(f"checkpoint model_config is incomplete or invalid: {exc!r}")
 
 
-@functools.cache
 def conv_tap_range(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int, int] | None:
     """Along one side of a zero-padded conv: (first tap, last tap + 1, padding left) of the kernel
     taps that read the input somewhere, when the others can be left out with the same output
@@ -169,8 +167,10 @@ class PaddingSkippingConv2d(nn.Conv2d):
     Why: those taps add exact zeros, yet they are not free. At 32 px input ResNet's layer4 maps
     are 1x1, and oneDNN's weight gradient of a 3x3 conv there is pathologically slow on AVX2
     CPUs: 178 ms vs 12 ms for its centre tap alone ([96,512,1,1], 2 cores), most of a training
-    step. The output is the same sum without its zero terms and the left-out taps' gradient is
-    exactly 0 either way; weights and state-dict keys are the nn.Conv2d's own.
+    step. The output is the same sum without its zero terms (bit-identical here) and the
+    left-out taps' gradient is exactly 0 either way; the other taps' gradients are summed in
+    another order (differences ~1e-7), so runs before and after this class differ in the last
+    bits. Weights and state-dict keys are the nn.Conv2d's own.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

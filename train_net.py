@@ -532,10 +532,10 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
 
 def build_optimizer(args, params) -> torch.optim.Optimizer:
     """torch's default optimizers, never ``fused=True``: torch 2.14's CPU fused Adam pairs a
-    parameter with its gradient by memory order, so a channels_last weight whose gradient arrives
-    NCHW (fp16 autocast does that here) gets another element's update, a silently wrong step.
-    Neither fused nor foreach buys much in a whole step (bench/bench_train_step.py, 32 px:
-    414 ms default, 407 foreach, 393 fused)."""
+    parameter with its gradient by memory order, so a channels_last weight handed an NCHW
+    gradient gets another element's update, a silently wrong step; with it the fp16 + GradScaler
+    test's weights also became NaN by step 3. Neither fused nor foreach buys much in a whole
+    step (bench/bench_train_step.py, 32 px: 414 ms default, 407 foreach, 393 fused)."""
     if args.optim == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                                nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)

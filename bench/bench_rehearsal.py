@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="data, runs and cache go here (about 3 GB; kept for a look afterwards)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/rehearsal"), help="where the table goes")
     p.add_argument("--source", default="debian", help="make_sample_data.py --source")
-    p.add_argument("--tints", type=cli.positive_int, default=20, help="hues per garment (20: 200 classes)")
+    p.add_argument("--tints", type=cli.bounded_int(2), default=20, help="hues per garment, >= 2 (20: 200 classes)")
     p.add_argument("--train-per-class", type=cli.positive_int, default=500)
     p.add_argument("--val-per-class", type=cli.positive_int, default=50)
     p.add_argument("--train-seconds", type=cli.positive_float, default=600.0,

@@ -278,6 +278,11 @@ def resolve_budget(cache_dir: Path, budget: int | str | None, held: int) -> int:
             budget = parse_size(setting)
         except ValueError:
             raise cli.UserError(f"${BUDGET_ENV}={setting!r} is not a size (e.g. 20G, 500M, 0 or auto)")
+    elif isinstance(budget, str):  # a caller's "20G" or "AUTO"; the flag has parsed it already
+        try:
+            budget = parse_size(budget)
+        except ValueError:
+            raise cli.UserError(f"image cache budget {budget!r} is not a size (e.g. 20G, 500M, 0 or auto)")
     if budget != AUTO_BUDGET:
         return budget
     try:

@@ -246,7 +246,7 @@ def preprocess(
     translation of each image by up to round(shift * S) whole pixels in x and in y, the
     border pixels repeated into the gap (drawn after the flips, so flips alone draw the
     same numbers with or without it); then, when ``erase`` > 0, each image with probability
-    ``erase`` has one random rectangle set to 0, the mean colour (:func:`erase_rectangles`,
+    ``erase`` has one random rectangle set to 0, the mean colour (:func:`erase_boxes`,
     drawn last). ``memory_format`` comes from
     :func:`deepranking.runtime.memory_format` (one policy for training and embedding).
     An int ``spec`` means an image size with the default normalisation.
@@ -274,7 +274,8 @@ def preprocess(
             offsets = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=generator, device=gen_device)
             x = _translate(x, _to(offsets, x.device), pad)
         if erase > 0:
-            x = x.masked_fill(_to(erase_rectangles(x.shape[0], size, erase, generator, gen_device), x.device), 0.0)
+            boxes = _to(erase_boxes(x.shape[0], size, erase, generator, gen_device), x.device)  # [5, B]: 160 bytes a batch
+            x = x.masked_fill(box_masks(boxes, size), 0.0)
     return x.contiguous(memory_format=memory_format)
 
 
@@ -282,9 +283,9 @@ ERASE_AREA = (0.02, 0.33)  # fraction of the image a rectangle covers (torchvisi
 ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))  # log of height / width
 
 
-def erase_rectangles(n: int, size: int, p: float, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool [n, 1, size, size]: for each image, with probability ``p``, one rectangle to erase (else none).
+def erase_boxes(n: int, size: int, p: float, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """float [5, n]: (top, height, left, width, erased 0/1) of one rectangle per image, erased with probability ``p``.
 
     Random erasing (Zhong et al. 2017): area a uniform fraction ERASE_AREA of the image, aspect
     log-uniform in ERASE_LOG_RATIO, sides rounded and clamped to [1, size], position uniform over
@@ -295,13 +296,23 @@ def erase_rectangles(n: int, size: int, p: float, generator: torch.Generator | N
     ratio = torch.exp(ERASE_LOG_RATIO[0] + (ERASE_LOG_RATIO[1] - ERASE_LOG_RATIO[0]) * draws[1])
     h = torch.sqrt(area * ratio).round().clamp(1, size)  # [n]
     w = torch.sqrt(area / ratio).round().clamp(1, size)
-    top = torch.floor(draws[2] * (size - h + 1))  # [n], in [0, size - h]
-    left = torch.floor(draws[3] * (size - w + 1))
-    on = draws[4] < p  # [n]
-    span = torch.arange(size, device=device, dtype=h.dtype)  # [S]
+    top = torch.floor(draws[2] * (size - h + 1)).clamp(max=size - h)  # [n], in [0, size - h]
+    left = torch.floor(draws[3] * (size - w + 1)).clamp(max=size - w)
+    return torch.stack([top, h, left, w, (draws[4] < p).float()])
+
+
+def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """bool [n, 1, size, size], True inside each erased box of ``boxes`` [5, n] (:func:`erase_boxes`), on its device."""
+    top, h, left, w, on = boxes
+    span = torch.arange(size, device=boxes.device, dtype=boxes.dtype)  # [S]
     rows = (span >= top[:, None]) & (span < (top + h)[:, None])  # [n, S]
     cols = (span >= left[:, None]) & (span < (left + w)[:, None])  # [n, S]
-    return (on[:, None, None] & rows[:, :, None] & cols[:, None, :])[:, None]  # [n, 1, S, S]
+    return ((on[:, None, None] > 0) & rows[:, :, None] & cols[:, None, :])[:, None]  # [n, 1, S, S]
+
+
+def erase_rectangles(n: int, size: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """bool [n, 1, size, size]: the masks ``preprocess(..., erase=p)`` draws from ``generator`` (CPU)."""
+    return box_masks(erase_boxes(n, size, p, generator), size)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

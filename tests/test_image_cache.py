@@ -276,6 +276,11 @@ def test_an_explicit_auto_budget_overrides_the_env(images, tmp_path, monkeypatch
     free = shutil.disk_usage(tmp_path).free
     assert image_cache.resolve_budget(tmp_path, auto, 0) == pytest.approx(0.5 * free, rel=0.01)
     assert image_cache.resolve_budget(tmp_path, unset, 0) == 0
+    assert image_cache.resolve_budget(tmp_path, "20G", 0) == 20 * 10**9  # a caller's string is parsed too
+    assert image_cache.resolve_budget(tmp_path, "AUTO", 0) == image_cache.resolve_budget(tmp_path, auto, 0)
+    from deepranking import cli
+    with pytest.raises(cli.UserError, match="image cache budget 'lots' is not a size"):
+        image_cache.resolve_budget(tmp_path, "lots", 0)
     assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False,
                                                budget=unset), image_cache.StreamedImages)
     assert isinstance(image_cache.cache_images(images, 16, cache_dir=tmp_path / "c", progress=False,

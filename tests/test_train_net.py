@@ -398,8 +398,8 @@ def test_adam_decays_through_the_gradient_adamw_apart_from_it():
 
 @pytest.mark.parametrize("optim", ["sgd", "adam", "adamw", "rms"])
 def test_each_optimizer_updates_a_channels_last_weight_whose_gradient_is_nchw(optim):
-    # The net's conv weights are channels_last; a gradient may arrive in the other layout (fp16
-    # autocast). Each element must get its own update (torch 2.14's fused CPU Adam would not).
+    # The net's conv weights are channels_last; a gradient in the other layout must still give
+    # each element its own update (torch 2.14's fused CPU Adam would not).
     torch.manual_seed(0)
     args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.1", "--momentum", "0"])
     start, grad = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)

@@ -63,6 +63,8 @@ AUTO_BUDGET_FRACTION = 0.5
 AUTO_BUDGET = "auto"  # --cache-budget auto: that fraction, even when $DEEP_RANK_CACHE_BUDGET says otherwise
 # Entries used (opened or written) this recently are never evicted: another stage may map them.
 EVICT_GRACE_S = 600.0
+# A temporary file younger than this is never taken for an orphan: its build may not have locked it yet.
+ORPHAN_MIN_AGE_S = 60.0
 # Worker processes that decode a streamed data set when the caller asked for fewer.
 MAX_STREAM_WORKERS = 8
 # Images opened (header only) by choose_cache_size.
@@ -218,9 +220,8 @@ def _build_entry(cache_dir: Path, key: str, paths: list[str], size: int, progres
         raise cli.UserError(f"cannot write to the image cache folder {cache_dir}: {cli.os_reason(exc)}")
     tmp = Path(tmp_name)
     try:
+        _lock(fd)  # held until fd closes (or the process dies): remove_orphans leaves a live build alone
         reserve(fd, nbytes, cache_dir)
-        os.close(fd)
-        fd = None
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
         failures = _decode_into(out, paths, size, progress, num_workers)
         if failures:
@@ -305,10 +306,61 @@ def cache_entries(cache_dir: Path) -> list[tuple[float, int, str]]:
     return sorted(entries)
 
 
+def _lock(fd: int, wait: bool = True) -> bool:
+    """An exclusive advisory lock on an open file (flock; the OS drops it when the process dies).
+    True when taken; without fcntl (Windows) nothing is locked and False is returned."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def remove_orphans(cache_dir: Path) -> list[tuple[Path, int]]:
+    """Remove what killed builds left: a ``.<key>.*.tmp`` no live build holds locked (and at least
+    ORPHAN_MIN_AGE_S old), and a ``<key>.u8``
+    without its header untouched for EVICT_GRACE_S (its build died between the two renames, or an
+    eviction could not remove it). Returns (path, bytes) of each removed file; errors leave a file be."""
+    removed, now = [], time.time()
+    for tmp in cache_dir.glob(".*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < ORPHAN_MIN_AGE_S or not _lock(fd, wait=False):
+                continue  # a build in progress (just created, or holding its lock), or no locks here: never guess
+            nbytes = os.fstat(fd).st_size
+            tmp.unlink()
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        removed.append((tmp, nbytes))
+    for data in cache_dir.glob("*.u8"):
+        try:
+            st = data.stat()
+            if _entry_files(cache_dir, data.stem)[1].exists() or now - st.st_mtime < EVICT_GRACE_S:
+                continue
+            data.unlink()
+        except OSError:
+            continue
+        removed.append((data, st.st_size))
+    return removed
+
+
 def make_room(cache_dir: Path, nbytes: int, budget: int | str | None, evict: bool = True) -> str | None:
     """Evict least recently used entries until ``nbytes`` more fit the budget; returns None when they do,
     else why not (an entry larger than the budget evicts nothing: it will not be written anyway).
-    ``evict=False``: only say whether they fit as things are."""
+    Files that killed builds left (remove_orphans) go first. ``evict=False``: only say whether they fit
+    as things are."""
+    for path, size in remove_orphans(cache_dir) if evict else []:
+        print(f"note: removed {path.name} ({format_size(size)}) from the image cache, left by a build that did "
+              "not finish", file=sys.stderr)
     entries = cache_entries(cache_dir)
     held = sum(size for _, size, _ in entries)
     limit = resolve_budget(cache_dir, budget, held)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,38 @@ def test_streamed_images_decode_in_spawned_workers_and_errors_stay_one_line(imag
         _first_batch(streamed, "spawn")
     assert str(exc.value).startswith("cannot read image ") and images[3] in str(exc.value)
     assert "Traceback" not in str(exc.value)
+
+
+def test_files_left_by_killed_builds_are_removed_but_not_a_live_build(images, tmp_path, capsys):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    old = time.time() - 2 * image_cache.EVICT_GRACE_S
+
+    def plant(name: str, nbytes: int, mtime: float | None = old) -> Path:
+        path = cache / name
+        path.write_bytes(bytes(nbytes))
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    dead_tmp = plant(".abc.x1.tmp", 1000)  # a build that was killed: no lock on it
+    live_tmp = plant(".def.x2.tmp", 2000)  # a build in progress: it holds the lock
+    young_tmp = plant(".ghi.x3.tmp", 300, mtime=None)  # just created: its build may not have locked it yet
+    orphan_u8 = plant("0123.u8", 4000)  # header never written
+    young_u8 = plant("4567.u8", 500, mtime=None)  # its header may be on the way
+    fd = os.open(live_tmp, os.O_RDONLY)
+    try:
+        assert image_cache._lock(fd, wait=False)
+        cached = image_cache.cache_images(images, 16, cache_dir=cache, progress=False)
+    finally:
+        os.close(fd)
+    assert isinstance(cached, np.memmap)
+    err = capsys.readouterr().err
+    assert "removed .abc.x1.tmp (1 kB)" in err and "removed 0123.u8 (4 kB)" in err and "did not finish" in err
+    assert not dead_tmp.exists() and not orphan_u8.exists()
+    assert live_tmp.exists() and young_tmp.exists() and young_u8.exists()
+    entry = Path(cached.filename)
+    assert entry.exists() and entry.with_suffix(".json").exists()  # the new entry itself is no orphan
+    os.utime(young_u8, (old, old))  # now old; the "live" build's lock was released when its fd closed
+    assert sorted(image_cache.remove_orphans(cache)) == sorted([(live_tmp, 2000), (young_u8, 500)])
+    assert young_tmp.exists() and entry.exists() and entry.with_suffix(".json").exists()

@@ -6,7 +6,6 @@ noise), so a tiny model can learn to tell classes apart in a few steps.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -377,23 +377,22 @@ def unit_interval(value: str) -> float:
 
 def fraction(value: str) -> float:
     """argparse type: a float in [0, 1)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise arg_error(f"expected a fraction in [0, 1), got {value!r}")
-    if not (0.0 <= x < 1.0):
-        raise arg_error(f"expected a fraction in [0, 1), got {value}")
-    return x
+    return _unit_float(value, "a fraction", include_one=False)
 
 
 def probability(value: str) -> float:
     """argparse type: a float in [0, 1]."""
+    return _unit_float(value, "a probability", include_one=True)
+
+
+def _unit_float(value: str, what: str, include_one: bool) -> float:
+    interval = f"[0, 1{']' if include_one else ')'}"
     try:
         x = float(value)
     except ValueError:
-        raise arg_error(f"expected a probability in [0, 1], got {value!r}")
-    if not (0.0 <= x <= 1.0):
-        raise arg_error(f"expected a probability in [0, 1], got {value}")
+        raise arg_error(f"expected {what} in {interval}, got {value!r}")
+    if not (0.0 <= x <= 1.0) or (x == 1.0 and not include_one):  # nan fails both comparisons
+        raise arg_error(f"expected {what} in {interval}, got {value}")
     return x
 
 

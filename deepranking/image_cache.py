@@ -273,17 +273,13 @@ def cache_budget_flag(value: str) -> int | str:
 def resolve_budget(cache_dir: Path, budget: int | str | None, held: int) -> int:
     """The budget in bytes: ``budget`` (bytes, or AUTO_BUDGET), else (None) ``$DEEP_RANK_CACHE_BUDGET``;
     auto is AUTO_BUDGET_FRACTION of (the disk's free space + ``held``, the bytes the cache's entries take now)."""
-    if budget is None:
-        setting = os.environ.get(BUDGET_ENV, AUTO_BUDGET)
+    if budget is None or isinstance(budget, str):  # the variable, or a caller's "20G" (the flag parsed its own)
+        setting, where = ((os.environ.get(BUDGET_ENV, AUTO_BUDGET), f"${BUDGET_ENV}=") if budget is None
+                          else (budget, "image cache budget "))
         try:
             budget = parse_size(setting)
         except ValueError:
-            raise cli.UserError(f"${BUDGET_ENV}={setting!r} is not a size (e.g. 20G, 500M, 0 or auto)")
-    elif isinstance(budget, str):  # a caller's "20G" or "AUTO"; the flag has parsed it already
-        try:
-            budget = parse_size(budget)
-        except ValueError:
-            raise cli.UserError(f"image cache budget {budget!r} is not a size (e.g. 20G, 500M, 0 or auto)")
+            raise cli.UserError(f"{where}{setting!r} is not a size (e.g. 20G, 500M, 0 or auto)")
     if budget != AUTO_BUDGET:
         return budget
     try:
@@ -332,15 +328,15 @@ def remove_orphans(cache_dir: Path) -> list[tuple[Path, int]]:
         except OSError:
             continue
         try:
-            if time.time() - os.fstat(fd).st_mtime < ORPHAN_MIN_AGE_S or not _lock(fd, wait=False):
+            st = os.fstat(fd)
+            if now - st.st_mtime < ORPHAN_MIN_AGE_S or not _lock(fd, wait=False):
                 continue  # a build in progress (just created, or holding its lock), or no locks here: never guess
-            nbytes = os.fstat(fd).st_size
             tmp.unlink()
         except OSError:
             continue
         finally:
             os.close(fd)
-        removed.append((tmp, nbytes))
+        removed.append((tmp, st.st_size))
     for data in cache_dir.glob("*.u8"):
         try:
             st = data.stat()

@@ -274,7 +274,7 @@ def preprocess(
             offsets = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=generator, device=gen_device)
             x = _translate(x, _to(offsets, x.device), pad)
         if erase > 0:
-            boxes = _to(erase_boxes(x.shape[0], size, erase, generator, gen_device), x.device)  # [5, B]: 160 bytes a batch
+            boxes = _to(erase_boxes(x.shape[0], size, erase, generator, gen_device), x.device)  # [5, B], not [B,1,S,S]
             x = x.masked_fill(box_masks(boxes, size), 0.0)
     return x.contiguous(memory_format=memory_format)
 
@@ -308,11 +308,6 @@ def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     rows = (span >= top[:, None]) & (span < (top + h)[:, None])  # [n, S]
     cols = (span >= left[:, None]) & (span < (left + w)[:, None])  # [n, S]
     return ((on[:, None, None] > 0) & rows[:, :, None] & cols[:, None, :])[:, None]  # [n, 1, S, S]
-
-
-def erase_rectangles(n: int, size: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """bool [n, 1, size, size]: the masks ``preprocess(..., erase=p)`` draws from ``generator`` (CPU)."""
-    return box_masks(erase_boxes(n, size, p, generator), size)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -361,7 +361,7 @@ def test_preprocess_shift_translates_each_image_by_whole_pixels():
 
 def test_preprocess_erase_blanks_one_rectangle_per_chosen_image():
     """--erase p: after the (unchanged) flips, about p of the images get one rectangle of mean colour (0)."""
-    from deepranking.preprocessing import ERASE_AREA, erase_rectangles
+    from deepranking.preprocessing import ERASE_AREA, box_masks, erase_boxes
 
     images = torch.from_numpy(uint8_images(n=400, size=16))  # random pixels: a 0.0 pixel is (almost) never kept
     gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
@@ -378,10 +378,10 @@ def test_preprocess_erase_blanks_one_rectangle_per_chosen_image():
         r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
         assert r.max() - r.min() + 1 == rows.sum() and c.max() - c.min() + 1 == cols.sum()  # one band each way
         assert torch.equal(changed[i], rows[:, None] & cols[None, :])  # one rectangle
-    masks = erase_rectangles(2000, 32, 1.0, torch.Generator().manual_seed(0))  # [2000, 1, 32, 32]
+    masks = box_masks(erase_boxes(2000, 32, 1.0, torch.Generator().manual_seed(0)), 32)  # [2000, 1, 32, 32]
     area = masks.flatten(1).float().mean(1)
     assert area.min() > 0.5 * ERASE_AREA[0] and area.max() < 1.3 * ERASE_AREA[1]  # rounding of the sides aside
-    assert not erase_rectangles(50, 32, 0.0, torch.Generator().manual_seed(0)).any()
+    assert not box_masks(erase_boxes(50, 32, 0.0, torch.Generator().manual_seed(0)), 32).any()
 
 
 def test_load_image(tmp_path):

@@ -9,10 +9,10 @@ variants, alternated ``--repeats`` times in one process (best of each):
 * the convs: every backbone conv a plain ``nn.Conv2d`` (``torch``), or
   ``deep_rank_net.PaddingSkippingConv2d`` (``skip-padding``, what the net uses), which leaves
   out the kernel taps that read only zero padding (at 32 px, layer4's 3x3 convs on 1x1 maps);
-* the optimizer: torch's CPU default (a loop over the parameters, what
-  train_net.build_optimizer uses), ``foreach=True``, or ``fused=True``, which train_net.py
-  must not use (torch 2.14's CPU fused kernel updates a channels_last weight wrongly when its
-  gradient comes NCHW); their rows say what the others would buy.
+* the optimizer: torch's CPU default (a loop over the parameters), ``foreach=True``, or
+  ``fused=True``, what train_net.build_optimizer uses for Adam and AdamW (with a step pre-hook
+  that gives every gradient its weight's layout, which torch 2.14's fused CPU kernel needs;
+  autograd's gradients already have it, so the hook copies nothing here).
 
 Prints ms per step and the ratio to the first variant (torch convs, default optimizer: the
 step before the speed-up); the skip-padding net's embeddings are checked against the plain

@@ -396,10 +396,35 @@ def test_adam_decays_through_the_gradient_adamw_apart_from_it():
     assert step("adamw") == (pytest.approx(1 - 0.1 * 0.01, abs=1e-7), torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("optim", ["adam", "adamw"])
+def test_fused_adam_trains_a_channels_last_conv_as_torch_reference_adam_does(optim):
+    # build_optimizer's fused Adam against torch's for-loop implementation, on a channels_last
+    # conv net trained through autograd (with the taps of PaddingSkippingConv2d left out at 1x1).
+    def train(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(deep_rank_net.PaddingSkippingConv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 4, 3, stride=2, padding=1))
+        net = net.to(memory_format=torch.channels_last)
+        args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.01", "--weight-decay", "0.01"])
+        opt = (train_net.build_optimizer(args, net.parameters()) if fused else
+               (torch.optim.Adam if optim == "adam" else torch.optim.AdamW)(
+                   net.parameters(), lr=0.01, weight_decay=0.01, foreach=False))
+        for step in range(5):
+            x = torch.randn(6, 3, 1 + step % 3 * 4, 5).to(memory_format=torch.channels_last)  # 1, 5, 9 rows
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    for fused, reference in zip(train(True), train(False)):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("optim", ["sgd", "adam", "adamw", "rms"])
 def test_each_optimizer_updates_a_channels_last_weight_whose_gradient_is_nchw(optim):
     # The net's conv weights are channels_last; a gradient in the other layout must still give
-    # each element its own update (torch 2.14's fused CPU Adam would not).
+    # each element its own update (torch 2.14's fused CPU Adam alone would not: build_optimizer's
+    # step pre-hook gives the gradient its weight's layout first).
     torch.manual_seed(0)
     args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.1", "--momentum", "0"])
     start, grad = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)

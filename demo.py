@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=DEMO_ARCH, help="backbone architecture")
     p.add_argument("--weights", default="none", help="backbone weights: none, imagenet or a state-dict path")
     p.add_argument("--image-size", type=cli.positive_int, default=DEMO_IMAGE_SIZE, help="training image size")
-    p.add_argument("--seed", type=int, default=0, help="seed for every stage")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed for every stage")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     return p

@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=cli.positive_int, default=None,
                    help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
                         "distance block within 256 MB)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the train subset and demo queries")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed for the train subset and demo queries")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--protocol", choices=PROTOCOLS, default="split",
                    help="split (default): the test file queries the train database, plus train precision; "

@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "val is skipped with a message when the dataset has none)")
     embedding.add_embedding_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--seed", type=int, default=0, help="seed (embedding is deterministic; kept for uniformity)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed (embedding is deterministic; kept for uniformity)")
     return p
 
 

@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
                    help="fraction of query images held out into <csv stem>_val.csv (split by query image, "
                    "so no query is in both files)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the retry jitter and of the --val-fraction split")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the retry jitter and of the --val-fraction split")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-local-files", action="store_true",
                    help="copy local files (plain paths and file:// URLs in the list); without it they are "

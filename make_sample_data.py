@@ -488,7 +488,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tints", type=tint_count, default=0,
                    help="make N colour classes of every class (Fashion-MNIST x 20 = TinyImageNet's 200 classes, "
                         "a fine-grained task); --train/--val-per-class then count images per tinted class")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.seed, default=0,
                    help="seed of the subset choice and of the val order (same seed -> identical files; default 0)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output (a dataset folder holding wnids.txt, or the bundle)")

@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="FAISS: clusters in the index (default about 4 * sqrt(rows))")
     p.add_argument("--index", type=Path, default=None,
                    help="FAISS: keep the built index in this file and reuse it while it is newer than --embeddings")
-    p.add_argument("--seed", type=int, default=0, help="seed of the FAISS k-means")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the FAISS k-means")
     p.add_argument("--no-saved-index", action="store_true",
                    help="read --embeddings itself instead of the saved index beside it (<file>.index/, "
                         "built by the first query and rebuilt whenever the database changes)")

@@ -192,7 +192,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
     run.add_argument("--force", action="store_true",
                      help="start afresh: delete an earlier run's checkpoints, metrics.jsonl and curves")
-    run.add_argument("--seed", type=int, default=SEED, help="random seed (init, triplet order, flips)")
+    run.add_argument("--seed", type=cli.seed, default=SEED, help="random seed (init, triplet order, flips)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--amp", choices=runtime.AMP_CHOICES, default=AMP,
                      help="mixed precision: auto = bf16 on CUDA (fp16 with loss scaling on GPUs without bf16), "

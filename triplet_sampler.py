@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="output CSV (default training_triplet_sample.csv or "
                    "val_triplet_sample.csv by split); paths in it are relative to its folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
                    help="hold out this fraction of each class's images as queries in a second "

@@ -354,9 +354,26 @@ def _bounded(convert, low: float, strict: bool, noun: str):
             raise arg_error(f"expected {noun}, got {value!r}")
         if not (np.isfinite(x) and (x > low if strict else x >= low)):
             raise arg_error(f"expected {noun}, got {value}")
+        if convert is float and x > FLOAT32_MAX:  # the optimiser and losses compute in float32
+            raise arg_error(f"expected {noun} below {FLOAT32_MAX:.3g}, got {value}")
         return x
 
     return parse
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SEED = 2**32 - 1  # numpy, torch and FAISS all take it (torch.manual_seed stops at 2**64 - 1)
+
+
+def seed(value: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**32 - 1]."""
+    try:
+        x = int(value)
+    except ValueError:
+        raise arg_error(f"expected a seed (an integer in [0, {MAX_SEED}]), got {value!r}")
+    if not 0 <= x <= MAX_SEED:
+        raise arg_error(f"expected a seed (an integer in [0, {MAX_SEED}]), got {value}")
+    return x
 
 
 positive_int = _bounded(int, 0, True, "a positive integer")  # >= 1

@@ -317,6 +317,19 @@ def write_triplet_rows(
     return n
 
 
+def _first_long_row(csv_path: Path) -> int:
+    """1-based line number of the first row with more cells than the header (a CSV pandas has read)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        for row in reader:
+            if len(row) > len(TRIPLET_COLUMNS):
+                return reader.line_num
+    return 2
+
+
 def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a triplet CSV; return (query, positive, negative) arrays of absolute paths.
 
@@ -328,7 +341,14 @@ def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
 
     csv_path = check_input_file(csv_path, "triplet CSV", allow_empty=False)
     try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="c")
+        with warnings.catch_warnings():
+            # index_col=False: every row longer than the header would otherwise make pandas
+            # take its first column as the index and shift the rest into query/positive/negative
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="c", index_col=False)
+    except pd.errors.ParserWarning:
+        raise UserError(f"malformed triplet CSV {csv_path}: line {_first_long_row(csv_path)} has more "
+                        f"fields than the header's {len(TRIPLET_COLUMNS)} (query,positive,negative)")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"malformed triplet CSV {csv_path}: {str(exc).strip()}")
     except pd.errors.EmptyDataError:

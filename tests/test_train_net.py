@@ -368,6 +368,10 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
     (["--ema-decay", "1"], "expected a fraction in [0, 1)"),
     (["--erase", "1.5"], "expected a probability in [0, 1], got 1.5"),
     (["--erase", "often"], "expected a probability in [0, 1], got 'often'"),
+    (["--seed", "-1"], "expected a seed"),
+    (["--seed", str(2**64)], "expected a seed"),
+    (["--lr", "1e39"], "expected a positive number below 3.4e+38, got 1e39"),  # float32 overflow in the step
+    (["--weight-decay", "1e300"], "below 3.4e+38"),
 ])
 def test_bad_flags(csvs, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -500,6 +504,8 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
     header_only.write_text("query,positive,negative\n")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
+    four = tmp_path / "four.csv"  # every row one field too many: pandas would shift the columns
+    four.write_text("query,positive,negative\na,b,c,d\ne,f,g,h\n")
     missing_img = tmp_path / "missing.csv"
     missing_img.write_text("query,positive,negative\nno1.jpg,no2.jpg,no3.jpg\n")
     corrupt_dir = tmp_path / "c"
@@ -515,6 +521,7 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
         (["--triplets", empty], "empty"),
         (["--triplets", header_only], "no triplets"),
         (["--triplets", bad], "header"),
+        (["--triplets", four], "line 2 has more fields than the header's 3"),
         (["--triplets", missing_img], "no1.jpg"),
         (["--triplets", corrupt], "broken.jpg"),
         (["--triplets", csvs[0], "--val-triplets", tmp_path / "nope.csv"], "validation triplet CSV not found"),

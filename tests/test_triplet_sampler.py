@@ -180,6 +180,7 @@ def test_single_class_and_singleton_classes_rejected(tmp_path):
     (["--num_pos_images", "0"], "expected a positive integer"),
     (["--num_neg_images", "x"], "expected a positive integer"),
     (["--training", "0"], "no 'val' folder"),
+    (["--seed", "-1"], "expected a seed (an integer in [0, 4294967295]), got -1"),
 ])
 def test_bad_inputs_exit_2(class_folder, tmp_path, argv, message):
     argv = ["--data-dir", str(class_folder), "--output", "t.csv", *argv]

@@ -83,6 +83,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rms")
 LR_SCHEDULES = ("constant", "cosine")
 CURVES_NAME = "training_curves.png"
 CONFIG_NAME = "config.json"
+# every file a run writes beside its checkpoints (plots.training_curves puts a .csv beside the .png)
+RUN_FILES = (METRICS_NAME, CONFIG_NAME, CURVES_NAME, Path(CURVES_NAME).with_suffix(".csv").name)
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
@@ -567,7 +569,7 @@ def prepare_output(run: Run) -> None:
         cli.warn(f"removed {stale}, a partial checkpoint left by an interrupted save")
     if run.args.resume is None:  # a fresh (--force) run: an earlier run's files must not pass for this one's
         run.saver.remove_all()
-        for name in (METRICS_NAME, CURVES_NAME):
+        for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     else:
         run.log.truncate_after(run.step)  # records a killed run wrote after its checkpoint
@@ -639,15 +641,21 @@ def restore(run: Run, ckpt: dict) -> None:
 
 
 def check_outputs(saver: Checkpointer, args) -> None:
-    """Refuse to overwrite an earlier run's files unless --force or --resume (names the file)."""
+    """Refuse to overwrite an earlier run's files (names the file) unless --force, or --resume of a
+    checkpoint in --output-dir itself: a checkpoint resumed into another folder must not overwrite
+    the run found there."""
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir is not a folder: {out}")
-    if args.force or args.resume is not None:
+    if args.force or (args.resume is not None and Path(args.resume).resolve().parent == out.resolve()):
         return
-    for path in [*saver.existing(), out / METRICS_NAME]:
-        if path.exists():
+    for path in [*saver.existing(), *(out / name for name in RUN_FILES)]:
+        if not path.exists():
+            continue
+        if args.resume is None:
             raise UserError(f"{path} already exists from an earlier run (use --force to overwrite or --resume CKPT)")
+        raise UserError(f"{path} already exists from another run: --resume {args.resume} continues in its own "
+                        f"folder (--output-dir {Path(args.resume).parent}); use --force to write into {out} anyway")
 
 
 def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:

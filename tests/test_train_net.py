@@ -556,6 +556,30 @@ def test_force_removes_the_earlier_runs_model(trained, csvs, tmp_path):
     assert not (out / "metrics.jsonl").exists()  # the earlier log is gone; one step wrote no record yet
 
 
+def test_no_run_overwrites_a_folder_holding_another_runs_files(trained, csvs, tmp_path, capsys):
+    # config.json or the curves of something else (--output-dir defaults to "."), then a finished
+    # run that another run's checkpoint is resumed into: each is refused and left byte for byte
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"mine": 1}\n')
+    (other / "training_curves.csv").write_text("precious\n")
+    err = fails(capsys, "--triplets", csvs[0], "--output-dir", other, "--max-steps", 1, *TINY)
+    assert "config.json already exists from an earlier run" in err and "--force" in err
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "training_curves.csv"]
+    assert (other / "config.json").read_text() == '{"mine": 1}\n'
+
+    finished = tmp_path / "finished"
+    shutil.copytree(trained, finished)
+    before = {p.name: p.read_bytes() for p in finished.iterdir()}
+    ckpt = tmp_path / "elsewhere" / "temp_0.model"
+    ckpt.parent.mkdir()
+    shutil.copy(trained / "temp_0.model", ckpt)
+    err = fails(capsys, "--triplets", csvs[0], "--val-triplets", csvs[1], "--optim", "adam", "--lr", "0.01",
+                "--mining", "batch-hard", "--train-from", "layer4", *TINY, "--resume", ckpt, "--output-dir", finished)
+    assert "already exists from another run" in err and f"--output-dir {ckpt.parent}" in err
+    assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
+
+
 def test_every_hyperparameter_constant_is_a_flag_default_and_booleans_go_both_ways():
     parse = train_net.get_args_parser().parse_args
     defaults = parse([])

@@ -177,12 +177,16 @@ def parse_ref(cell: str, base_dir: Path) -> Ref | str:
     if not cell:
         return "empty cell"
     if _SCHEME_RE.match(cell):
-        parsed = urllib.parse.urlsplit(cell)
+        try:
+            parsed = urllib.parse.urlsplit(cell)
+            host = parsed.hostname
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket: "http://[::1/a.jpg"
+            return f"malformed URL ({exc}): {cell}"
         scheme = parsed.scheme.lower()
         if scheme == "file":
             path = Path(urllib.request.url2pathname(parsed.path))
             return Ref(str(path.resolve()), "file", cell) if _is_file(path) else f"file not found: {cell}"
-        if scheme in ("http", "https") and parsed.hostname:
+        if scheme in ("http", "https") and host:
             return Ref(cell, "url")
         return f"not an http(s) URL: {cell}"
     path = _local_path(cell, base_dir)

@@ -102,7 +102,11 @@ def read_wnids(root: Path) -> set[str] | None:
     path = root / "wnids.txt"
     if not path.is_file():
         return None
-    return {w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text: {exc}")
+    return {w.strip() for w in text.splitlines() if w.strip()}
 
 
 def plan_moves(val_dir: Path, annotations: list[Annotation], ann_path: Path) -> list[tuple[Path, Path]]:
@@ -237,7 +241,12 @@ def _network_error(url: str, final: Path, exc: BaseException) -> UserError:
 
 def check_url(url: str) -> None:
     """Only http(s) URLs: the download speaks HTTP (Range, status codes)."""
-    if urllib.parse.urlparse(url).scheme.lower() not in ("http", "https"):
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise UserError(f"--url is not a valid URL ({exc}): {url!r}")
+    if parts.scheme.lower() not in ("http", "https") or not host:
         raise UserError(f"--url must be an http:// or https:// address, got {url!r}")
 
 
@@ -347,8 +356,9 @@ def extract(zip_path: Path, root: Path) -> None:
             if root.exists():
                 root.rmdir()  # only an empty folder gets here (see main)
             os.replace(tmp, root)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise UserError(f"cannot extract {zip_path}: {exc}")
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+            # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
+            raise UserError(f"cannot extract {zip_path}: {exc or type(exc).__name__}")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -637,6 +637,8 @@ def test_other_schemes_refused(tmp_path, server, connections):
         assert import_triplets.parse_ref(url, tmp_path) == f"not an http(s) URL: {url}"
     with pytest.raises(import_triplets.Refused, match="no host"):
         import_triplets.check_url("http:///x.jpg")
+    # a cell urlsplit cannot parse is a malformed record, not a traceback that stops the import
+    assert import_triplets.parse_ref("http://[::1/a.jpg", tmp_path) == "malformed URL (Invalid IPv6 URL): http://[::1/a.jpg"
     # In an input file an ftp:// cell makes its record malformed: reported with its line, never fetched.
     src = tmp_path / "t.csv"
     src.write_text(f"{server.url('/img0.png')},ftp://127.0.0.1/x.jpg,{server.url('/img2.png')}\n"

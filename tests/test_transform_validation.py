@@ -168,6 +168,10 @@ def _missing_val(root):
     shutil.rmtree(root / "val")
 
 
+def _latin1_wnids(root):
+    (root / "wnids.txt").write_bytes("n00000000\nn0000000\xe9\n".encode("latin-1"))
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (_malformed, r"val_annotations.txt line 4: expected 6 tab-separated fields"),
     (_not_integer, r"line 4 \(val_3.JPEG\): box values must be integers"),
@@ -179,6 +183,7 @@ def _missing_val(root):
     (_class_folder_is_a_file, r"n00000002 is a file, but the images of class n00000002 go there"),
     (_missing_annotations, r"annotations file not found: .*val_annotations.txt"),
     (_missing_val, r"no 'val' folder in"),
+    (_latin1_wnids, r"wnids.txt is not UTF-8 text"),
 ])
 def test_bad_input_moves_nothing(tiny_imagenet_raw, capsys, corrupt, message):
     root = tiny_imagenet_raw
@@ -335,6 +340,33 @@ def test_download_rejects_zip_slip(tmp_path, zip_server, capsys):
     assert os.listdir(tmp_path / "dl") == ["tiny-imagenet-200.zip"]
 
 
+def _patch_zip_headers(data: bytes, flag_bits: int = 0, method: int | None = None) -> bytes:
+    """The zip with every local and central header given extra flag bits and/or another method."""
+    out = bytearray(data)
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.find(signature)
+        while at != -1:
+            flags = int.from_bytes(out[at + flags_at:at + flags_at + 2], "little") | flag_bits
+            out[at + flags_at:at + flags_at + 2] = flags.to_bytes(2, "little")
+            if method is not None:
+                out[at + flags_at + 2:at + flags_at + 4] = method.to_bytes(2, "little")
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("flag_bits, method, message", [
+    (0x1, None, "is encrypted"),  # bit 0: an encrypted member, which zipfile cannot read without a password
+    (0, 98, "compression method is not supported"),  # PPMd, which zipfile has no decoder for
+])
+def test_download_of_a_zip_that_cannot_be_extracted(tmp_path, zip_server, capsys, flag_bits, method, message):
+    server, url, _ = zip_server
+    server.payload = _patch_zip_headers(server.payload, flag_bits, method)
+    root = tmp_path / "dl" / "tiny-imagenet-200"
+    code, _, err = run_cli(["--data-dir", root, "--download", "--url", url, "--md5", "none"], capsys)
+    assert code == 2 and err.startswith("error: cannot extract") and message in err and err.count("\n") == 1
+    assert not root.exists() and os.listdir(tmp_path / "dl") == ["tiny-imagenet-200.zip"]  # no extraction left
+
+
 def test_bad_md5_argument(tmp_path, capsys):
     code, _, err = run_cli(["--data-dir", tmp_path, "--md5", "xyz"], capsys)
     assert code == 2 and "expected 32 hex digits" in err
@@ -373,6 +405,8 @@ def test_non_http_url_rejected(tmp_path, capsys):
     root = tmp_path / "dl" / "tiny-imagenet-200"
     code, _, err = run_cli(["--data-dir", root, "--download", "--url", "ftp://example.org/t.zip"], capsys)
     assert code == 2 and "http:// or https://" in err
+    code, _, err = run_cli(["--data-dir", root, "--download", "--url", "http://[::1/t.zip"], capsys)
+    assert code == 2 and err == "error: --url is not a valid URL (Invalid IPv6 URL): 'http://[::1/t.zip'\n"
     assert not (tmp_path / "dl").exists()
 
 

@@ -16,7 +16,7 @@ import torch
 
 from deepranking import cli
 import deep_rank_net
-from deepranking import checkpoint, image_cache, image_data, losses
+from deepranking import checkpoint, image_data, losses
 from deepranking.training_log import RunningStats
 from deepranking.weight_average import WeightAverage
 import train_net

@@ -228,6 +228,8 @@ def main(args) -> None:
     device = distributed.rank_device(args.device, env)
     runtime.configure_determinism(args.deterministic, device)
     ckpt = load_checkpoint(args.resume) if args.resume is not None else None
+    if ckpt is not None:
+        check_training_record(ckpt, args.resume)
     data, labels, n_classes = load_data(args)
     if ckpt is not None:
         check_resume(ckpt, args, data, env)
@@ -628,14 +630,21 @@ def restore(run: Run, ckpt: dict) -> None:
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"checkpoint {run.args.resume} does not fit this model/optimizer: "
                         f"{str(exc).strip().splitlines()[0]}")
-    if ckpt.get("rng"):
-        restore_rng_state(ckpt["rng"])
-    run.epoch, run.step = int(ckpt["epoch"]), int(ckpt["step"])
-    run.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+    run.epoch, run.step = ckpt["epoch"], ckpt["step"]  # types checked by check_training_record
+    run.step_in_epoch = ckpt.get("step_in_epoch", 0)
+    if run.step_in_epoch >= run.steps_per_epoch:  # an epoch's end is saved as the next epoch's step 0
+        raise UserError(f"checkpoint {run.args.resume} is at step {run.step_in_epoch} of an epoch that has "
+                        f"{run.steps_per_epoch} steps here: not a checkpoint of this run")
     run.seconds_before = float(ckpt.get("train_seconds", 0.0))
-    stats = ckpt.get("stats") or {}
-    run.epoch_stats.load_state(stats.get("epoch", {}))
-    run.window.load_state(stats.get("window", {}))
+    try:
+        if ckpt.get("rng"):
+            restore_rng_state(ckpt["rng"])
+        stats = ckpt.get("stats") or {}
+        run.epoch_stats.load_state(stats.get("epoch", {}))
+        run.window.load_state(stats.get("window", {}))
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"checkpoint {run.args.resume} has a malformed random-number or statistics state: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
     if run.env.main:
         print(f"resuming from {run.args.resume}: epoch {run.epoch + 1}, step {run.step}", file=sys.stderr)
 
@@ -656,6 +665,36 @@ def check_outputs(saver: Checkpointer, args) -> None:
             raise UserError(f"{path} already exists from an earlier run (use --force to overwrite or --resume CKPT)")
         raise UserError(f"{path} already exists from another run: --resume {args.resume} continues in its own "
                         f"folder (--output-dir {Path(args.resume).parent}); use --force to write into {out} anyway")
+
+
+def check_training_record(ckpt: dict, path) -> None:
+    """The entries a resume reads have the types training_checkpoint writes (UserError naming the first
+    that does not): a hand-edited or foreign file must not end in a traceback or a wrong trajectory."""
+    def bad(key: str, expected: str):
+        shown = repr(ckpt.get(key))
+        return UserError(f"checkpoint {path} is not a training checkpoint train_net.py can resume: "
+                         f"{key} is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {expected}")
+
+    if "epoch" not in ckpt or "step" not in ckpt:
+        raise UserError(f"checkpoint {path} holds no training state (epoch, step), so it cannot be resumed")
+    for key in ("epoch", "step", "step_in_epoch"):
+        value = ckpt.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(key, "a non-negative integer")
+    seconds = ckpt.get("train_seconds", 0.0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
+        raise bad("train_seconds", "a non-negative number")
+    for key in ("args", "rng", "run", "stats", "preprocessing"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise bad(key, "a dict")
+    cfg = ckpt.get("model_config")
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("arch", "embedding_dim", "image_size")):
+        raise bad("model_config", "a dict with arch, embedding_dim and image_size")
+    if ckpt.get("preprocessing"):
+        try:
+            Preprocessing.from_dict(ckpt["preprocessing"])
+        except UserError as exc:
+            raise UserError(f"checkpoint {path}: {exc}")
 
 
 def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:

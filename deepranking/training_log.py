@@ -93,6 +93,10 @@ class MetricsLog:
             if not isinstance(record, dict):
                 warn(f"{self.path}: line {number} is not a complete record (cut short by a kill?); skipped")
                 continue
+            step = record.get("step", 0)
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # a resume orders records by it
+                warn(f"{self.path}: line {number} has no valid step ({step!r}); skipped")
+                continue
             out.append(record)
         return out
 
@@ -100,5 +104,5 @@ class MetricsLog:
         """A resume from step ``step``: drop the records a killed run wrote after its checkpoint."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in self.records() if int(r.get("step", 0)) <= step]
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -537,6 +537,32 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
         assert not out.exists() or not any(out.iterdir()), (extra, list(out.iterdir()))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("epoch"), "holds no training state (epoch, step)"),
+    (lambda c: c.update(epoch=-3), "epoch is -3, expected a non-negative integer"),
+    (lambda c: c.update(step="abc"), "step is 'abc', expected a non-negative integer"),
+    (lambda c: c.update(train_seconds=float("nan")), "train_seconds is nan"),
+    (lambda c: c.update(args=[1, 2]), "args is [1, 2], expected a dict"),
+    (lambda c: c["model_config"].pop("arch"), "model_config is {"),
+    (lambda c: c["preprocessing"].update(cache_size="abc"), "preprocessing record is invalid"),
+    (lambda c: c.update(rng={"torch": 1}), "malformed random-number or statistics state"),
+    (lambda c: c.update(stats={"epoch": 5}), "malformed random-number or statistics state"),
+    # past the epoch's end: would have run an empty epoch and written a "finished" model
+    (lambda c: c.update(step_in_epoch=10**6), "at step 1000000 of an epoch that has 5 steps here"),
+])
+def test_resume_of_a_malformed_training_checkpoint_is_refused(trained, csvs, tmp_path, capsys, edit, message):
+    ckpt = checkpoint.load_checkpoint(trained / "temp_0.model")
+    edit(ckpt)
+    path = tmp_path / "edited.model"
+    torch.save(ckpt, path)
+    out = tmp_path / "o"
+    err = fails(capsys, "--triplets", csvs[0], "--val-triplets", csvs[1], "--epochs", 1, "--optim", "adam",
+                "--lr", "0.01", "--mining", "batch-hard", "--train-from", "layer4", *TINY, "--resume", path,
+                "--output-dir", out)
+    assert message in err and str(path) in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_time_limit_stops_with_a_resumable_checkpoint(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--output-dir", tmp_path, *TINY)
     assert "continue with --resume" in capsys.readouterr().out
@@ -860,9 +886,11 @@ def test_a_metrics_line_cut_short_by_a_kill_is_skipped_on_resume(csvs, tmp_path,
     common = ["--triplets", csvs[0], "--epochs", 2, "--log-every", 1, *TINY]
     train(*common, "--max-steps", 3, "--output-dir", tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": null}\n')  # a hand-edited record: no step to order it by
         f.write('{"event": "train", "step": 4, "lo')  # the kill came mid-write
     train(*common, "--resume", tmp_path / "temp_0.model", "--output-dir", tmp_path)
-    assert "line 4 is not a complete record" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "line 4 has no valid step (None); skipped" in err and "line 5 is not a complete record" in err
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == list(range(1, 11))

@@ -113,15 +113,20 @@ class ImageList:
         return [self.class_names[i] for i in self.labels]
 
 
-def _class_images(class_dir: Path) -> list[str]:
-    """Image files of one class folder: ``<class>/images/*`` if present, else ``<class>/*``."""
-    images_dir = class_dir / "images"
-    source = images_dir if images_dir.is_dir() else class_dir
-    with os.scandir(source) as entries:
+def _image_names(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
         # A dangling link is listed too: the image cache then reports it as missing.
-        names = sorted(e.name for e in entries
-                       if is_image_file(e.name) and (e.is_file() or (e.is_symlink() and not e.is_dir())))
-    return [str(source / n) for n in names]
+        return sorted(e.name for e in entries
+                      if is_image_file(e.name) and (e.is_file() or (e.is_symlink() and not e.is_dir())))
+
+
+def _class_images(class_dir: Path) -> tuple[list[str], int]:
+    """Image files of one class folder: ``<class>/images/*`` if present, else ``<class>/*``;
+    and how many image files beside ``images/`` that leaves out (for a warning)."""
+    images_dir = class_dir / "images"
+    if not images_dir.is_dir():
+        return [str(class_dir / n) for n in _image_names(class_dir)], 0
+    return [str(images_dir / n) for n in _image_names(images_dir)], len(_image_names(class_dir))
 
 
 def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList:
@@ -140,16 +145,17 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
         raise UserError(f"dataset folder not found: {display_path(root)}")
     if not root.is_dir():
         raise UserError(f"dataset folder is a file, not a folder: {display_path(root)}")
-    if not root.is_dir():
-        raise UserError(f"dataset path is not a folder: {display_path(root)}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths: list[str] = []
     labels: list[int] = []
     class_names: list[str] = []
     too_small: list[str] = []
     empty: list[str] = []
+    beside: list[str] = []  # classes with images left out next to their images/ folder
     for class_dir in class_dirs:
-        files = _class_images(class_dir)
+        files, left_out = _class_images(class_dir)
+        if left_out:
+            beside.append(f"{display_path(class_dir.name)} ({left_out})")
         if not files:
             empty.append(display_path(class_dir.name))
             continue
@@ -172,6 +178,10 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
             " (it holds loose images; put them in one sub-folder per class)" if loose else ""
         )
         raise UserError(f"no class folders with images found in {display_path(root)}{hint}")
+    if beside:
+        shown = ", ".join(beside[:10]) + (" ..." if len(beside) > 10 else "")
+        warn(f"left out the image files beside the images/ folder of {len(beside)} class(es) (a class with an "
+             f"images/ folder is read from it alone, as in TinyImageNet): {shown}")
     if empty:
         shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
         warn(f"skipped {len(empty)} class folder(s) with no image files in {display_path(root)}: {shown}")

@@ -7,6 +7,7 @@ exit status 2, a single ``error:`` line, no traceback.
 from __future__ import annotations
 
 import io
+import shutil
 import os
 import struct
 import sys
@@ -413,6 +414,22 @@ def test_empty_class_folder_warned(tmp_path, capsys):
     assert listing.class_names == ["class00", "class01"]
     err = capsys.readouterr().err
     assert err == f"warning: skipped 2 class folder(s) with no image files in {root}: empty, notes\n"
+
+
+def test_images_beside_an_images_folder_are_left_out_with_a_warning(tmp_path, capsys):
+    # TinyImageNet's train/<wnid>/images/ layout: a class with images/ is read from it alone,
+    # so images left next to it are named in a warning, not dropped in silence
+    root = write_class_folder(tmp_path / "data", n_classes=2, per_class=2, size=8, ext=".png")
+    (root / "class00" / "images").mkdir()
+    for name in ("class00_0.png", "class00_1.png"):
+        (root / "class00" / name).rename(root / "class00" / "images" / name)
+    shutil.copy(root / "class01" / "class01_0.png", root / "class00" / "stray.png")
+    listing = image_data.list_class_folder(root)
+    assert sorted(Path(p).name for p in listing.paths) == ["class00_0.png", "class00_1.png", "class01_0.png",
+                                                          "class01_1.png"]
+    err = capsys.readouterr().err
+    assert err == ("warning: left out the image files beside the images/ folder of 1 class(es) (a class with an "
+                   "images/ folder is read from it alone, as in TinyImageNet): class00 (1)\n")
 
 
 def test_empty_class_folder_through_triplet_sampler(tmp_path):

@@ -152,10 +152,12 @@ def looks_like_image_ref(cell: str, base_dir: Path) -> bool:
     cell = cell.strip()
     if not cell:
         return False
-    has_space = any(ch.isspace() for ch in cell)
-    if _SCHEME_RE.match(cell) or is_image_file(cell):
+    has_space = any(ch.isspace() for ch in cell)  # a text line ("query: a red shoe.jpg") has spaces
+    if _SCHEME_RE.match(cell):
         return not has_space
-    return _is_file(_local_path(cell, base_dir))
+    if _is_file(_local_path(cell, base_dir)):  # an existing file may have spaces ("my photos/a.jpg")
+        return True
+    return is_image_file(cell) and not has_space
 
 
 def _is_file(path: Path) -> bool:

@@ -279,6 +279,23 @@ def test_plain_csv_with_local_files_and_tsv(tmp_path, server):
     assert len(image_data.read_triplet_csv(tmp_path / "out_tsv" / "triplets.csv")[0]) == 1
 
 
+def test_local_paths_with_spaces_in_a_headerless_csv_and_in_4_line_records(tmp_path):
+    # format detection and 4-line records take an existing file for an image even with spaces in
+    # its path (a text line has spaces too, so only the file's existence can tell them apart)
+    pics = tmp_path / "my photos"
+    pics.mkdir()
+    for i, name in enumerate(("q a.png", "p.png", "n.png")):
+        (pics / name).write_bytes(image_bytes(40 + i))
+    refs = ["my photos/q a.png", "my photos/p.png", "my photos/n.png"]
+    csv_in, lines_in = tmp_path / "t.csv", tmp_path / "t.txt"
+    csv_in.write_text(",".join(refs) + "\n" + ",".join(reversed(refs)) + "\n")
+    lines_in.write_text(four_line([refs]))
+    for src, out, triplets in ((csv_in, tmp_path / "o1", 2), (lines_in, tmp_path / "o2", 1)):
+        run_import(src, out, "--allow-local-files")
+        q, p, n = image_data.read_triplet_csv(out / "triplets.csv")
+        assert len(q) == triplets and Path(q[0]).read_bytes() == (pics / Path(refs[0]).name).read_bytes()
+
+
 def test_malformed_records_reported_with_line_numbers(tmp_path, server, capsys):
     u = server.url
     good = four_line([(u("/img0.png"), u("/img1.png"), u("/img2.png"))])

@@ -66,8 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing metrics.json and an earlier evaluation's pictures")
     p.add_argument("--allow-same-files", action="store_true",
-                   help="evaluate even when the train and test files hold the same images (a warning, "
-                        "not an error: every query then finds itself)")
+                   help="evaluate even when the train and test files hold the same images, or share some "
+                        "(a warning, not an error: each shared query then finds itself)")
     return p
 
 
@@ -82,6 +82,14 @@ def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddin
                    f"(recall@1 = 1)")
         if not allow_same:
             raise UserError(f"{message}; pass the val split as --test-embeddings, or --allow-same-files")
+        cli.warn(message)
+        return
+    shared = set(train.paths).intersection(test.paths)
+    if shared:  # a query that is also in the database finds itself at distance 0: inflated scores
+        message = (f"{len(shared)} of the {len(test)} test images are also in {train_name} "
+                   f"(e.g. {min(shared)}): each of them finds itself")
+        if not allow_same:
+            raise UserError(f"{message}; use disjoint splits, or --allow-same-files")
         cli.warn(message)
 
 

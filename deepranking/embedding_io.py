@@ -509,6 +509,9 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
         result = _read_text(path, progress)
     if len(result) == 0:
         raise UserError(f"embedding file holds no embeddings: {path}")
+    if result.dim == 0:
+        raise UserError(f"malformed embedding file {path}: its embeddings have 0 dimensions")
+    _check_unique_paths(path, result.paths)
     if not np.isfinite(result.emb).all():
         row = int(np.flatnonzero(~np.isfinite(result.emb).all(axis=1))[0])
         raise UserError(f"embedding file {path}: row {row + 1} ({result.paths[row]}) has NaN or infinite values")
@@ -516,6 +519,30 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
     if result.record is not None and (result.record.get("rows"), result.record.get("dim")) != (len(result), result.dim):
         result.record, result.record_note = None, f"the record of {path} describes another file: its model is unknown"
     return result
+
+
+def _check_unique_paths(path: Path, paths: list[str]) -> None:
+    """Each image once: a second row of the same image would be a perfect match for the first
+    (leave-one-out leaves out only the row itself), which no score may count."""
+    uniq, first, counts = np.unique(np.array(paths, dtype=str), return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = int(np.flatnonzero(counts > 1)[0])
+        rows = [i + 1 for i, p in enumerate(paths) if p == uniq[dup]][:2]
+        raise UserError(f"embedding file {path}: {int((counts - 1).sum())} duplicate image row(s), the first "
+                        f"{_display(str(uniq[dup]))} on rows {rows[0]} and {rows[1]}; keep one row per image")
+
+
+def _check_arrays(path: Path, emb: np.ndarray, strings: dict[str, np.ndarray]) -> None:
+    """Binary files: real-number embeddings, and 1-D arrays of non-empty strings for paths and labels."""
+    if emb.dtype.kind not in "fiu":  # complex, bool, strings and records are not embeddings
+        raise UserError(f"malformed embedding file {path}: emb holds {emb.dtype} values, not real numbers")
+    for name, values in strings.items():
+        if values.ndim != 1 or values.dtype.kind != "U":
+            raise UserError(f"malformed embedding file {path}: {name} must be a 1-D array of strings, "
+                            f"found {values.dtype} of shape {values.shape}")
+    if (strings["paths"] == "").any():
+        row = int(np.flatnonzero(strings["paths"] == "")[0])
+        raise UserError(f"malformed embedding file {path}: row {row + 1} has an empty path")
 
 
 def _read_npz(path: Path) -> Embeddings:
@@ -529,6 +556,7 @@ def _read_npz(path: Path) -> Embeddings:
         raise
     except Exception as exc:  # zip / npy format errors come in many types
         raise UserError(f"malformed embedding file {path}: {exc}")
+    _check_arrays(path, emb, {"paths": rel, "labels": labels})
     if emb.ndim != 2 or len(rel) != len(emb) or len(labels) != len(emb):
         raise UserError(f"malformed embedding file {path}: emb {emb.shape}, {len(rel)} paths, {len(labels)} labels")
     base = path.resolve().parent
@@ -552,8 +580,10 @@ def _read_npy(path: Path) -> Embeddings:
         raise UserError(f"malformed embedding sidecar {meta}: {str(exc).strip()}")
     if list(df.columns) != ["path", "label"]:
         raise UserError(f"embedding sidecar {meta} must have the header 'path,label'")
+    _check_arrays(path, emb, {"paths": df["path"].to_numpy(dtype=str), "labels": df["label"].to_numpy(dtype=str)})
     if emb.ndim != 2 or len(df) != len(emb):
-        raise UserError(f"embedding file {path} holds {emb.shape} values but {meta.name} lists {len(df)} rows")
+        raise UserError(f"embedding file {path} holds an array of shape {emb.shape} but {meta.name} lists "
+                        f"{len(df)} rows (expected [{len(df)}, d])")
     return Embeddings(_absolute(df["path"].tolist(), path.resolve().parent),
                       df["label"].to_numpy(dtype=object), np.ascontiguousarray(emb, dtype=np.float32))
 

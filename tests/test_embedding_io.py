@@ -53,6 +53,38 @@ def test_malformed_files_are_clear_errors(tmp_path, content, message):
         embedding_io.read_embeddings(bad, progress=False)
 
 
+@pytest.mark.parametrize("name", ["emb.txt", "emb.npz", "emb.npy"])
+def test_duplicate_rows_and_zero_dimensions_are_refused(tmp_path, name):
+    # a twin row would be a perfect match for its query (leave-one-out leaves out the row alone)
+    paths, labels, emb = sample(tmp_path)
+    paths[5] = paths[2]
+    out = tmp_path / name
+    embedding_io.write_embeddings(out, paths, labels, emb, progress=False)
+    with pytest.raises(UserError, match=r"1 duplicate image row\(s\), the first .*2\.jpg on rows 3 and 6"):
+        embedding_io.read_embeddings(out, progress=False)
+    if name == "emb.npz":  # 0-d rows cannot be written as text; a binary file can hold them
+        np.savez(out, emb=np.zeros((3, 0), np.float32), paths=np.array(["a", "b", "c"]), labels=np.array(["x"] * 3))
+        with pytest.raises(UserError, match="0 dimensions"):
+            embedding_io.read_embeddings(out, progress=False)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(emb=np.ones((2, 3), np.complex64)), "emb holds complex64 values, not real numbers"),
+    (dict(emb=np.ones((2, 3), bool)), "emb holds bool values"),
+    (dict(emb=np.array([["1", "2"], ["3", "4"]])), "emb holds <U1 values"),
+    (dict(paths=np.array([1, 2])), "paths must be a 1-D array of strings, found int64"),
+    (dict(paths=np.array([b"a", b"b"])), "paths must be a 1-D array of strings, found |S1"),
+    (dict(labels=np.array([["x", "y"], ["x", "y"]])), r"labels must be a 1-D array of strings, found <U1 of shape \(2, 2\)"),
+    (dict(paths=np.array(["a", ""])), "row 2 has an empty path"),
+])
+def test_malformed_npz_arrays_are_clear_errors(tmp_path, arrays, message):
+    out = tmp_path / "bad.npz"
+    np.savez(out, **{"emb": np.ones((2, 3), np.float32), "paths": np.array(["a", "b"]),
+                     "labels": np.array(["x", "y"]), **arrays})
+    with pytest.raises(UserError, match=message):
+        embedding_io.read_embeddings(out, progress=False)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         embedding_io.read_embeddings(tmp_path / "nope.txt", progress=False)

@@ -15,17 +15,17 @@ def write_files(tmp_path, dim_test=2):
     imgs = tmp_path / "imgs"
     imgs.mkdir(parents=True)
     names = []
-    for i in range(6):
+    for i in range(8):  # 0-5 the database, 6-7 the queries (no query may be a database image)
         p = imgs / f"{i}.png"
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(p)
         names.append(str(p))
     # Database on a line: class a at x=0,1,2; class b at x=10,11,12.
     train_emb = np.array([[0, 0], [1, 0], [2, 0], [10, 0], [11, 0], [12, 0]], dtype=np.float32)
-    embedding_io.write_embeddings(tmp_path / "train.txt", names, ["a"] * 3 + ["b"] * 3, train_emb, progress=False)
+    embedding_io.write_embeddings(tmp_path / "train.txt", names[:6], ["a"] * 3 + ["b"] * 3, train_emb, progress=False)
     # Queries: one "a" near 0; one "b" at 5, closer to the a's: 2 at 3, 1 at 4, then 0 and 10 tie at 5
     # (the tie goes to the lower database index, 0).
     test_emb = np.array([[0.1, 0], [5.0, 0]], dtype=np.float32)[:, :dim_test]
-    embedding_io.write_embeddings(tmp_path / "test.txt", names[:2], ["a", "b"], test_emb, progress=False)
+    embedding_io.write_embeddings(tmp_path / "test.txt", names[6:], ["a", "b"], test_emb, progress=False)
     return tmp_path / "train.txt", tmp_path / "test.txt"
 
 

@@ -168,6 +168,14 @@ def test_eval_refuses_the_same_images_twice_unless_allowed(tmp_path, pair_a, cap
     assert "warning:" in err and "the same file" in err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["recall_at_1"] == 1.0  # what the warning is about
+    # Test rows that are only partly train rows inflate the scores as surely.
+    part = tmp_path / "part.txt"
+    rows = train.read_text().splitlines()
+    part.write_text("\n".join(rows[:3]) + "\n")
+    code, err = run_cli(eval_script, capsys, "--train-embeddings", train, "--test-embeddings", part,
+                        "--output-dir", tmp_path / "out2")
+    assert code == 2 and f"2 of the 2 test images are also in {train}" in err and "--allow-same-files" in err
+    assert not (tmp_path / "out2").exists()
 
 
 def test_eval_warns_about_unknown_models(tmp_path, pair_a, capsys):

@@ -272,13 +272,16 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, na
                      title=f"{Path(test.paths[qi]).name}")
 
 
-def check_old_pictures(out: Path, force: bool) -> None:
-    """Refuse an output folder holding an earlier evaluation's pictures but no metrics.json
-    (an interrupted or hand-cleaned run), unless --force: they would be mixed with this run's."""
-    old = sorted(out.glob("retrieval_*.png")) + [p for p in [out / "precision_at_k.png"] if p.exists()]
+TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv")  # beside metrics.json
+
+
+def check_old_outputs(out: Path, force: bool) -> None:
+    """Refuse an output folder holding files of this tool's names but no metrics.json (an interrupted
+    or hand-cleaned run, or someone else's files), unless --force: they would be replaced or mixed."""
+    old = sorted(out.glob("retrieval_*.png")) + [out / name for name in TABLES if (out / name).exists()]
     if old and not force and not (out / "metrics.json").exists():
         more = f" and {len(old) - 1} more" if len(old) > 1 else ""
-        raise UserError(f"{out} holds pictures of an earlier evaluation ({old[0].name}{more}) but no metrics.json; "
+        raise UserError(f"{out} holds outputs of an earlier evaluation ({old[0].name}{more}) but no metrics.json; "
                         f"pass --force to replace them, or choose another --output-dir")
 
 
@@ -354,8 +357,9 @@ def report(args, train, test, queries: list[int], device) -> dict:
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
         cli.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
-    stale = [p for p in out.glob("retrieval_*.*")
-             if p.stem.split("_", 1)[1].isdigit() and int(p.stem.split("_", 1)[1]) >= len(queries)]
+    stale = [p for p in out.glob("retrieval_*.png")  # the names this tool writes, nothing else
+             if p.stem.split("_", 1)[1].isascii() and p.stem.split("_", 1)[1].isdigit()
+             and int(p.stem.split("_", 1)[1]) >= len(queries)]
     for p in stale:  # an earlier run's extra pictures (--force): not this run's
         p.unlink()
 
@@ -387,7 +391,7 @@ def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
     cli.check_output_path(metrics_path, args.force, "metrics file")  # also proves it writable, at once
-    check_old_pictures(out, args.force)
+    check_old_outputs(out, args.force)
     device = runtime.pick_device(args.device)
     test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
     # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.

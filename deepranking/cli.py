@@ -174,6 +174,10 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None) -> Iterat
     try:
         yield stage
         files = sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name))
+        for f in files:  # a rename onto a folder fails: find it before the first rename, not midway
+            if (folder / f.name).is_dir() and not (folder / f.name).is_symlink():
+                raise UserError(f"cannot write {folder / f.name}: Is a directory (nothing of this run was kept "
+                                f"there)")
         with signals_held():
             for f in files:
                 os.chmod(f, FILE_MODE)

@@ -167,12 +167,37 @@ def test_old_pictures_without_metrics_are_refused_unless_force(tmp_path, capsys)
     args = ["--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", out, "--no-progress",
             "--num-demo-queries", 1]
     code, captured = run(capsys, *args)
-    assert code == 2 and "holds pictures of an earlier evaluation (retrieval_0.png and 1 more) but no " \
+    assert code == 2 and "holds outputs of an earlier evaluation (retrieval_0.png and 1 more) but no " \
                          "metrics.json; pass --force" in captured.err
     assert (out / "retrieval_0.png").read_bytes() == before and not (out / "metrics.json").exists()
     eval_script.main(eval_script.get_args_parser().parse_args([str(a) for a in args] + ["--force"]))
     assert (out / "retrieval_0.png").read_bytes() != before
     assert not (out / "retrieval_7.png").exists()  # the earlier run's extra picture is gone
+
+
+def test_eval_leaves_files_of_other_names_alone_and_refuses_its_table_names(tmp_path, capsys):
+    # only retrieval_<n>.png is this tool's; a table of its name without metrics.json is refused;
+    # a folder where an output goes fails before any file of the set is replaced
+    emb = write_line(tmp_path / "test.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "retrieval_7.txt").write_text("notes\n")
+    (out / "retrieval_12.jpg").write_text("photo\n")
+    (out / "per_class_precision.csv").write_text("my table\n")
+    args = ["--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", out, "--no-progress",
+            "--num-demo-queries", 1]
+    code, captured = run(capsys, *args)
+    assert code == 2 and "holds outputs of an earlier evaluation (per_class_precision.csv)" in captured.err
+    assert (out / "per_class_precision.csv").read_text() == "my table\n"
+    eval_script.main(eval_script.get_args_parser().parse_args([str(a) for a in args] + ["--force"]))
+    assert (out / "retrieval_7.txt").read_text() == "notes\n" and (out / "retrieval_12.jpg").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "retrieval_0.png").unlink()
+    (out / "retrieval_0.png").mkdir()
+    code, captured = run(capsys, *args, "--k", 1, "--force")
+    assert code == 2 and "retrieval_0.png: Is a directory (nothing of this run was kept there)" in captured.err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if k != "retrieval_0.png"}
 
 
 def test_no_progress_flag_exists():

@@ -47,8 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", type=Path, required=True,
                    help="database embedding file from gen_embeddings.py (.txt, .npz or .npy)")
     p.add_argument("--top", type=cli.positive_int, default=10, help="neighbours to show per query")
-    p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of the results")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --grid file")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="also write a PNG grid of the results (and its table: the same name with .csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --grid file and its .csv")
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out database rows that are the query image itself")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -212,7 +213,10 @@ def main(args) -> None:
 
     # Cheap checks first: nothing is loaded or embedded if an input is wrong.
     if args.grid is not None:
+        from deepranking.plots import data_path
+
         cli.check_output_path(args.grid, args.force, "grid picture")
+        cli.check_output_path(data_path(args.grid), args.force, "grid's table")  # written beside the PNG
     query_paths = expand_queries(args.queries)
     cli.check_input_file(args.embeddings, "embedding file")
     device = runtime.pick_device(args.device)

@@ -96,6 +96,11 @@ def test_folder_and_glob_queries_and_grid(setup, tiny_imagenet, tmp_path, capsys
         assert im.format == "PNG" and im.height > 10 * 96 and im.width >= 5 * 96
     with pytest.raises(UserError, match="already exists"):
         run_query(setup, "--grid", str(grid), pattern)
+    # the grid's table is refused as the PNG is: a user's other.csv is not replaced by it
+    (tmp_path / "other.csv").write_text("precious\n")
+    with pytest.raises(UserError, match=r"grid's table already exists: .*other\.csv \(use --force"):
+        run_query(setup, "--grid", str(tmp_path / "other.png"), pattern)
+    assert (tmp_path / "other.csv").read_text() == "precious\n" and not (tmp_path / "other.png").exists()
 
 
 def test_query_errors(setup, tmp_path, tiny_imagenet):

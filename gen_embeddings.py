@@ -36,7 +36,7 @@ from deep_rank_net import FEATURE_KINDS, feature_record, model_from_checkpoint, 
 from deepranking import cli, distributed, embedding, runtime
 from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint
 from deepranking.cli import UserError
-from deepranking.embedding_io import EmbeddingFile, write_embedding_files
+from deepranking.embedding_io import EmbeddingFile, files_of, write_embedding_files
 from deepranking.preprocessing import Preprocessing
 
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
@@ -110,6 +110,12 @@ def plan_jobs(args) -> list[SplitJob]:
     outputs = {s: Path(getattr(args, SPLIT_OUTPUT[s])) for s in splits}
     if len(splits) == 2 and outputs["train"].resolve() == outputs["val"].resolve():
         raise UserError(f"--train-output and --test-output are the same file: {outputs['train']}")
+    if len(splits) == 2:  # a companion file (.meta.json, .meta.csv) of one may be the other's data file
+        train_files = {p.resolve(): p for p in files_of(outputs["train"])}
+        shared = [p for p in files_of(outputs["val"]) if p.resolve() in train_files]
+        if shared:
+            raise UserError(f"--train-output {outputs['train']} and --test-output {outputs['val']} would both "
+                            f"write {shared[0]}: choose names that do not share files")
     jobs = []
     for split in splits:
         if split == "val" and val_optional and not (args.data_dir / "val").is_dir():

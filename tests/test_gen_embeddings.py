@@ -110,6 +110,19 @@ def test_refuses_existing_output_before_any_work(tmp_path, tiny_imagenet, checkp
                                read_embeddings(outputs[0], progress=False).emb, atol=1e-5)
 
 
+@pytest.mark.parametrize("train_name, test_name", [
+    ("e.txt", "e.txt"),  # the same file
+    ("c.txt", "c.txt.meta.json"),  # the test data file is the train file's provenance record
+    ("d.npy", "d.npy.meta.csv"),  # ... or a .npy file's path,label sidecar
+])
+def test_outputs_that_share_a_file_are_refused_before_any_work(tmp_path, tiny_imagenet, checkpoint, train_name,
+                                                               test_name):
+    with pytest.raises(UserError, match="same file|would both write"):
+        run_main("--model", str(checkpoint), "--data-dir", str(tiny_imagenet),
+                 "--train-output", str(tmp_path / train_name), "--test-output", str(tmp_path / test_name))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_class_folder_has_only_train_split(tmp_path, class_folder, checkpoint, capsys):
     train, test = tmp_path / "a" / "train.npz", tmp_path / "a" / "test.npz"
     run_main("--model", str(checkpoint), "--data-dir", str(class_folder),

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepranking import cli, image_cache, image_data, runtime
+from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
 
 
@@ -139,5 +140,10 @@ def embed_paths(
     cache_size = spec.cache_size or image_cache.choose_cache_size(paths, spec.image_size)
     images = image_cache.cache_images(paths, cache_size, cache_dir=cache_dir, progress=progress,
                                       budget=cache_budget)  # uint8 [N, c, c, 3]: a cache, or streamed
-    return embed_images(model, images, spec, batch_size=batch_size, device=device, precision=precision,
-                        progress=progress)
+    emb = embed_images(model, images, spec, batch_size=batch_size, device=device, precision=precision,
+                       progress=progress)  # [N, D]
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():  # no distance or file may carry them: every stage that embeds images comes here
+        raise UserError(f"the model gives NaN or infinite embeddings for {int(bad.sum())} of {len(paths)} image(s), "
+                        f"e.g. {paths[int(np.flatnonzero(bad)[0])]}: its weights or preprocessing record are damaged")
+    return emb

@@ -87,7 +87,8 @@ class Preprocessing:
         if spec.version > PIXELS_VERSION:
             raise UserError(f"checkpoint preprocessing version {spec.version} is newer than this code "
                             f"({PIXELS_VERSION}); update the code")
-        if spec.image_size < 1 or spec.cache_size < 1 or len(spec.mean) != 3 or len(spec.std) != 3:
+        if (spec.image_size < 1 or spec.cache_size < 1 or len(spec.mean) != 3 or len(spec.std) != 3
+                or not all(math.isfinite(v) for v in spec.mean) or not all(0 < v < math.inf for v in spec.std)):
             raise UserError(f"checkpoint preprocessing record is invalid: {d}")
         return spec
 

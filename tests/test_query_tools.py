@@ -240,6 +240,21 @@ def test_get_distance_errors(setup, tiny_imagenet, tmp_path):
         (["--model", str(ckpt), "--image1", str(bad), "--image2", a], "bad.jpg"),
         (["--model", str(tmp_path / "m.model"), "--image1", a, "--image2", a], "checkpoint not found"),
     ]
+    # A damaged model: NaN in a weight gives NaN embeddings, a std of 0 in the record infinite pixels.
+    import torch
+    from deepranking.checkpoint import load_checkpoint
+
+    nan_weights, zero_std = load_checkpoint(ckpt), load_checkpoint(ckpt)
+    first = next(k for k, v in nan_weights["model"].items() if v.is_floating_point() and v.dim() == 4)
+    nan_weights["model"][first] = torch.full_like(nan_weights["model"][first], float("nan"))
+    zero_std["preprocessing"]["std"] = [0.0, 0.0, 0.0]
+    torch.save(nan_weights, tmp_path / "nan.model")
+    torch.save(zero_std, tmp_path / "std0.model")
+    cases += [
+        (["--model", str(tmp_path / "nan.model"), "--image1", a, "--image2", a],
+         "the model gives NaN or infinite embeddings for 2 of 2 image"),
+        (["--model", str(tmp_path / "std0.model"), "--image1", a, "--image2", a], "preprocessing record is invalid"),
+    ]
     for argv, message in cases:
         with pytest.raises(UserError, match=message):
             get_distance.main(get_distance.get_args_parser().parse_args([*argv, "--device", "cpu"]))

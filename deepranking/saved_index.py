@@ -67,13 +67,16 @@ def faiss_path(folder: Path, key: dict, nlist: int, seed: int) -> Path:
 def _load(folder: Path, key: dict, database: Path) -> embedding_io.Embeddings | None:
     """The saved database when the folder's key matches ``key``; None otherwise."""
     try:
-        if json.loads((folder / "key.json").read_text(encoding="utf-8")) != key:
+        # the saved files' sizes and mtimes as _save left them: an index edited or damaged since is rebuilt
+        if json.loads((folder / "key.json").read_text(encoding="utf-8")) != {"key": key, "files": _stamps(folder)}:
             return None
         emb = np.load(folder / "emb.npy", mmap_mode="r", allow_pickle=False)
         rows = json.loads((folder / "rows.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    paths, labels = rows.get("paths"), rows.get("labels")
+    paths, labels = (rows.get("paths"), rows.get("labels")) if isinstance(rows, dict) else (None, None)
+    if not (isinstance(paths, list) and isinstance(labels, list) and all(isinstance(p, str) for p in paths)):
+        return None
     if emb.ndim != 2 or emb.dtype != np.float32 or not (len(paths) == len(labels) == len(emb)):
         return None
     base = database.resolve().parent
@@ -93,7 +96,12 @@ def _save(folder: Path, key: dict, db: embedding_io.Embeddings, database: Path) 
     base = database.resolve().parent
     rows = {"paths": [os.path.relpath(p, base) for p in db.paths], "labels": [str(x) for x in db.labels]}
     atomic_write_text(folder / "rows.json", json.dumps(rows))
-    atomic_write_text(folder / "key.json", json.dumps(key, sort_keys=True) + "\n")
+    atomic_write_text(folder / "key.json", json.dumps({"key": key, "files": _stamps(folder)}, sort_keys=True) + "\n")
+
+
+def _stamps(folder: Path) -> dict:
+    """{name: [size, mtime_ns]} of the saved arrays (a stat each: a query start stays cheap)."""
+    return {name: [(st := os.stat(folder / name)).st_size, st.st_mtime_ns] for name in ("emb.npy", "rows.json")}
 
 
 class SavedDatabase:

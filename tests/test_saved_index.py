@@ -50,6 +50,26 @@ def test_a_half_written_index_is_rebuilt(tmp_path):
     assert saved_index.open_database(db_path).status == "built"
 
 
+@pytest.mark.parametrize("damage", ["rows_list", "paths_null", "emb_edited"])
+def test_a_damaged_or_edited_index_is_rebuilt_with_the_databases_rows(tmp_path, damage):
+    db_path = tmp_path / "db.txt"
+    emb = make_db(db_path)
+    saved_index.open_database(db_path)
+    folder = saved_index.index_dir(db_path)
+    if damage == "rows_list":
+        (folder / "rows.json").write_text("[]")
+    elif damage == "paths_null":
+        (folder / "rows.json").write_text('{"paths": null, "labels": []}')
+    else:  # edited in place, same size: only the stamp in key.json tells
+        saved = np.load(folder / "emb.npy", mmap_mode="r+")
+        saved[5] = np.nan
+        saved.flush()
+        del saved
+    got = saved_index.open_database(db_path)
+    assert got.status == "built"
+    np.testing.assert_array_equal(got.db.emb, emb)
+
+
 def test_an_unwritable_folder_falls_back_to_the_file(tmp_path, capsys):
     db_path = tmp_path / "db.txt"
     make_db(db_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -233,15 +234,17 @@ def pick_queries(args, test: embedding_io.Embeddings) -> list[int]:
         index = {p: i for i, p in enumerate(test.paths)}
         chosen = []
         for q in args.queries:
-            if q.isdigit():
+            if q.isascii() and q.isdigit():  # str.isdigit alone takes '²' for a digit
                 if int(q) >= len(test):
                     raise UserError(f"--queries index {q} is out of range (the test file has {len(test)} rows)")
                 chosen.append(int(q))
             else:
-                path = str(Path(q).resolve())
-                if path not in index:
+                # files hold normalised absolute paths, links kept: try that spelling, then the resolved one
+                spellings = (os.path.normpath(os.path.abspath(q)), str(Path(q).resolve()))
+                found = next((index[p] for p in spellings if p in index), None)
+                if found is None:
                     raise UserError(f"--queries image is not in {args.test_embeddings}: {q}")
-                chosen.append(index[path])
+                chosen.append(found)
         return chosen
     n = min(args.num_demo_queries, len(test))
     return sorted(np.random.default_rng(args.seed).choice(len(test), size=n, replace=False).tolist())

@@ -132,3 +132,27 @@ def test_a_read_only_output_folder_fails_before_reading_anything(tmp_path, capsy
     assert code == 2 and captured.err.strip() == (
         f"error: cannot write metrics file {tmp_path / 'ro' / 'metrics.json'}: Read-only file system")
     assert not (tmp_path / "ro").exists()
+
+
+def test_queries_by_index_and_by_path_as_the_file_spells_it(tmp_path):
+    import argparse
+
+    from deepranking.cli import UserError
+
+    _, test = write_files(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    linked = tmp_path / "linked.txt"  # the file holds the paths through the link, as a user listed them
+    emb = embedding_io.read_embeddings(test, progress=False)
+    embedding_io.write_embeddings(linked, [str(tmp_path / "link" / "6.png"), str(tmp_path / "link" / "7.png")],
+                                  list(emb.labels), emb.emb, progress=False)
+    rows = embedding_io.read_embeddings(linked, progress=False)
+
+    def pick(*queries):
+        return eval_script.pick_queries(argparse.Namespace(queries=list(queries), test_embeddings=linked), rows)
+
+    assert pick("1", str(tmp_path / "link" / "6.png")) == [1, 0]
+    assert pick(str(tmp_path / "link" / "." / "7.png")) == [1]
+    with pytest.raises(UserError, match="index 2 is out of range"):
+        pick("2")
+    with pytest.raises(UserError, match="--queries image is not in .*: ²"):
+        pick("²")  # a superscript digit is not an index (int() would raise ValueError)

@@ -256,7 +256,11 @@ def main(args) -> None:
     self_rows = None
     if args.exclude_self:
         row_of = {p: i for i, p in enumerate(db.paths)}
-        self_rows = np.array([row_of.get(p, -1) for p in query_paths], dtype=np.int64)
+        rows = [row_of.get(p, -1) for p in query_paths]
+        if min(rows) < 0:  # another spelling of the same file (a link)? resolve both sides, only then
+            real = {os.path.realpath(p): i for i, p in enumerate(db.paths)}
+            rows = [r if r >= 0 else real.get(os.path.realpath(q), -1) for r, q in zip(rows, query_paths)]
+        self_rows = np.array(rows, dtype=np.int64)
     start = time.perf_counter()
     dist, idx = search(searcher, queries, args.top, args, self_rows=self_rows)
     search_s = time.perf_counter() - start

@@ -73,11 +73,17 @@ def test_image_finds_itself_first(setup, tiny_imagenet, capsys):
     assert "n00000001" in out.splitlines()[2]  # label column
 
 
-def test_exclude_self(setup, tiny_imagenet, capsys):
+def test_exclude_self(setup, tiny_imagenet, tmp_path, capsys):
     img = train_image(tiny_imagenet, 0, 0)
     run_query(setup, "--top", "3", "--exclude-self", str(img))
     (rows,) = parse_table(capsys.readouterr().out)
     assert len(rows) == 3 and all(Path(p).resolve() != img.resolve() for _, p in rows)
+    # the same image through a link is still itself
+    link = tmp_path / "link"
+    link.symlink_to(img.parent, target_is_directory=True)
+    run_query(setup, "--top", "3", "--exclude-self", str(link / img.name))
+    (rows,) = parse_table(capsys.readouterr().out)
+    assert len(rows) == 3 and all(Path(p).resolve() != img.resolve() for _, p in rows) and rows[0][0] > 1e-4
 
 
 def test_folder_and_glob_queries_and_grid(setup, tiny_imagenet, tmp_path, capsys):

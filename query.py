@@ -147,6 +147,9 @@ def search(searcher, queries: np.ndarray, k: int, args,
     """
     if isinstance(searcher, retrieval.ExactIndex):
         excludes = self_rows is not None and bool((self_rows >= 0).any())
+        if len(searcher) - excludes < 1:
+            raise UserError(f"the database holds {len(searcher)} image(s), and --exclude-self leaves the query "
+                            f"itself out: no other image to answer with")
         return searcher.search(queries, min(k, len(searcher) - excludes), exclude_rows=self_rows)
     from deepranking.ann_search import ivf_search
 

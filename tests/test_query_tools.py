@@ -109,6 +109,18 @@ def test_folder_and_glob_queries_and_grid(setup, tiny_imagenet, tmp_path, capsys
     assert (tmp_path / "other.csv").read_text() == "precious\n" and not (tmp_path / "other.png").exists()
 
 
+def test_exclude_self_on_a_one_image_database_says_why_nothing_is_left(setup, tmp_path):
+    from deepranking.embedding_io import write_embeddings
+
+    db = read_embeddings(setup[1], progress=False)
+    one = tmp_path / "one.txt"
+    write_embeddings(one, db.paths[:1], list(db.labels[:1]), db.emb[:1], progress=False, model=db.model)
+    args = query.get_args_parser().parse_args(["--model", str(setup[0]), "--embeddings", str(one), "--device", "cpu",
+                                               "--top", "5", "--exclude-self", db.paths[0]])
+    with pytest.raises(UserError, match="the database holds 1 image"):
+        query.main(args)
+
+
 def test_query_errors(setup, tmp_path, tiny_imagenet):
     img = str(train_image(tiny_imagenet, 0, 0))
     (tmp_path / "empty").mkdir()

@@ -545,7 +545,21 @@ def _check_arrays(path: Path, emb: np.ndarray, strings: dict[str, np.ndarray]) -
         raise UserError(f"malformed embedding file {path}: row {row + 1} has an empty path")
 
 
+def _as_float32(emb: np.ndarray) -> np.ndarray:
+    """A contiguous float32 copy; a value past float32's range becomes inf, which read_embeddings names."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def _check_magic(path: Path, magic: bytes, what: str) -> None:
+    """np.load reads anything else as a pickle and suggests loading it unsafely: say what it is not."""
+    with open(path, "rb") as f:
+        if f.read(len(magic)) != magic:
+            raise UserError(f"malformed embedding file {path}: not {what}")
+
+
 def _read_npz(path: Path) -> Embeddings:
+    _check_magic(path, b"PK", "a .npz archive (a zip of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"emb", "paths", "labels"} - set(data.files)
@@ -561,7 +575,7 @@ def _read_npz(path: Path) -> Embeddings:
         raise UserError(f"malformed embedding file {path}: emb {emb.shape}, {len(rel)} paths, {len(labels)} labels")
     base = path.resolve().parent
     return Embeddings(_absolute(rel.tolist(), base), np.array(labels.tolist(), dtype=object),
-                      np.ascontiguousarray(emb, dtype=np.float32))
+                      _as_float32(emb))
 
 
 def _read_npy(path: Path) -> Embeddings:
@@ -570,6 +584,7 @@ def _read_npy(path: Path) -> Embeddings:
     meta = meta_path(path)
     if not meta.is_file():
         raise UserError(f"embedding file {path} has no sidecar {meta.name} (path,label per row)")
+    _check_magic(path, b"\x93NUMPY", "a .npy array")
     try:
         emb = np.load(path, allow_pickle=False, mmap_mode=None)
     except Exception as exc:
@@ -585,7 +600,7 @@ def _read_npy(path: Path) -> Embeddings:
         raise UserError(f"embedding file {path} holds an array of shape {emb.shape} but {meta.name} lists "
                         f"{len(df)} rows (expected [{len(df)}, d])")
     return Embeddings(_absolute(df["path"].tolist(), path.resolve().parent),
-                      df["label"].to_numpy(dtype=object), np.ascontiguousarray(emb, dtype=np.float32))
+                      df["label"].to_numpy(dtype=object), _as_float32(emb))
 
 
 def read_header(path: str | os.PathLike) -> int:
@@ -668,7 +683,8 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
             values = df.iloc[:, 2:]
             if any(not _is_number_dtype(t) for t in values.dtypes):
                 raise UserError(f"malformed embedding file {path}: {_describe_bad_cell(path, df, first_row)}")
-            blocks.append(values.to_numpy(dtype=np.float32))  # [rows, d]
+            with np.errstate(over="ignore"):  # a value past float32 becomes inf, which read_embeddings names
+                blocks.append(values.to_numpy(dtype=np.float32))  # [rows, d]
             paths += df["path"].tolist()
             labels.append(df["label"].to_numpy(dtype=object))
             bar.update(len(df))

@@ -1,5 +1,7 @@
 """Embedding files: exact round trips (text and binary) and clear errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,27 @@ def test_text_read_in_blocks_is_exact_and_locates_errors_in_later_blocks(tmp_pat
     bad.write_text("".join(lines[:10] + ["x.jpg,c,True,False,True,False\n"]), encoding="utf-8")
     with pytest.raises(UserError, match="line 11 has non-numeric value 'True' in column e0"):
         embedding_io.read_embeddings(bad, progress=False)
+
+
+@pytest.mark.parametrize("name, message", [("bad.npz", "not a .npz archive"), ("bad.npy", "not a .npy array")])
+def test_a_text_file_under_a_binary_name_says_what_it_is_not(tmp_path, name, message):
+    # np.load reads it as a pickle and suggests allow_pickle: the message must not
+    bad = tmp_path / name
+    bad.write_text("path,label,e0\na.jpg,x,1.0\n")
+    embedding_io.meta_path(bad).write_text("path,label\na.jpg,x\n")
+    with pytest.raises(UserError, match=message):
+        embedding_io.read_embeddings(bad, progress=False)
+
+
+@pytest.mark.parametrize("name", ["big.txt", "big.npz"])
+def test_a_value_past_float32_is_named_without_a_numpy_warning(tmp_path, name):
+    out = tmp_path / name
+    if name.endswith(".txt"):
+        out.write_text("path,label,e0,e1\na.jpg,x,1.0,2.0\nb.jpg,x,1e39,2.0\n")
+    else:
+        np.savez(out, emb=np.array([[1.0, 2.0], [1e39, 2.0]]), paths=np.array(["a.jpg", "b.jpg"]),
+                 labels=np.array(["x", "x"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow RuntimeWarning would print two lines before the error
+        with pytest.raises(UserError, match=r"row 2 \(.*b\.jpg\) has NaN or infinite values"):
+            embedding_io.read_embeddings(out, progress=False)

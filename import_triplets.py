@@ -538,7 +538,8 @@ def _finalize(tmp: Path, images_dir: Path, stem: str) -> str:
 def _classify_http_error(exc: urllib.error.HTTPError) -> FetchError:
     code = exc.code
     transient = code >= 500 or code in (408, 425, 429)
-    return FetchError(f"HTTP {code} {exc.reason}".strip(), transient=transient)
+    reason = " ".join(str(exc.reason).split())  # a redirect loop's reason spans three lines
+    return FetchError(f"HTTP {code} {reason}".strip(), transient=transient)
 
 
 def _classify_network_error(exc: BaseException) -> FetchError:

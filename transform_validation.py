@@ -235,6 +235,7 @@ def zip_name(url: str) -> str:
 def _network_error(url: str, final: Path, exc: BaseException) -> UserError:
     reason = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else str(
         getattr(exc, "reason", exc))
+    reason = " ".join(str(reason).split())  # a redirect loop's reason spans three lines
     return UserError(f"download of {url} failed ({reason}); download it by hand and put it at {final}, "
                      f"then re-run with --download")
 

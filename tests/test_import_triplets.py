@@ -585,6 +585,17 @@ def test_non_public_addresses_refused_without_a_request(tmp_path, server, dns, c
     assert import_triplets.check_url(server.url("/img1.png"), allow_private=True) == ["127.0.0.1"]
 
 
+def test_a_redirect_loop_is_one_line_in_failures_csv(tmp_path, server):
+    server.routes["/r-loop.png"] = redirect("/r-loop.png")
+    src = tmp_path / "t.csv"
+    src.write_text(f"{server.url('/img0.png')},{server.url('/r-loop.png')},{server.url('/img2.png')}\n")
+    with pytest.raises(UserError, match="none of the 1 triplet"):
+        run_import(src, tmp_path / "out")
+    (reason,) = [r["reason"] for r in read_rows(tmp_path / "out" / "failures.csv")]
+    assert reason.startswith("HTTP 302 The HTTP server returned a redirect error that would lead to an infinite "
+                             "loop. The last 30x error message was: ") and "\n" not in reason
+
+
 def test_redirect_to_private_address_refused_on_the_hop(tmp_path, server, dns, connections, monkeypatch):
     # cdn.test is the test server, counted as public; intranet.test is a private address.
     real_problem = import_triplets.address_problem

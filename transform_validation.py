@@ -64,7 +64,7 @@ def _safe_name(name: str) -> bool:
 def parse_annotations(path: Path, known_wnids: set[str] | None) -> list[Annotation]:
     """Parse and validate val_annotations.txt; raise UserError naming the first bad line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Notepad) is not part of the first name
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text: {exc}")
     annotations: list[Annotation] = []
@@ -103,7 +103,7 @@ def read_wnids(root: Path) -> set[str] | None:
     if not path.is_file():
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not UTF-8 text: {exc}")
     return {w.strip() for w in text.splitlines() if w.strip()}

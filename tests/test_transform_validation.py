@@ -89,6 +89,17 @@ def test_restructure_then_noop(tiny_imagenet_raw, capsys):
     assert snapshot(root) == before
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tiny_imagenet_raw, capsys):
+    # files saved by Windows Notepad start with U+FEFF: the first image and wnid must still match
+    root = tiny_imagenet_raw
+    annotations = read_annotations(root)
+    for name in ("val/val_annotations.txt", "wnids.txt"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    code, out, err = run_cli(["--data-dir", root], capsys)
+    assert code == 0, err
+    assert_restructured(root, annotations)
+
+
 def test_interrupted_run_completes(tiny_imagenet_raw, capsys):
     root = tiny_imagenet_raw
     annotations = read_annotations(root)

@@ -457,6 +457,9 @@ def cache_images(args, data: image_data.TripletData, env, ckpt: dict | None) -> 
     A resumed run keeps its checkpoint's cache size (the images may have changed size since).
     """
     paths = list(data.paths)
+    if args.cache_size and args.cache_size < args.image_size and env.main:
+        cli.warn(f"--cache-size {args.cache_size} is below --image-size {args.image_size}: the net sees every "
+                 f"image upsampled from {args.cache_size} px (the default, 0, chooses from the images)")
     resumed = (ckpt or {}).get("preprocessing") or {}
     cache_size = (args.cache_size or int(resumed.get("cache_size", 0))
                   or image_cache.choose_cache_size(paths, args.image_size))

@@ -563,6 +563,12 @@ def test_resume_of_a_malformed_training_checkpoint_is_refused(trained, csvs, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_cache_smaller_than_the_net_input_is_warned_about(csvs, tmp_path, capsys):
+    train("--triplets", csvs[0], "--max-steps", 1, "--cache-size", 8, "--output-dir", tmp_path, *TINY)
+    assert "warning: --cache-size 8 is below --image-size 32: the net sees every image upsampled from 8 px" \
+        in capsys.readouterr().err
+
+
 def test_time_limit_stops_with_a_resumable_checkpoint(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--epochs", 3, "--time-limit", "0.001", "--output-dir", tmp_path, *TINY)
     assert "continue with --resume" in capsys.readouterr().out

@@ -278,10 +278,21 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, na
 TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv")  # beside metrics.json
 
 
+def retrieval_pictures(out: Path) -> dict[int, Path]:
+    """{n: retrieval_<n>.png} in ``out``: the pictures this tool writes (each with its .csv table)."""
+    found = {}
+    for p in out.glob("retrieval_*.png"):
+        number = p.stem.split("_", 1)[1]
+        if number.isascii() and number.isdigit():
+            found[int(number)] = p
+    return found
+
+
 def check_old_outputs(out: Path, force: bool) -> None:
     """Refuse an output folder holding files of this tool's names but no metrics.json (an interrupted
     or hand-cleaned run, or someone else's files), unless --force: they would be replaced or mixed."""
-    old = sorted(out.glob("retrieval_*.png")) + [out / name for name in TABLES if (out / name).exists()]
+    old = [p for _, p in sorted(retrieval_pictures(out).items())]
+    old += [out / name for name in TABLES if (out / name).exists()]
     if old and not force and not (out / "metrics.json").exists():
         more = f" and {len(old) - 1} more" if len(old) > 1 else ""
         raise UserError(f"{out} holds outputs of an earlier evaluation ({old[0].name}{more}) but no metrics.json; "
@@ -360,11 +371,10 @@ def report(args, train, test, queries: list[int], device) -> dict:
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
         cli.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
-    stale = [p for p in out.glob("retrieval_*.png")  # the names this tool writes, nothing else
-             if p.stem.split("_", 1)[1].isascii() and p.stem.split("_", 1)[1].isdigit()
-             and int(p.stem.split("_", 1)[1]) >= len(queries)]
-    for p in stale:  # an earlier run's extra pictures (--force): not this run's
-        p.unlink()
+    for n, p in retrieval_pictures(out).items():
+        if n >= len(queries):  # an earlier run's extra pictures and their tables (--force): not this run's
+            p.unlink()
+            plots.data_path(p).unlink(missing_ok=True)
 
     k = args.k
     se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries

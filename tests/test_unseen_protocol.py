@@ -163,6 +163,7 @@ def test_old_pictures_without_metrics_are_refused_unless_force(tmp_path, capsys)
     out.mkdir()
     for name in ("retrieval_0.png", "retrieval_7.png"):
         Image.new("RGB", (4, 4)).save(out / name)
+    (out / "retrieval_7.csv").write_text("its table\n")  # image_grid writes one beside each picture
     before = (out / "retrieval_0.png").read_bytes()
     args = ["--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", out, "--no-progress",
             "--num-demo-queries", 1]
@@ -173,6 +174,7 @@ def test_old_pictures_without_metrics_are_refused_unless_force(tmp_path, capsys)
     eval_script.main(eval_script.get_args_parser().parse_args([str(a) for a in args] + ["--force"]))
     assert (out / "retrieval_0.png").read_bytes() != before
     assert not (out / "retrieval_7.png").exists()  # the earlier run's extra picture is gone
+    assert not (out / "retrieval_7.csv").exists() and (out / "retrieval_0.csv").exists()  # and its table
 
 
 def test_eval_leaves_files_of_other_names_alone_and_refuses_its_table_names(tmp_path, capsys):
@@ -182,6 +184,7 @@ def test_eval_leaves_files_of_other_names_alone_and_refuses_its_table_names(tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "retrieval_7.txt").write_text("notes\n")
+    Image.new("RGB", (4, 4)).save(out / "retrieval_notes.png")  # not a name eval.py writes
     (out / "retrieval_12.jpg").write_text("photo\n")
     (out / "per_class_precision.csv").write_text("my table\n")
     args = ["--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", out, "--no-progress",
@@ -191,6 +194,7 @@ def test_eval_leaves_files_of_other_names_alone_and_refuses_its_table_names(tmp_
     assert (out / "per_class_precision.csv").read_text() == "my table\n"
     eval_script.main(eval_script.get_args_parser().parse_args([str(a) for a in args] + ["--force"]))
     assert (out / "retrieval_7.txt").read_text() == "notes\n" and (out / "retrieval_12.jpg").exists()
+    assert (out / "retrieval_notes.png").exists()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     (out / "retrieval_0.png").unlink()
     (out / "retrieval_0.png").mkdir()

@@ -260,8 +260,9 @@ def main(args) -> None:
     if args.exclude_self:
         row_of = {p: i for i, p in enumerate(db.paths)}
         rows = [row_of.get(p, -1) for p in query_paths]
-        if min(rows) < 0:  # another spelling of the same file (a link)? resolve both sides, only then
-            real = {os.path.realpath(p): i for i, p in enumerate(db.paths)}
+        if min(rows) < 0:  # the same file through a linked folder? resolve folders, not each of N files
+            real_dir = {d: os.path.realpath(d) for d in {os.path.dirname(p) for p in db.paths}}
+            real = {os.path.join(real_dir[os.path.dirname(p)], os.path.basename(p)): i for i, p in enumerate(db.paths)}
             rows = [r if r >= 0 else real.get(os.path.realpath(q), -1) for r, q in zip(rows, query_paths)]
         self_rows = np.array(rows, dtype=np.int64)
     start = time.perf_counter()

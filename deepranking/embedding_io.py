@@ -524,12 +524,14 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
 def _check_unique_paths(path: Path, paths: list[str]) -> None:
     """Each image once: a second row of the same image would be a perfect match for the first
     (leave-one-out leaves out only the row itself), which no score may count."""
-    uniq, first, counts = np.unique(np.array(paths, dtype=str), return_index=True, return_counts=True)
-    if (counts > 1).any():
-        dup = int(np.flatnonzero(counts > 1)[0])
-        rows = [i + 1 for i, p in enumerate(paths) if p == uniq[dup]][:2]
-        raise UserError(f"embedding file {path}: {int((counts - 1).sum())} duplicate image row(s), the first "
-                        f"{_display(str(uniq[dup]))} on rows {rows[0]} and {rows[1]}; keep one row per image")
+    if len(set(paths)) == len(paths):  # a set, not np.unique: a fixed-width array pads every row to the longest
+        return
+    first_row: dict[str, int] = {}
+    for row, p in enumerate(paths):
+        if p in first_row:
+            raise UserError(f"embedding file {path}: {len(paths) - len(set(paths))} duplicate image row(s), the "
+                            f"first {_display(p)} on rows {first_row[p] + 1} and {row + 1}; keep one row per image")
+        first_row[p] = row
 
 
 def _check_arrays(path: Path, emb: np.ndarray, strings: dict[str, np.ndarray]) -> None:
@@ -537,7 +539,8 @@ def _check_arrays(path: Path, emb: np.ndarray, strings: dict[str, np.ndarray]) -
     if emb.dtype.kind not in "fiu":  # complex, bool, strings and records are not embeddings
         raise UserError(f"malformed embedding file {path}: emb holds {emb.dtype} values, not real numbers")
     for name, values in strings.items():
-        if values.ndim != 1 or values.dtype.kind != "U":
+        kinds = "U" if name == "paths" else "Uiu"  # labels may be class numbers (written as text)
+        if values.ndim != 1 or values.dtype.kind not in kinds:
             raise UserError(f"malformed embedding file {path}: {name} must be a 1-D array of strings, "
                             f"found {values.dtype} of shape {values.shape}")
     if (strings["paths"] == "").any():
@@ -574,7 +577,7 @@ def _read_npz(path: Path) -> Embeddings:
     if emb.ndim != 2 or len(rel) != len(emb) or len(labels) != len(emb):
         raise UserError(f"malformed embedding file {path}: emb {emb.shape}, {len(rel)} paths, {len(labels)} labels")
     base = path.resolve().parent
-    return Embeddings(_absolute(rel.tolist(), base), np.array(labels.tolist(), dtype=object),
+    return Embeddings(_absolute(rel.tolist(), base), labels.astype(str).astype(object),
                       _as_float32(emb))
 
 

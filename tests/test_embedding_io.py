@@ -181,3 +181,9 @@ def test_a_value_past_float32_is_named_without_a_numpy_warning(tmp_path, name):
         warnings.simplefilter("error")  # an overflow RuntimeWarning would print two lines before the error
         with pytest.raises(UserError, match=r"row 2 \(.*b\.jpg\) has NaN or infinite values"):
             embedding_io.read_embeddings(out, progress=False)
+
+
+def test_npz_labels_may_be_class_numbers(tmp_path):
+    out = tmp_path / "numbers.npz"
+    np.savez(out, emb=np.ones((2, 3), np.float32), paths=np.array(["a", "b"]), labels=np.array([3, 7]))
+    assert list(embedding_io.read_embeddings(out, progress=False).labels) == ["3", "7"]

@@ -30,7 +30,8 @@ import torch.nn as nn
 
 import deep_rank_net
 from deepranking import cli, distributed, embedding, image_cache, image_data, losses, runtime
-from deepranking.checkpoint import Checkpointer, capture_rng_state, load_checkpoint, restore_rng_state, strip_wrapper_prefixes
+from deepranking.checkpoint import (Checkpointer, capture_rng_state, load_checkpoint, newest_epoch_checkpoint,
+                                    restore_rng_state, strip_wrapper_prefixes)
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
 from deepranking.training_log import METRICS_NAME, MetricsLog, RunningStats
@@ -666,6 +667,10 @@ def check_outputs(saver: Checkpointer, args) -> None:
             continue
         if args.resume is None:
             raise UserError(f"{path} already exists from an earlier run (use --force to overwrite or --resume CKPT)")
+        newest = saver.final_path if saver.final_path.exists() else newest_epoch_checkpoint(out)
+        if newest is not None:  # perhaps this very run, resumed into here earlier and stopped
+            raise UserError(f"{out} already holds a run's checkpoints: to continue that run, --resume {newest}; "
+                            f"to write over it, --force")
         raise UserError(f"{path} already exists from another run: --resume {args.resume} continues in its own "
                         f"folder (--output-dir {Path(args.resume).parent}); use --force to write into {out} anyway")
 

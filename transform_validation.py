@@ -359,7 +359,7 @@ def extract(zip_path: Path, root: Path) -> None:
             os.replace(tmp, root)
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
             # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
-            raise UserError(f"cannot extract {zip_path}: {exc or type(exc).__name__}")
+            raise UserError(f"cannot extract {zip_path}: {str(exc) or type(exc).__name__}")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

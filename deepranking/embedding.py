@@ -145,5 +145,6 @@ def embed_paths(
     bad = ~np.isfinite(emb).all(axis=1)
     if bad.any():  # no distance or file may carry them: every stage that embeds images comes here
         raise UserError(f"the model gives NaN or infinite embeddings for {int(bad.sum())} of {len(paths)} image(s), "
-                        f"e.g. {paths[int(np.flatnonzero(bad)[0])]}: its weights or preprocessing record are damaged")
+                        f"e.g. {paths[int(np.flatnonzero(bad)[0])]}: its weights or preprocessing record are damaged, "
+                        f"or fp16 overflowed on the GPU (--amp off computes in fp32)")
     return emb

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,8 @@ def test_a_damaged_or_edited_index_is_rebuilt_with_the_databases_rows(tmp_path, 
         saved[5] = np.nan
         saved.flush()
         del saved
+        stat = (folder / "emb.npy").stat()  # a later mtime even where timestamps are coarse
+        os.utime(folder / "emb.npy", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     got = saved_index.open_database(db_path)
     assert got.status == "built"
     np.testing.assert_array_equal(got.db.emb, emb)

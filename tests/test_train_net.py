@@ -608,8 +608,15 @@ def test_no_run_overwrites_a_folder_holding_another_runs_files(trained, csvs, tm
     shutil.copy(trained / "temp_0.model", ckpt)
     err = fails(capsys, "--triplets", csvs[0], "--val-triplets", csvs[1], "--optim", "adam", "--lr", "0.01",
                 "--mining", "batch-hard", "--train-from", "layer4", *TINY, "--resume", ckpt, "--output-dir", finished)
-    assert "already exists from another run" in err and f"--output-dir {ckpt.parent}" in err
+    assert f"already holds a run's checkpoints: to continue that run, --resume {finished / 'deepranknet.model'}" in err
     assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
+    # a folder with only another run's log: the checkpoint's own folder is the place to resume in
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "metrics.jsonl").write_text("{}\n")
+    err = fails(capsys, "--triplets", csvs[0], "--val-triplets", csvs[1], "--optim", "adam", "--lr", "0.01",
+                "--mining", "batch-hard", "--train-from", "layer4", *TINY, "--resume", ckpt, "--output-dir", logged)
+    assert "metrics.jsonl already exists from another run" in err and f"--output-dir {ckpt.parent}" in err
 
 
 def test_every_hyperparameter_constant_is_a_flag_default_and_booleans_go_both_ways():

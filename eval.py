@@ -77,7 +77,8 @@ def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddin
     """Refuse files of different models (both named) and, unless ``allow_same``, the same images twice."""
     embedding_io.check_same_model(train_name, train.model, test_name, test.model,
                                   notes=(train.record_note, test.record_note))
-    if set(train.paths) == set(test.paths):
+    train_paths, test_paths = set(train.paths), set(test.paths)
+    if train_paths == test_paths:
         same = "the same file" if Path(train_name).resolve() == Path(test_name).resolve() else "the same images"
         message = (f"{train_name} and {test_name} hold {same} ({len(train)} rows): every query finds itself "
                    f"(recall@1 = 1)")
@@ -85,7 +86,7 @@ def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddin
             raise UserError(f"{message}; pass the val split as --test-embeddings, or --allow-same-files")
         cli.warn(message)
         return
-    shared = set(train.paths).intersection(test.paths)
+    shared = train_paths & test_paths
     if shared:  # a query that is also in the database finds itself at distance 0: inflated scores
         message = (f"{len(shared)} of the {len(test)} test images are also in {train_name} "
                    f"(e.g. {min(shared)}): each of them finds itself")

@@ -108,11 +108,11 @@ def plan_jobs(args) -> list[SplitJob]:
     if not args.data_dir.is_dir():
         raise UserError(f"dataset folder not found: {args.data_dir}")
     outputs = {s: Path(getattr(args, SPLIT_OUTPUT[s])) for s in splits}
-    if len(splits) == 2 and outputs["train"].resolve() == outputs["val"].resolve():
-        raise UserError(f"--train-output and --test-output are the same file: {outputs['train']}")
-    if len(splits) == 2:  # a companion file (.meta.json, .meta.csv) of one may be the other's data file
-        train_files = {p.resolve(): p for p in files_of(outputs["train"])}
+    if len(splits) == 2:  # the same file, or a companion (.meta.json, .meta.csv) of one the other's data file
+        train_files = {p.resolve() for p in files_of(outputs["train"])}
         shared = [p for p in files_of(outputs["val"]) if p.resolve() in train_files]
+        if shared and outputs["train"].resolve() == outputs["val"].resolve():
+            raise UserError(f"--train-output and --test-output are the same file: {outputs['train']}")
         if shared:
             raise UserError(f"--train-output {outputs['train']} and --test-output {outputs['val']} would both "
                             f"write {shared[0]}: choose names that do not share files")

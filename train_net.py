@@ -30,9 +30,10 @@ import torch.nn as nn
 
 import deep_rank_net
 from deepranking import cli, distributed, embedding, image_cache, image_data, losses, runtime
-from deepranking.checkpoint import (Checkpointer, capture_rng_state, load_checkpoint, newest_epoch_checkpoint,
-                                    restore_rng_state, strip_wrapper_prefixes)
+from deepranking.checkpoint import (Checkpointer, capture_rng_state, first_line, load_checkpoint,
+                                    newest_epoch_checkpoint, restore_rng_state, strip_wrapper_prefixes)
 from deepranking.cli import UserError
+from deepranking.plots import data_path
 from deepranking.preprocessing import Preprocessing, preprocess
 from deepranking.training_log import METRICS_NAME, MetricsLog, RunningStats
 from deepranking.weight_average import WeightAverage
@@ -85,7 +86,7 @@ LR_SCHEDULES = ("constant", "cosine")
 CURVES_NAME = "training_curves.png"
 CONFIG_NAME = "config.json"
 # every file a run writes beside its checkpoints (plots.training_curves puts a .csv beside the .png)
-RUN_FILES = (METRICS_NAME, CONFIG_NAME, CURVES_NAME, Path(CURVES_NAME).with_suffix(".csv").name)
+RUN_FILES = (METRICS_NAME, CONFIG_NAME, CURVES_NAME, data_path(CURVES_NAME).name)
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
 # Settings that change the trajectory: a resumed run must share them with its checkpoint.
@@ -632,8 +633,7 @@ def restore(run: Run, ckpt: dict) -> None:
         if ckpt.get("grad_scaler"):
             run.scaler.load_state_dict(ckpt["grad_scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"checkpoint {run.args.resume} does not fit this model/optimizer: "
-                        f"{str(exc).strip().splitlines()[0]}")
+        raise UserError(f"checkpoint {run.args.resume} does not fit this model/optimizer: {first_line(exc)}")
     run.epoch, run.step = ckpt["epoch"], ckpt["step"]  # types checked by check_training_record
     run.step_in_epoch = ckpt.get("step_in_epoch", 0)
     if run.step_in_epoch >= run.steps_per_epoch:  # an epoch's end is saved as the next epoch's step 0
@@ -648,7 +648,7 @@ def restore(run: Run, ckpt: dict) -> None:
         run.window.load_state(stats.get("window", {}))
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"checkpoint {run.args.resume} has a malformed random-number or statistics state: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+                        f"{first_line(exc)}")
     if run.env.main:
         print(f"resuming from {run.args.resume}: epoch {run.epoch + 1}, step {run.step}", file=sys.stderr)
 
@@ -686,8 +686,7 @@ def check_training_record(ckpt: dict, path) -> None:
     if "epoch" not in ckpt or "step" not in ckpt:
         raise UserError(f"checkpoint {path} holds no training state (epoch, step), so it cannot be resumed")
     for key in ("epoch", "step", "step_in_epoch"):
-        value = ckpt.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not cli.is_count(ckpt.get(key, 0)):
             raise bad(key, "a non-negative integer")
     seconds = ckpt.get("train_seconds", 0.0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:

@@ -369,6 +369,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_SEED = 2**32 - 1  # numpy, torch and FAISS all take it (torch.manual_seed stops at 2**64 - 1)
 
 
+def is_count(value) -> bool:
+    """A non-negative int (not a bool): a step or epoch as a checkpoint or log record holds it."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def seed(value: str) -> int:
     """argparse type: a seed, an integer in [0, 2**32 - 1]."""
     try:

@@ -524,12 +524,13 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
 def _check_unique_paths(path: Path, paths: list[str]) -> None:
     """Each image once: a second row of the same image would be a perfect match for the first
     (leave-one-out leaves out only the row itself), which no score may count."""
-    if len(set(paths)) == len(paths):  # a set, not np.unique: a fixed-width array pads every row to the longest
+    n_unique = len(set(paths))  # a set, not np.unique: a fixed-width array pads every row to the longest
+    if n_unique == len(paths):
         return
     first_row: dict[str, int] = {}
     for row, p in enumerate(paths):
         if p in first_row:
-            raise UserError(f"embedding file {path}: {len(paths) - len(set(paths))} duplicate image row(s), the "
+            raise UserError(f"embedding file {path}: {len(paths) - n_unique} duplicate image row(s), the "
                             f"first {_display(p)} on rows {first_row[p] + 1} and {row + 1}; keep one row per image")
         first_row[p] = row
 

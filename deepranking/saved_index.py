@@ -68,7 +68,7 @@ def _load(folder: Path, key: dict, database: Path) -> embedding_io.Embeddings | 
     """The saved database when the folder's key matches ``key``; None otherwise."""
     try:
         # the saved files' sizes and mtimes as _save left them: an index edited or damaged since is rebuilt
-        if json.loads((folder / "key.json").read_text(encoding="utf-8")) != {"key": key, "files": _stamps(folder)}:
+        if json.loads((folder / "key.json").read_text(encoding="utf-8")) != _key_record(key, folder):
             return None
         emb = np.load(folder / "emb.npy", mmap_mode="r", allow_pickle=False)
         rows = json.loads((folder / "rows.json").read_text(encoding="utf-8"))
@@ -96,12 +96,14 @@ def _save(folder: Path, key: dict, db: embedding_io.Embeddings, database: Path) 
     base = database.resolve().parent
     rows = {"paths": [os.path.relpath(p, base) for p in db.paths], "labels": [str(x) for x in db.labels]}
     atomic_write_text(folder / "rows.json", json.dumps(rows))
-    atomic_write_text(folder / "key.json", json.dumps({"key": key, "files": _stamps(folder)}, sort_keys=True) + "\n")
+    atomic_write_text(folder / "key.json", json.dumps(_key_record(key, folder), sort_keys=True) + "\n")
 
 
-def _stamps(folder: Path) -> dict:
-    """{name: [size, mtime_ns]} of the saved arrays (a stat each: a query start stays cheap)."""
-    return {name: [(st := os.stat(folder / name)).st_size, st.st_mtime_ns] for name in ("emb.npy", "rows.json")}
+def _key_record(key: dict, folder: Path) -> dict:
+    """key.json: the database's key, and {name: [size, mtime_ns]} of the saved arrays as _save left
+    them (a stat each: a query start stays cheap)."""
+    files = {name: [(st := os.stat(folder / name)).st_size, st.st_mtime_ns] for name in ("emb.npy", "rows.json")}
+    return {"key": key, "files": files}
 
 
 class SavedDatabase:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from deepranking.cli import UserError, atomic_write_text, warn
+from deepranking.cli import UserError, atomic_write_text, is_count, warn
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -94,7 +94,7 @@ class MetricsLog:
                 warn(f"{self.path}: line {number} is not a complete record (cut short by a kill?); skipped")
                 continue
             step = record.get("step", 0)
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # a resume orders records by it
+            if not is_count(step):  # a resume orders records by it
                 warn(f"{self.path}: line {number} has no valid step ({step!r}); skipped")
                 continue
             out.append(record)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from deepranking.cli import UserError
 from deepranking.image_data import display_path
@@ -30,7 +30,7 @@ from deepranking.image_data import display_path
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when the pixels for the same settings would change (it is part of the image-cache key too).
-PIXELS_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits (1 clipped them); part of the cache key
+PIXELS_VERSION = 3  # 3: EXIF orientation applied; 2: high-bit-depth images scaled to 8 bits (1 clipped them)
 # Decompression-bomb guard: an image with more pixels than this is unreadable (reported by
 # path, like a corrupt file) instead of being decoded. 89,478,485 is Pillow's own default
 # warning threshold (a 9459 x 9459 image, 268 MB as RGB, per decoding thread). To raise it,
@@ -170,8 +170,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# EXIF orientation tag -> the transpose that shows the image upright (as Pillow's exif_transpose).
+_ORIENTATION_FIX = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """The image the way a viewer shows it: cameras and phones store the sensor's pixels and an
+    EXIF orientation tag (6 = turn 90 degrees clockwise) instead of rotating the pixels."""
+    try:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a broken EXIF block tells no orientation; the pixels themselves decoded
+        return im
+    fix = _ORIENTATION_FIX.get(orientation) if isinstance(orientation, int) else None
+    return im if fix is None else im.transpose(fix)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, palette, RGBA, CMYK and 16-bit included).
+    """Decode an image as 8-bit RGB (grey, palette, RGBA, CMYK and 16-bit included), upright by
+    its EXIF orientation tag.
 
     Raises UnreadableImageError naming the path if the file cannot be decoded or
     has more than ``max_image_pixels()`` pixels (a decompression bomb). Paths that
@@ -194,16 +212,18 @@ def _open_rgb(path: str | os.PathLike, decode: bool) -> Image.Image | None:
     try:
         with warnings.catch_warnings():
             # Pillow warns between its limit and twice it; the check below decides instead. (In
-            # the cache's decoding threads catch_warnings may leave this one filter installed
-            # afterwards: harmless, since this check replaces that warning.)
+            # the cache's decoding threads catch_warnings may leave these filters installed
+            # afterwards: harmless, since this check replaces the one and _upright the other.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # A broken EXIF block only hides the orientation (_upright); the pixels are fine.
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
             with Image.open(path) as im:
                 if im.width * im.height > limit:
                     raise _bomb_error(shown, im.size, None, limit)
                 if not decode:
                     return None
                 im.load()
-                return _to_rgb(im)
+                return _to_rgb(_upright(im))
     except FileNotFoundError:
         raise UnreadableImageError(f"image not found: {shown}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning if made an error

@@ -212,6 +212,57 @@ def test_16bit_image_through_gen_embeddings(tmp_path, checkpoint):
 
 
 # ----------------------------------------------------------------------------
+# 1b. EXIF orientation: photos decode upright, as a viewer shows them
+# ----------------------------------------------------------------------------
+
+
+def _tagged(path: Path, pixels: np.ndarray, orientation) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pillows_transpose(tmp_path, orientation):
+    from PIL import ImageOps
+    pixels = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3) * 5  # no symmetry: every fix differs
+    path = _tagged(tmp_path / "o.png", pixels, orientation)
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    got = rgb_of(path)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == ((5, 3, 3) if orientation <= 4 else (3, 5, 3))  # 5-8 swap width and height
+
+
+def test_exif_rotated_photo_through_the_cache(tmp_path):
+    """A phone photo stored sideways (orientation 6: turn 90 degrees clockwise) is cached upright."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white: upright, it is the top half
+    path = _tagged(tmp_path / "phone.jpg", pixels, 6)
+    arr = image_cache.cache_images([str(path)], 20, cache_dir=tmp_path / "c", progress=False)
+    assert arr[0, :8].min() > 200 and arr[0, 12:].max() < 50  # 20 x 20: top white, bottom black
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 1000])
+def test_exif_orientation_out_of_range_leaves_pixels(tmp_path, orientation):
+    pixels = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3)
+    path = _tagged(tmp_path / "o.png", pixels, orientation)
+    np.testing.assert_array_equal(rgb_of(path), pixels)
+
+
+def test_corrupt_exif_decodes_silently(tmp_path):
+    pixels = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3)
+    path = tmp_path / "bad.png"
+    # A header promising five entries and holding part of one.
+    Image.fromarray(pixels).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(rgb_of(path), pixels)
+    assert not shown, [str(w.message) for w in shown]  # Pillow's "Corrupt EXIF data" would print per image
+
+
+# ----------------------------------------------------------------------------
 # 2. Decompression bombs: refused by path
 # ----------------------------------------------------------------------------
 

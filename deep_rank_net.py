@@ -226,11 +226,12 @@ class DeepRankNet(nn.Module):
         arch: str = "resnet101",
         embedding_dim: int = 4096,
         multiscale: bool | None = None,
-        weights: str = "none",
+        weights: str | None = "none",
         train_from: str = "layer4",
         shallow: str | None = None,
     ):
         super().__init__()
+        weights = "none" if weights is None else weights  # torchvision's spelling of "no weights"
         shallow = resolve_shallow(shallow, multiscale)
         if arch not in ARCHITECTURES:
             raise UserError(f"unknown architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
@@ -313,7 +314,7 @@ def build_model(
     arch: str = "resnet101",
     embedding_dim: int = 4096,
     multiscale: bool | None = None,
-    weights: str = "none",
+    weights: str | None = "none",
     train_from: str = "layer4",
     shallow: str | None = None,
 ) -> DeepRankNet:

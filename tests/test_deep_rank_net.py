@@ -63,12 +63,21 @@ def test_multiscale_paths_change_output():
 
 
 def test_resnet101_default_constructs_and_runs():
-    model = drn.DeepRankNet("resnet101", 4096, weights="none").eval()
+    model = drn.DeepRankNet("resnet101", 4096, weights=None).eval()  # torchvision's spelling
     assert model.embed.in_features == 2048
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 4096)
     assert abs(out.norm().item() - 1) < 1e-4
+
+
+def test_weights_none_is_the_string_none():
+    torch.manual_seed(3)
+    a = drn.build_model("resnet18", 8, weights=None, train_from="conv1")
+    torch.manual_seed(3)
+    b = drn.build_model("resnet18", 8, weights="none", train_from="conv1")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
 
 
 @pytest.mark.parametrize("side, expected", [

@@ -660,6 +660,8 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
         first = next(_first_lines(f, 1))
         if not first.strip():
             raise UserError(f"embedding file holds no embeddings: {path}")
+        f.seek(-1, os.SEEK_END)
+        cut_short = f.read(1) != b"\n"  # every writer ends rows with one; a copy stopped mid-number does not
     # rows for the progress bar: every '%.8e' value has the same width, so rows are of similar length
     rows_estimate = max(1, round((path.stat().st_size - header_bytes) / len(first)))
     block_rows = max(1, _READ_BLOCK_VALUES // d)
@@ -696,6 +698,9 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
     if "" in paths:
         raise UserError(f"malformed embedding file {path}: line {_line_of_row(path, paths.index(''))} "
                         f"has an empty path")
+    if cut_short:
+        warn(f"{path} does not end with a newline: its last row ({paths[-1]}) may be cut short, as in a copy "
+             f"that stopped early, and its last value is read as it stands")
     emb = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)  # [N, d]
     return Embeddings(_absolute(paths, path.resolve().parent), np.concatenate(labels), emb)
 

@@ -187,3 +187,20 @@ def test_npz_labels_may_be_class_numbers(tmp_path):
     out = tmp_path / "numbers.npz"
     np.savez(out, emb=np.ones((2, 3), np.float32), paths=np.array(["a", "b"]), labels=np.array([3, 7]))
     assert list(embedding_io.read_embeddings(out, progress=False).labels) == ["3", "7"]
+
+
+def test_a_text_file_cut_inside_its_last_number_is_warned_about(tmp_path, capsys):
+    """A copy that stopped early cut inside the last value: the row parses, with another number."""
+    paths, labels, emb = sample(tmp_path, n=3, d=2)
+    out = tmp_path / "emb.txt"
+    embedding_io.write_embeddings(out, paths, labels, emb, progress=False)
+    embedding_io.read_embeddings(out, progress=False)
+    assert "warning" not in capsys.readouterr().err  # a whole file ends with a newline
+    out.write_bytes(out.read_bytes()[:-4])  # '-1.23456789e-01\n' -> '-1.23456789e-'
+    with pytest.raises(UserError, match="line 4"):
+        embedding_io.read_embeddings(out, progress=False)  # not a number any more: refused
+    out.write_bytes(out.read_bytes()[:-2])  # -> '-1.234567': a number, and a wrong one
+    got = embedding_io.read_embeddings(out, progress=False)
+    err = capsys.readouterr().err
+    assert "does not end with a newline" in err and "imgs/2.jpg" in err
+    assert got.emb[2, 1] != emb[2, 1] and got.record is None  # the record no longer describes it

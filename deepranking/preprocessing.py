@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deepranking.cli import UserError
 from deepranking.image_data import display_path
@@ -170,21 +170,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-# EXIF orientation tag -> the transpose that shows the image upright (as Pillow's exif_transpose).
-_ORIENTATION_FIX = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
 def _upright(im: Image.Image) -> Image.Image:
     """The image the way a viewer shows it: cameras and phones store the sensor's pixels and an
     EXIF orientation tag (6 = turn 90 degrees clockwise) instead of rotating the pixels."""
     try:
-        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        ImageOps.exif_transpose(im, in_place=True)  # no tag (or not 2-8): untouched, no copy
     except Exception:  # a broken EXIF block tells no orientation; the pixels themselves decoded
-        return im
-    fix = _ORIENTATION_FIX.get(orientation) if isinstance(orientation, int) else None
-    return im if fix is None else im.transpose(fix)
+        pass
+    return im
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:

@@ -325,6 +325,11 @@ def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
             why = f"have no image in the database {args.train_embeddings}"
         cli.warn(f"{len(lone)} query class(es) {why}, so their precision is 0 by construction (they are left "
                  f"out of recall@1, R-precision and MAP@R): {_shown_classes(lone, names)}")
+    db_classes = np.unique(train.labels.astype(str))
+    if len(db_classes) == 1:
+        cli.warn(f"the database {args.test_embeddings if train is test else args.train_embeddings} holds one class "
+                 f"only ({_shown_classes(list(db_classes), names)}): every neighbour has that label, so precision "
+                 f"and recall measure nothing about the ranking")
     files = [(args.test_embeddings, test)] if train is test else [(args.train_embeddings, train),
                                                                   (args.test_embeddings, test)]
     for path, emb in files:

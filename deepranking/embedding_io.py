@@ -8,7 +8,8 @@ Text (any name not ending ``.npy``/``.npz``; ``.txt`` by convention) — UTF-8 C
 * ``path`` is relative to the embedding file's own folder (absolute when it lives
   on another drive); :func:`read_embeddings` returns absolute paths.
 * ``label`` is the class name, quoted by CSV rules when it holds a comma or a quote.
-  Paths and labels may not contain newlines (refused on write).
+  Paths and labels may not contain newlines (refused on write), nor be empty (refused on
+  write and on read: rows with an empty label would all be one class, scored as matches).
 * then d values, each written as ``'%.8e' % value`` (``-1.23456789e-02``) — 9
   significant digits, enough for every float32 to round-trip exactly. d is read from
   the header; readers accept any float syntax (``0.5``, ``5e-1``).
@@ -217,6 +218,15 @@ def _csv_field(text: str) -> str:
     return text
 
 
+def _first_empty(values) -> int | None:
+    """0-based index of the first empty string among ``values`` (paths or labels), None if none.
+
+    An empty label would silently make all such rows one class "", so every neighbour would
+    "match" and eval.py would print perfect scores; an empty path names no image."""
+    empty = np.flatnonzero(np.asarray(values, dtype=object).astype(str) == "")
+    return int(empty[0]) if len(empty) else None
+
+
 def _check_inputs(paths: Sequence[str], labels: Sequence, emb: np.ndarray) -> np.ndarray:
     emb = np.asarray(emb)
     if emb.ndim != 2:
@@ -225,6 +235,10 @@ def _check_inputs(paths: Sequence[str], labels: Sequence, emb: np.ndarray) -> np
         raise ValueError(f"{len(paths)} paths and {len(labels)} labels for {emb.shape[0]} embeddings")
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise UserError(f"no embeddings to write (shape {emb.shape})")
+    for name, values in (("path", paths), ("label", labels)):  # read back, it would be refused
+        row = _first_empty(values)
+        if row is not None:
+            raise UserError(f"embedding row {row + 1} ({paths[row]!r}) has an empty {name}; refusing to write it")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
@@ -544,9 +558,10 @@ def _check_arrays(path: Path, emb: np.ndarray, strings: dict[str, np.ndarray]) -
         if values.ndim != 1 or values.dtype.kind not in kinds:
             raise UserError(f"malformed embedding file {path}: {name} must be a 1-D array of strings, "
                             f"found {values.dtype} of shape {values.shape}")
-    if (strings["paths"] == "").any():
-        row = int(np.flatnonzero(strings["paths"] == "")[0])
-        raise UserError(f"malformed embedding file {path}: row {row + 1} has an empty path")
+    for name, values in strings.items():
+        row = _first_empty(values)
+        if row is not None:
+            raise UserError(f"malformed embedding file {path}: row {row + 1} has an empty {name[:-1]}")
 
 
 def _as_float32(emb: np.ndarray) -> np.ndarray:
@@ -695,14 +710,16 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
             labels.append(df["label"].to_numpy(dtype=object))
             bar.update(len(df))
             del df
-    if "" in paths:
-        raise UserError(f"malformed embedding file {path}: line {_line_of_row(path, paths.index(''))} "
-                        f"has an empty path")
+    labels = np.concatenate(labels)
+    for name, values in (("path", paths), ("label", labels)):
+        row = _first_empty(values)
+        if row is not None:
+            raise UserError(f"malformed embedding file {path}: line {_line_of_row(path, row)} has an empty {name}")
     if cut_short:
         warn(f"{path} does not end with a newline: its last row ({paths[-1]}) may be cut short, as in a copy "
              f"that stopped early, and its last value is read as it stands")
     emb = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)  # [N, d]
-    return Embeddings(_absolute(paths, path.resolve().parent), np.concatenate(labels), emb)
+    return Embeddings(_absolute(paths, path.resolve().parent), labels, emb)
 
 
 def _first_lines(f, n: int):

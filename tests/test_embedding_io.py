@@ -87,6 +87,32 @@ def test_malformed_npz_arrays_are_clear_errors(tmp_path, arrays, message):
         embedding_io.read_embeddings(out, progress=False)
 
 
+def test_empty_labels_are_refused_on_write_and_on_read(tmp_path):
+    """An empty label makes those rows one class "": eval.py would count every neighbour a match."""
+    paths, labels, emb = sample(tmp_path)
+    labels[3] = ""
+    with pytest.raises(UserError, match=r"embedding row 4 .*3\.jpg.* has an empty label"):
+        embedding_io.write_embeddings(tmp_path / "w.txt", paths, labels, emb, progress=False)
+    assert not (tmp_path / "w.txt").exists()
+    # Files made elsewhere: a text file with an empty label cell, a .npy sidecar, an .npz.
+    labels[3] = "x"
+    for name in ("emb.txt", "emb.npy"):
+        embedding_io.write_embeddings(tmp_path / name, paths, labels, emb, progress=False)
+    text = tmp_path / "emb.txt"
+    lines = text.read_text().splitlines(keepends=True)
+    lines[4] = lines[4].replace(",x,", ",,", 1)  # data row 4 (file line 5)
+    text.write_text("".join(lines))
+    with pytest.raises(UserError, match="line 5 has an empty label"):
+        embedding_io.read_embeddings(text, progress=False)
+    meta = embedding_io.meta_path(tmp_path / "emb.npy")
+    meta.write_text(meta.read_text().replace(",x\n", ",\n", 1))
+    with pytest.raises(UserError, match="row 4 has an empty label"):
+        embedding_io.read_embeddings(tmp_path / "emb.npy", progress=False)
+    np.savez(tmp_path / "emb.npz", emb=emb[:2], paths=np.array(["a", "b"]), labels=np.array(["x", ""]))
+    with pytest.raises(UserError, match="row 2 has an empty label"):
+        embedding_io.read_embeddings(tmp_path / "emb.npz", progress=False)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         embedding_io.read_embeddings(tmp_path / "nope.txt", progress=False)

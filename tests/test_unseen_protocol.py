@@ -151,6 +151,17 @@ def test_collapsed_embeddings_warn(tmp_path, capsys):
     assert len(collapsed) == 1 and str(test) in collapsed[0]  # only the collapsed file
 
 
+def test_a_database_of_one_class_warns_that_the_scores_mean_nothing(tmp_path, capsys):
+    one = write_line(tmp_path / "one.txt", [0.0, 1.0, 5.0, 6.0], ["a"] * 4)
+    eval_main("--protocol", "self", "--test-embeddings", one, "--k", 2, "--output-dir", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert f"the database {one} holds one class only (a)" in err and "measure nothing" in err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["test_precision_at_k"] == 1.0
+    two = write_line(tmp_path / "two.txt", [0.0, 1.0, 5.0, 6.0], ["a", "a", "b", "b"])
+    eval_main("--protocol", "self", "--test-embeddings", two, "--k", 1, "--output-dir", tmp_path / "o2")
+    assert "one class only" not in capsys.readouterr().err
+
+
 def test_old_pictures_without_metrics_are_refused_unless_force(tmp_path, capsys):
     imgs = []
     for i in range(7):

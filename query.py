@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=cli.positive_int, default=None,
                    help="FAISS: clusters in the index (default about 4 * sqrt(rows))")
     p.add_argument("--index", type=Path, default=None,
-                   help="FAISS: keep the built index in this file and reuse it while it is newer than --embeddings")
+                   help="FAISS: keep the built index in this file (and its key in FILE.key) and reuse it while "
+                        "--embeddings is the file it was built from")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the FAISS k-means")
     p.add_argument("--no-saved-index", action="store_true",
                    help="read --embeddings itself instead of the saved index beside it (<file>.index/, "
@@ -131,7 +132,10 @@ def build_searcher(database: np.ndarray, backend: str, device, args, source: Pat
     if backend == "faiss":
         from deepranking.ann_search import load_or_build_index
 
-        return load_or_build_index(args.index or index_path, database, source, nlist=args.nlist, seed=args.seed)
+        from deepranking.saved_index import database_id
+
+        db_id = None if source is None else database_id(source)
+        return load_or_build_index(args.index or index_path, database, db_id, nlist=args.nlist, seed=args.seed)
     import warnings
 
     with warnings.catch_warnings():  # torch warns about read-only arrays; the index never writes to it
@@ -145,18 +149,18 @@ def search(searcher, queries: np.ndarray, k: int, args,
 
     ``self_rows`` int64 [Q]: database row that is the query itself (-1 if none), left out when given.
     """
+    n = len(searcher) if isinstance(searcher, retrieval.ExactIndex) else int(searcher.ntotal)
+    excludes = self_rows is not None and bool((self_rows >= 0).any())
+    if n - excludes < 1:
+        raise UserError(f"the database holds {n} image(s), and --exclude-self leaves the query "
+                        f"itself out: no other image to answer with")
+    k = min(k, n - excludes)  # both backends answer with as many images, the query itself never among them
     if isinstance(searcher, retrieval.ExactIndex):
-        excludes = self_rows is not None and bool((self_rows >= 0).any())
-        if len(searcher) - excludes < 1:
-            raise UserError(f"the database holds {len(searcher)} image(s), and --exclude-self leaves the query "
-                            f"itself out: no other image to answer with")
-        return searcher.search(queries, min(k, len(searcher) - excludes), exclude_rows=self_rows)
+        return searcher.search(queries, k, exclude_rows=self_rows)
     from deepranking.ann_search import ivf_search
 
-    n = int(searcher.ntotal)
-    k_search = min(k + (1 if self_rows is not None else 0), n)
-    dist, idx = ivf_search(searcher, queries, k_search, nprobe=args.nprobe)
-    if self_rows is not None:
+    dist, idx = ivf_search(searcher, queries, min(k + excludes, n), nprobe=args.nprobe)
+    if excludes:
         dist, idx = retrieval.drop_neighbours(dist, idx, self_rows, k)
     return dist[:, :k], idx[:, :k]
 

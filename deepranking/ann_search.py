@@ -17,6 +17,7 @@ square root) so they mean the same as :func:`retrieval.knn_search`'s.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -115,31 +116,36 @@ def ivf_search(index, queries: np.ndarray, k: int, nprobe: int = DEFAULT_NPROBE)
     return dist, idx.astype(np.int64, copy=False)
 
 
-def load_or_build_index(index_path: str | os.PathLike | None, database: np.ndarray, source: Path | None,
+def load_or_build_index(index_path: str | os.PathLike | None, database: np.ndarray, database_id: str | None,
                         nlist: int | None = None, seed: int = 0):
-    """Reuse a saved index when it is newer than ``source`` and fits ``database``; else build (and save).
+    """Reuse a saved index built from the same database file; else build (and save).
 
     Building IVF over a large database takes seconds to minutes (k-means), so
-    query.py can keep it beside the embeddings with ``--index PATH``.
+    query.py can keep it beside the embeddings with ``--index PATH``. ``database_id``
+    (saved_index.database_id: the file's size, mtime, inode and model) is written to
+    ``PATH.key`` beside the index: a database replaced by another of as many rows, even
+    one copied with an older mtime, is rebuilt, never searched with the old vectors.
     """
     faiss = require_faiss()
-    if index_path is not None:
-        p = Path(index_path)
-        fresh = p.is_file() and (source is None or p.stat().st_mtime >= Path(source).stat().st_mtime)
-        if fresh:
-            try:
-                index = faiss.read_index(str(p))
-            except RuntimeError as exc:
-                raise UserError(f"cannot read FAISS index {p}: {str(exc).strip().splitlines()[0]}")
-            fits = index.ntotal == len(database) and index.d == database.shape[1]
-            if fits and (nlist is None or index.nlist == nlist):
-                return index
+    key_file = None if index_path is None else Path(str(index_path) + ".key")
+    stamp = json.dumps({"database": database_id, "nlist": nlist, "seed": seed}, sort_keys=True)
+    if index_path is not None and database_id is not None and Path(index_path).is_file() and key_file.is_file() \
+            and key_file.read_text(encoding="utf-8") == stamp:
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as exc:
+            raise UserError(f"cannot read FAISS index {index_path}: {str(exc).strip().splitlines()[0]}")
+        if index.ntotal == len(database) and index.d == database.shape[1]:
+            return index
     index = build_ivf_index(database, nlist=nlist, seed=seed)
     if index_path is not None:
-        from deepranking.cli import atomic_path
+        from deepranking.cli import atomic_path, atomic_write_text
 
+        key_file.unlink(missing_ok=True)  # never a new index beside the old key, even after a crash here
         with atomic_path(index_path, suffix=".faiss") as tmp:
             faiss.write_index(index, str(tmp))
+        if database_id is not None:
+            atomic_write_text(key_file, stamp)
     return index
 
 

@@ -60,6 +60,12 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def database_id(database: str | os.PathLike) -> str:
+    """A short id of a database file as it is now (key_hash of database_key): what an index
+    built from it elsewhere (query.py --index) records, to be reused only while it matches."""
+    return key_hash(database_key(database, embedding_io.read_record(database)[0]))
+
+
 def faiss_path(folder: Path, key: dict, nlist: int, seed: int) -> Path:
     return folder / f"ivf-{key_hash(key)}-nlist{nlist}-seed{seed}.faiss"
 

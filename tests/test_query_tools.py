@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepranking import ann_search
+from deepranking import ann_search, embedding_io
 import gen_embeddings
 import get_distance
 import query
@@ -186,6 +187,14 @@ def test_search_paths_of_query_py_equal_knn_search():
     # --top larger than the database: everything except the query itself.
     _, idx = query.search(searcher, q, 1000, args, self_rows=rows)
     assert idx.shape == (21, 299) and 3 not in idx[-1]
+    if HAS_FAISS:  # FAISS with every cluster probed answers as the exact search does, --exclude-self too
+        args.nprobe = 4
+        ivf = ann_search.build_ivf_index(db, nlist=4, seed=0)
+        for k in (5, 300, 1000):
+            got, want = (query.search(s, q, k, args, self_rows=rows) for s in (ivf, searcher))
+            assert got[1].shape == want[1].shape == (21, min(k, 299)) and 3 not in got[1][-1]
+            np.testing.assert_array_equal(got[1][:20], want[1][:20])
+            np.testing.assert_allclose(got[0], want[0], atol=1e-4)
 
 
 def test_recall_at_k():
@@ -224,6 +233,39 @@ def test_query_with_faiss_and_saved_index(setup, tiny_imagenet, tmp_path, capsys
     got = parse_table(captured.out)
     assert [p for _, p in got[0]] == [p for _, p in exact[0]]  # 1 cluster (24 rows): exact
     np.testing.assert_allclose([d for d, _ in got[0]], [d for d, _ in exact[0]], atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu not installed")
+def test_faiss_index_file_is_rebuilt_for_a_replaced_database_even_one_with_an_older_mtime(
+        setup, tiny_imagenet, tmp_path, capsys):
+    """`cp -p` / `rsync -t` of another database with as many rows must not be searched with
+    the index built from the old one (its vectors would be shown under the new paths)."""
+    ckpt, db = setup
+    old = embedding_io.read_embeddings(db, progress=False)
+    mine, index = tmp_path / "db.txt", tmp_path / "db.faiss"
+    embedding_io.write_embeddings(mine, old.paths, old.labels, old.emb, progress=False, model=old.model)
+    img = str(train_image(tiny_imagenet, 2, 5))
+
+    def top(*flags):
+        query.main(query.get_args_parser().parse_args(["--model", str(ckpt), "--embeddings", str(mine), "--device",
+                                                       "cpu", "--top", "6", *flags, img]))
+        return parse_table(capsys.readouterr().out)[0]
+
+    top("--ann", "faiss", "--index", str(index), "--no-saved-index")
+    built = index.stat().st_mtime_ns
+    top("--ann", "faiss", "--index", str(index), "--no-saved-index")
+    assert index.stat().st_mtime_ns == built  # the same database: reused
+    # Another database of as many rows (each path now has another image's vector), dated before the index.
+    perm = np.roll(np.arange(len(old)), 5)
+    embedding_io.write_embeddings(mine, old.paths, old.labels, old.emb[perm], progress=False, model=old.model)
+    for f in embedding_io.files_of(mine):
+        if f.exists():
+            os.utime(f, ns=(built - 10**10, built - 10**10))
+    got = top("--ann", "faiss", "--index", str(index), "--no-saved-index")
+    assert index.stat().st_mtime_ns != built
+    exact = top("--no-saved-index")
+    assert [p for _, p in got] == [p for _, p in exact]
+    np.testing.assert_allclose([d for d, _ in got], [d for d, _ in exact], atol=1e-4)
 
 
 # ---------------------------------------------------------------- get_distance.py

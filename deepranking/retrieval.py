@@ -267,9 +267,18 @@ def _check_k(neighbour_labels: np.ndarray, k: int) -> None:
 
 
 def matches(query_labels: Sequence, neighbour_labels) -> np.ndarray:
-    """bool [Q, K]: neighbour j of query i has query i's label."""
+    """bool [Q, K]: neighbour j of query i has query i's label.
+
+    Every metric below goes through here, so the shapes are checked here: one label per
+    row of neighbours (numpy would broadcast a single label over every row), and at least
+    one query (a mean over none would be NaN, not a score).
+    """
     q = np.asarray(query_labels)
     nb = np.asarray(neighbour_labels)
+    if q.ndim != 1 or nb.ndim != 2 or len(q) != nb.shape[0]:
+        raise ValueError(f"{q.shape} query labels for neighbour labels of shape {nb.shape}: expected [Q] and [Q, K]")
+    if len(q) == 0:
+        raise ValueError("no queries to score")
     return nb == q[:, None]
 
 
@@ -282,8 +291,10 @@ def precision_at_k(query_labels, neighbour_labels, k: int) -> float:
 
 def precision_at_k_curve(query_labels, neighbour_labels, ks: Sequence[int]) -> list[float]:
     """precision_at_k for each k in ``ks`` (one pass over the match matrix)."""
-    m = matches(query_labels, neighbour_labels)
-    cum = np.cumsum(m, axis=1)
+    nb = np.asarray(neighbour_labels)
+    for k in ks:
+        _check_k(nb, k)
+    cum = np.cumsum(matches(query_labels, nb), axis=1)
     return [float((cum[:, k - 1] / k).mean()) for k in ks]
 
 
@@ -431,4 +442,6 @@ def mean_pairwise_distance(emb, max_rows: int = 2000, seed: int = 0) -> float:
 def triplet_accuracy(q, p, n) -> float:
     """Fraction of triplets ranked correctly: D(q, p) < D(q, n) (Euclidean)."""
     q, p, n = (np.asarray(a, dtype=np.float64) for a in (q, p, n))
+    if not all(np.isfinite(a).all() for a in (q, p, n)):  # a NaN distance compares False: "wrong", silently
+        raise ValueError("triplet embeddings contain NaN or infinity")
     return float((np.linalg.norm(q - p, axis=1) < np.linalg.norm(q - n, axis=1)).mean())

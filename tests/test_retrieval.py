@@ -117,6 +117,26 @@ def test_metrics_by_hand():
     assert table["precision_at_k"].tolist() == pytest.approx([0.75, 0.25])
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda nb: retrieval.precision_at_k(["a"], nb, 2), r"\(1,\) query labels for neighbour labels of shape \(2, 2\)"),
+    (lambda nb: retrieval.precision_at_k(np.array(["a", "b"]), nb[None], 2), "expected \\[Q\\] and \\[Q, K\\]"),
+    (lambda nb: retrieval.precision_at_k([], nb[:0], 2), "no queries to score"),
+    (lambda nb: retrieval.precision_at_k_curve(["a", "b"], nb, [0]), "k=0 but only 4"),
+    (lambda nb: retrieval.precision_at_k_curve(["a", "b"], nb, [1, 5]), "k=5 but only 4"),
+    (lambda nb: retrieval.precision_at_k_curve(["a", "b"], nb, [-1]), "k=-1"),
+])
+def test_metrics_refuse_inputs_that_would_give_a_number_that_means_nothing(call, message):
+    """One label broadcast over every row, no query at all, or k outside 1..K used to score."""
+    nb = np.array([["a", "b", "a", "a"], ["a", "a", "a", "b"]])
+    with pytest.raises(ValueError, match=message):
+        call(nb)
+
+
+def test_triplet_accuracy_refuses_nan():
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        retrieval.triplet_accuracy([[0, 0]], [[1, 0]], [[np.nan, 0]])
+
+
 def test_triplet_accuracy_by_hand():
     q = [[0, 0], [0, 0]]
     p = [[1, 0], [3, 0]]

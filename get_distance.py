@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from deepranking import cli
 
 
@@ -26,14 +24,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def embedding_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Euclidean distance of two embeddings [D] (computed in float64)."""
-    return float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)))
-
-
 def main(args) -> None:
     from deep_rank_net import model_from_checkpoint
-    from deepranking import runtime
+    from deepranking import retrieval, runtime
     from deepranking.checkpoint import load_checkpoint
     from deepranking.embedding import embed_paths
 
@@ -44,7 +37,7 @@ def main(args) -> None:
     # The checkpoint's decode -> resize -> embed path, as gen_embeddings.py, so the number matches
     # the distance between the two images' rows in an embedding file.
     emb = embed_paths(paths, model, spec, batch_size=2, device=device, progress=False)  # [2, D]
-    print(f"{embedding_distance(emb[0], emb[1]):.6f}")
+    print(f"{retrieval.pair_distance(emb[0], emb[1]):.6f}")
 
 
 if __name__ == "__main__":

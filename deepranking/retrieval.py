@@ -225,6 +225,14 @@ class ExactIndex:
         return out
 
 
+def pair_distance(a, b) -> float:
+    """||a - b|| of two embeddings [d] exactly as ExactIndex.search returns a neighbour's
+    distance (float32 difference, float64 sum of squares, rounded to float32), so
+    get_distance.py prints the digits query.py and eval.py print for the same pair."""
+    x = _as_tensor(a, "cpu") - _as_tensor(b, "cpu")  # [d] float32
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64).float())
+
+
 def knn_search(
     queries,
     database,

@@ -289,6 +289,10 @@ def test_get_distance(setup, tiny_imagenet, capsys):
     db = read_embeddings(setup[1], progress=False)
     rows = [db.paths.index(str(p.resolve())) for p in (a, b)]
     assert d_ab == pytest.approx(float(np.linalg.norm(db.emb[rows[0]] - db.emb[rows[1]])), abs=1e-5)
+    # ... and the digits query.py prints for the pair (the saved database's exact search).
+    run_query(setup, "--top", str(len(db)), str(a))
+    printed = {path: d for d, path in parse_table(capsys.readouterr().out)[0]}
+    assert d_ab == printed[query.display_path(db.paths[rows[1]])]
 
 
 def test_get_distance_errors(setup, tiny_imagenet, tmp_path):

@@ -12,7 +12,9 @@ Exact search (:func:`retrieval.knn_search`) stays the default: with
 than :data:`AUTO_MIN_ROWS` rows, where exact search starts to cost real time.
 
 Distances returned here are Euclidean (FAISS reports squared L2; we take the
-square root) so they mean the same as :func:`retrieval.knn_search`'s.
+square root) so they mean the same as :func:`retrieval.knn_search`'s. Ties are
+the one difference even with every list probed: exact search puts equal distances
+in database-row order, FAISS in the order of its inverted lists.
 """
 
 from __future__ import annotations

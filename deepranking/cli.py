@@ -85,6 +85,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def first_long_row(csv_path: str | os.PathLike, n_columns: int) -> int:
+    """1-based line of the first row with more than ``n_columns`` cells (for an error message
+    about a CSV pandas refused; 2 if none is found)."""
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        for row in reader:
+            if len(row) > n_columns:
+                return reader.line_num
+    return 2
+
+
 def check_input_file(path: str | os.PathLike, what: str, allow_empty: bool = True) -> Path:
     """Return ``path`` as a Path, or raise UserError if it is not an existing (non-empty) file."""
     p = Path(path)

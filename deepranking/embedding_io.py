@@ -42,13 +42,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from deepranking.cli import UserError, atomic_paths, check_input_file, warn
+from deepranking.cli import UserError, atomic_paths, check_input_file, first_long_row, warn
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1
@@ -609,7 +610,12 @@ def _read_npy(path: Path) -> Embeddings:
     except Exception as exc:
         raise UserError(f"malformed embedding file {path}: {exc}")
     try:
-        df = pd.read_csv(meta, dtype=str, keep_default_na=False, engine="c")
+        with warnings.catch_warnings():  # a row longer than the header: see _read_text
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(meta, dtype=str, keep_default_na=False, engine="c", index_col=False)
+    except pd.errors.ParserWarning:
+        raise UserError(f"malformed embedding sidecar {meta}: line {first_long_row(meta, 2)} has more fields than "
+                        f"the header's 2 (path,label)")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"malformed embedding sidecar {meta}: {str(exc).strip()}")
     if list(df.columns) != ["path", "label"]:
@@ -683,17 +689,24 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
     # Text columns get a dtype, numbers are inferred and cast once: a 4,096-entry float32
     # dtype map makes the C parser 2x slower (the cast is exact for values written from float32).
     try:
-        reader = pd.read_csv(path, header=0, dtype={"path": str, "label": str}, engine="c", chunksize=block_rows,
-                             low_memory=False, keep_default_na=False, na_filter=False, skip_blank_lines=True)
+        # index_col=False: rows longer than the header would otherwise make pandas take the path
+        # column as the index and shift label into path and e0 into label (a ParserWarning, raised)
+        reader = pd.read_csv(path, header=0, dtype={"path": str, "label": str}, engine="c", index_col=False,
+                             chunksize=block_rows, low_memory=False, keep_default_na=False, na_filter=False,
+                             skip_blank_lines=True)
     except UnicodeDecodeError as exc:
         raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
     blocks, paths, labels = [], [], []
-    with reader, _progress(rows_estimate, f"reading {path.name}", progress) as bar:
+    with reader, _progress(rows_estimate, f"reading {path.name}", progress) as bar, warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
         while True:
             try:
                 df = next(reader)
             except StopIteration:
                 break
+            except pd.errors.ParserWarning:
+                raise UserError(f"malformed embedding file {path}: line {first_long_row(path, d + 2)} has more fields "
+                                f"than the header's {d + 2} (path,label,e0..e{d - 1})")
             except pd.errors.ParserError as exc:
                 raise UserError(f"malformed embedding file {path}: {_locate(str(exc))}")
             except UnicodeDecodeError as exc:

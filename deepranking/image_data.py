@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 
-from deepranking.cli import UserError, check_input_file
+from deepranking.cli import UserError, check_input_file, first_long_row
 
 # Lower-case extensions; matching is case-insensitive (TinyImageNet uses .JPEG).
 # Formats every Pillow build reads (a bad file among them is reported when decoded):
@@ -327,19 +327,6 @@ def write_triplet_rows(
     return n
 
 
-def _first_long_row(csv_path: Path) -> int:
-    """1-based line number of the first row with more cells than the header (a CSV pandas has read)."""
-    import csv
-
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        next(reader, None)  # the header
-        for row in reader:
-            if len(row) > len(TRIPLET_COLUMNS):
-                return reader.line_num
-    return 2
-
-
 def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a triplet CSV; return (query, positive, negative) arrays of absolute paths.
 
@@ -357,7 +344,7 @@ def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
             warnings.simplefilter("error", pd.errors.ParserWarning)
             df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, engine="c", index_col=False)
     except pd.errors.ParserWarning:
-        raise UserError(f"malformed triplet CSV {csv_path}: line {_first_long_row(csv_path)} has more "
+        raise UserError(f"malformed triplet CSV {csv_path}: line {first_long_row(csv_path, len(TRIPLET_COLUMNS))} has more "
                         f"fields than the header's {len(TRIPLET_COLUMNS)} (query,positive,negative)")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"malformed triplet CSV {csv_path}: {str(exc).strip()}")

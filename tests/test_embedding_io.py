@@ -113,6 +113,23 @@ def test_empty_labels_are_refused_on_write_and_on_read(tmp_path):
         embedding_io.read_embeddings(tmp_path / "emb.npz", progress=False)
 
 
+def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path):
+    """pandas would take the path column as the index: label read as path, e0 as label."""
+    paths, labels, emb = sample(tmp_path)
+    for name in ("emb.txt", "emb.npy"):
+        embedding_io.write_embeddings(tmp_path / name, paths, labels, emb, progress=False)
+    text = tmp_path / "emb.txt"
+    lines = text.read_text().splitlines(keepends=True)
+    text.write_text(lines[0].replace(",e4", "") + "".join(lines[1:]))  # a header one column short
+    with pytest.raises(UserError, match=r"line 2 has more fields than the header's 6 \(path,label,e0..e3\)"):
+        embedding_io.read_embeddings(text, progress=False)
+    meta = embedding_io.meta_path(tmp_path / "emb.npy")
+    rows = meta.read_text().splitlines(keepends=True)
+    meta.write_text(rows[0] + "".join(r.rstrip("\n") + ",extra\n" for r in rows[1:]))  # every row one too long
+    with pytest.raises(UserError, match=r"emb.npy.meta.csv: line 2 has more fields than the header's 2"):
+        embedding_io.read_embeddings(tmp_path / "emb.npy", progress=False)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         embedding_io.read_embeddings(tmp_path / "nope.txt", progress=False)

@@ -302,13 +302,17 @@ def check_old_outputs(out: Path, force: bool) -> None:
 
 def class_names(args, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> tuple[dict, Path | None]:
     """(class id -> human name, the words.txt read): --words, else a words.txt above the images, else none."""
-    path = args.words
-    if path is None:
-        path = image_data.find_words_file(test.paths) or image_data.find_words_file(train.paths)
+    wanted = set(map(str, train.labels)) | set(map(str, test.labels))
+    if args.words is not None:
+        return image_data.read_class_names(args.words, wanted), args.words
+    path = image_data.find_words_file(test.paths) or image_data.find_words_file(train.paths)
     if path is None:
         return {}, None
-    wanted = set(map(str, train.labels)) | set(map(str, test.labels))
-    return image_data.read_class_names(path, wanted), path
+    try:
+        return image_data.read_class_names(path, wanted), path
+    except UserError as exc:  # names are optional: a file found by chance must not stop the evaluation
+        cli.warn(f"class names not used: {exc} (found above the images; give --words FILE to name another)")
+        return {}, None
 
 
 def _shown_classes(classes: list[str], names: dict, limit: int = 10) -> str:

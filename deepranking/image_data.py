@@ -709,7 +709,7 @@ def read_class_names(path: str | os.PathLike, wanted=None) -> dict[str, str]:
     keep = None if wanted is None else {str(w) for w in wanted}
     names: dict[str, str] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM (Windows editors) is not part of an id
     except UnicodeDecodeError as exc:
         raise UserError(f"class-names file {display_path(path)} is not UTF-8 text ({exc.reason})")
     for number, line in enumerate(lines, 1):

@@ -240,6 +240,25 @@ def test_read_class_names(tmp_path):
     assert image_data.find_words_file(["/nonexistent/a/b.png"]) is None
 
 
+def test_words_file_with_a_bom_and_a_stray_words_file(tmp_path, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("a\tanimal\nb\tbuilding\n", encoding="utf-8-sig")  # as Windows editors save it
+    assert image_data.read_class_names(words) == {"a": "animal", "b": "building"}
+    # An unrelated words.txt above the images stops nothing: names are optional, so a warning.
+    (tmp_path / "data").mkdir()
+    words.write_text("just some notes\n", encoding="utf-8")
+    images = [str(tmp_path / "data" / f"{i}.png") for i in range(4)]
+    emb = write_line(tmp_path / "data" / "e.txt", [0.0, 1.0, 5.0, 6.0], ["a", "a", "b", "b"], images=images)
+    eval_main("--protocol", "self", "--test-embeddings", emb, "--k", 1, "--output-dir", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert f"class names not used: {words} line 1: expected 'id<TAB>name" in err and "--words FILE" in err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["class_names"] is None
+    # Given with --words, the same file is an error: the user asked for it.
+    code, out = run(capsys, "--protocol", "self", "--test-embeddings", emb, "--k", 1, "--words", words,
+                    "--output-dir", tmp_path / "o2")
+    assert code == 2 and "line 1: expected 'id<TAB>name" in out.err
+
+
 def test_eval_shows_names_and_keeps_ids_in_files(tmp_path, capsys, tiny_imagenet):
     train_files = list_class_folder(tiny_imagenet / "train")
     val_files = list_class_folder(tiny_imagenet / "val")

@@ -91,12 +91,14 @@ def expand_queries(items: list[str]) -> list[str]:
 
     Patterns are expanded here (not by the shell) so that quoted patterns work
     everywhere. A path that does not exist is an error; a pattern or folder that
-    matches no image only counts towards the 'no query images' error.
+    matches no image is named in a warning (a mistyped pattern would otherwise answer
+    fewer queries without a word), and an error when nothing matched at all.
     """
     from deepranking.image_data import is_image_file
 
     out: list[str] = []
     for item in items:
+        before = len(out)
         p = Path(item).expanduser()
         if p.is_file():
             out.append(str(p))
@@ -111,6 +113,8 @@ def expand_queries(items: list[str]) -> list[str]:
                     out.extend(_images_in_folder(m))
         else:
             raise UserError(f"query not found: {item}")
+        if len(out) == before and len(items) > 1:
+            cli.warn(f"no query image in {item}: {'folder' if p.is_dir() else 'pattern'} left out")
     uniq = list(dict.fromkeys(os.path.abspath(q) for q in out))
     if not uniq:
         raise UserError(f"no query images matched {' '.join(items)}")

@@ -122,11 +122,16 @@ def test_exclude_self_on_a_one_image_database_says_why_nothing_is_left(setup, tm
         query.main(args)
 
 
-def test_query_errors(setup, tmp_path, tiny_imagenet):
+def test_query_errors(setup, tmp_path, tiny_imagenet, capsys):
     img = str(train_image(tiny_imagenet, 0, 0))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no query images matched"):
         run_query(setup, str(tmp_path / "empty"), str(tmp_path / "*.jpg"))
+    # Beside a real query, each item that matched nothing is named, not dropped without a word.
+    run_query(setup, "--top", "2", img, str(tmp_path / "empty"), str(tiny_imagenet / "train" / "*" / "*.jpeg"))
+    captured = capsys.readouterr()
+    assert f"no query image in {tmp_path / 'empty'}: folder left out" in captured.err
+    assert "*.jpeg: pattern left out" in captured.err and captured.out.count("query ") == 1
     with pytest.raises(UserError, match="query not found"):
         run_query(setup, str(tmp_path / "missing.jpg"))
     ckpt, db = setup

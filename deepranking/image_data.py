@@ -120,13 +120,22 @@ def _image_names(folder: Path) -> list[str]:
                       if is_image_file(e.name) and (e.is_file() or (e.is_symlink() and not e.is_dir())))
 
 
-def _class_images(class_dir: Path) -> tuple[list[str], int]:
+def _images_below(folder: Path, skip: str | None = None) -> int:
+    """How many image files lie in the sub-folders of ``folder`` (any depth; ``skip``: one not counted)."""
+    with os.scandir(folder) as entries:
+        subs = [e.path for e in entries if e.is_dir(follow_symlinks=False) and e.name != skip]
+    return sum(is_image_file(name) for sub in subs for _, _, names in os.walk(sub) for name in names)
+
+
+def _class_images(class_dir: Path) -> tuple[list[str], int, int]:
     """Image files of one class folder: ``<class>/images/*`` if present, else ``<class>/*``;
-    and how many image files beside ``images/`` that leaves out (for a warning)."""
+    and how many image files that leaves out beside ``images/`` and in deeper sub-folders
+    (for warnings: a class is read from one folder, not recursively)."""
     images_dir = class_dir / "images"
     if not images_dir.is_dir():
-        return [str(class_dir / n) for n in _image_names(class_dir)], 0
-    return [str(images_dir / n) for n in _image_names(images_dir)], len(_image_names(class_dir))
+        return [str(class_dir / n) for n in _image_names(class_dir)], 0, _images_below(class_dir)
+    nested = _images_below(class_dir, skip="images") + _images_below(images_dir)
+    return [str(images_dir / n) for n in _image_names(images_dir)], len(_image_names(class_dir)), nested
 
 
 def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList:
@@ -152,10 +161,13 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
     too_small: list[str] = []
     empty: list[str] = []
     beside: list[str] = []  # classes with images left out next to their images/ folder
+    nested: list[str] = []  # classes with images left out in sub-folders
     for class_dir in class_dirs:
-        files, left_out = _class_images(class_dir)
+        files, left_out, below = _class_images(class_dir)
         if left_out:
             beside.append(f"{display_path(class_dir.name)} ({left_out})")
+        if below:
+            nested.append(f"{display_path(class_dir.name)} ({below})")
         if not files:
             empty.append(display_path(class_dir.name))
             continue
@@ -182,6 +194,10 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
         shown = ", ".join(beside[:10]) + (" ..." if len(beside) > 10 else "")
         warn(f"left out the image files beside the images/ folder of {len(beside)} class(es) (a class with an "
              f"images/ folder is read from it alone, as in TinyImageNet): {shown}")
+    if nested:
+        shown = ", ".join(nested[:10]) + (" ..." if len(nested) > 10 else "")
+        warn(f"left out the image files in sub-folders of {len(nested)} class(es) (a class is read from its own "
+             f"folder, or its images/ folder, not from folders below; move them up to include them): {shown}")
     if empty:
         shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
         warn(f"skipped {len(empty)} class folder(s) with no image files in {display_path(root)}: {shown}")

@@ -483,6 +483,25 @@ def test_images_beside_an_images_folder_are_left_out_with_a_warning(tmp_path, ca
                    "images/ folder is read from it alone, as in TinyImageNet): class00 (1)\n")
 
 
+def test_images_in_sub_folders_of_a_class_are_left_out_with_a_warning(tmp_path, capsys):
+    # A class is one folder (or its images/), not a tree: deeper images are named, not dropped in silence
+    root = write_class_folder(tmp_path / "data", n_classes=3, per_class=2, size=8, ext=".png")
+    (root / "class00" / "extra" / "deeper").mkdir(parents=True)
+    shutil.copy(root / "class01" / "class01_0.png", root / "class00" / "extra" / "a.png")
+    shutil.copy(root / "class01" / "class01_0.png", root / "class00" / "extra" / "deeper" / "b.png")
+    (root / "class00" / "extra" / "notes.txt").write_text("not an image")
+    (root / "class02" / "images" / "more").mkdir(parents=True)  # TinyImageNet layout, one level too deep
+    for name in ("class02_0.png", "class02_1.png"):
+        (root / "class02" / name).rename(root / "class02" / "images" / name)
+    shutil.copy(root / "class01" / "class01_0.png", root / "class02" / "images" / "more" / "c.png")
+    listing = image_data.list_class_folder(root)
+    assert len(listing.paths) == 6
+    err = capsys.readouterr().err
+    assert err == ("warning: left out the image files in sub-folders of 2 class(es) (a class is read from its own "
+                   "folder, or its images/ folder, not from folders below; move them up to include them): "
+                   "class00 (2), class02 (1)\n")
+
+
 def test_empty_class_folder_through_triplet_sampler(tmp_path):
     root = write_class_folder(tmp_path / "data", n_classes=2, per_class=2, size=8, ext=".png")
     (root / "empty").mkdir()

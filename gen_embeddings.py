@@ -87,6 +87,9 @@ class SplitJob:
     paths: list[str]
     labels: list[str]  # class names
     root: Path | None = None  # the split's class folder (recorded for update_database.py)
+    # int64 [N, 2] (size, mtime_ns) per image, taken BEFORE it is decoded: an image replaced while the
+    # run embeds it then looks changed to update_database.py, instead of its old vector looking current
+    stamps: np.ndarray | None = None
 
 
 def parse_splits(text: str | None) -> tuple[list[str], bool]:
@@ -102,7 +105,7 @@ def parse_splits(text: str | None) -> tuple[list[str], bool]:
 
 def plan_jobs(args) -> list[SplitJob]:
     """List every split to embed and check every output path; raises UserError before any work."""
-    from deepranking.image_data import list_class_folder, resolve_split_dir
+    from deepranking.image_data import image_stamps, list_class_folder, resolve_split_dir
 
     splits, val_optional = parse_splits(args.splits)
     if not args.data_dir.is_dir():
@@ -125,7 +128,7 @@ def plan_jobs(args) -> list[SplitJob]:
         cli.check_output_path(outputs[split], args.force, f"{split} embeddings output")
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
         jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names,
-                             resolve_split_dir(args.data_dir, split).resolve()))
+                             resolve_split_dir(args.data_dir, split).resolve(), image_stamps(images.paths)))
     return jobs
 
 
@@ -240,10 +243,8 @@ def write_outputs(jobs: list[SplitJob], embs: list[np.ndarray], fingerprint: dic
     file beside an old test file. Each file records the model's fingerprint, so the only gap
     left (a kill -9 within the microseconds of the renames) is caught by eval.py's model check.
     """
-    from deepranking.image_data import image_stamps
-
     files = [EmbeddingFile(job.output, job.paths, job.labels, emb, model=fingerprint,
-                           images={"root": str(job.root), "stamps": image_stamps(job.paths)})
+                           images={"root": str(job.root), "stamps": job.stamps})
              for job, emb in zip(jobs, embs)]
     write_embedding_files(files, progress=progress)
     for job, emb in zip(jobs, embs):

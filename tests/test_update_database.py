@@ -109,6 +109,30 @@ def test_changed_and_removed_images_in_binary_databases(tmp_path, name, embed_co
     assert_equal_databases(db, rebuilt)
 
 
+def test_an_image_replaced_while_gen_embeddings_runs_is_embedded_again_by_the_update(tmp_path, monkeypatch):
+    """The stamps are taken before decoding: with the new file's stamp beside the old vector,
+    the update called the database up to date and kept the stale row."""
+    ckpt = make_checkpoint(tmp_path / "net.model")
+    folder = write_class_folder(tmp_path / "photos", n_classes=2, per_class=4)
+    victim = folder / "class00" / "class00_1.jpg"
+    real = embedding.embed_paths
+
+    def embed_then_replace(paths, *a, **kw):
+        out = real(paths, *a, **kw)
+        Image.fromarray(class_image(1, 0, 32, seed=9)).save(victim)  # the user replaces it meanwhile
+        os.utime(victim, ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
+        return out
+
+    monkeypatch.setattr(embedding, "embed_paths", embed_then_replace)
+    db = tmp_path / "db.txt"
+    gen(ckpt, folder, db)
+    monkeypatch.setattr(embedding, "embed_paths", real)
+    plan = update(ckpt, db)
+    assert (plan.new, plan.changed, plan.removed) == (0, 1, 0)
+    gen(ckpt, folder, tmp_path / "rebuilt.txt")
+    assert_equal_databases(db, tmp_path / "rebuilt.txt")
+
+
 def test_refuses_another_model_and_databases_without_a_record(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "a.model")
     other = make_checkpoint(tmp_path / "b.model", seed=1)

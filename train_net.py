@@ -280,6 +280,7 @@ class Run:
     window: RunningStats = field(default_factory=RunningStats)
     nonfinite: torch.Tensor | None = None  # bool, on the device: a loss was NaN/inf since the last check
     interrupted: bool = False
+    interrupt: type = KeyboardInterrupt  # raised once stopped: cli.Terminated for SIGTERM (exit 143, not 130)
     last_emb: torch.Tensor | None = None
     start_weight_norm: float | None = None  # of the trained parameters, when this process started
     warned: set = field(default_factory=set)  # warnings given once
@@ -296,7 +297,9 @@ class Run:
 def train(run: Run) -> None:
     """Epochs until the end, or until --max-steps / --time-limit / Ctrl-C stop the run resumably."""
     args = run.args
-    previous = signal.signal(signal.SIGINT, _on_interrupt(run)) if cli.in_main_thread() else None
+    # Ctrl-C and SIGTERM (a scheduler's preemption) alike: stop after the step with a resumable checkpoint
+    previous = {sig: signal.signal(sig, _on_interrupt(run)) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if cli.in_main_thread() else {}
     try:
         reason = stop_reason(run) if run.step else None  # a resume that has already reached its limit
         if reason is not None:
@@ -314,8 +317,8 @@ def train(run: Run) -> None:
             print(f"wrote {run.saver.final_path}, {args.output_dir / METRICS_NAME} and "
                   f"{args.output_dir / CURVES_NAME}")
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_one_epoch(run: Run, epoch: int) -> str | None:
@@ -415,7 +418,7 @@ def stop(run: Run, reason: str) -> None:
     if run.env.main:
         print(f"stopped after {run.step} steps ({reason}); {run.saver.resume_hint()}", flush=True)
     if run.interrupted:
-        raise KeyboardInterrupt
+        raise run.interrupt
 
 
 # ---------------------------------------------------------------------------
@@ -513,7 +516,7 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
     workers = image_cache.loader_workers(images, args.num_workers)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         worker_init_fn=image_data.ignore_sigint)
+                                         worker_init_fn=image_data.worker_signals)
     run = Run(args=args, env=env, device=device, data=data, images=images, spec=spec, net=net, trainee=trainee,
               model=trainee, optimizer=optimizer, scaler=precision.grad_scaler(), precision=precision,
               criterion=losses.RankingLoss(args.margin, args.mining),
@@ -855,12 +858,14 @@ def plot_curves(out: Path) -> None:
 
 
 def _on_interrupt(run: Run):
-    """First Ctrl-C: stop after this step with a checkpoint; a second one stops at once."""
+    """First Ctrl-C or SIGTERM: stop after this step with a checkpoint; a second one stops at once."""
     def handler(signum, frame):
         if run.interrupted:
-            raise KeyboardInterrupt
+            raise run.interrupt
         run.interrupted = True
-        print("\ninterrupt: stopping after this step with a resumable checkpoint (Ctrl-C again to abort)",
+        run.interrupt = cli.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+        print(f"\n{what}: stopping after this step with a resumable checkpoint (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
     return handler
 

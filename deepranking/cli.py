@@ -30,9 +30,26 @@ class UserError(Exception):
     """An error caused by the user's input; the message is shown as-is."""
 
 
+class Terminated(Exception):
+    """SIGTERM (``kill``, a batch scheduler, torchrun stopping its ranks), raised in the main
+    thread like Ctrl-C's KeyboardInterrupt: the default action would end the process at once,
+    leaving every temporary file and staging folder of an unfinished write behind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(main: Callable, parser, argv=None) -> None:
-    """Parse arguments and call ``main(args)``, turning UserError into a clean exit."""
+    """Parse arguments and call ``main(args)``, turning UserError into a clean exit.
+
+    SIGTERM becomes :class:`Terminated` while ``main`` runs, so its cleanups run as for
+    Ctrl-C; exit status 143 (128 + 15), as the signal itself would give.
+    """
+    import signal
+
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread() else None
     try:
         main(args)
     except UserError as exc:
@@ -41,6 +58,9 @@ def run(main: Callable, parser, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except BrokenPipeError:  # stdout piped into `head`: stop quietly, like any other tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
@@ -52,6 +72,9 @@ def run(main: Callable, parser, argv=None) -> None:
         print("error: out of memory (try a smaller batch, fewer images or a machine with more memory)",
               file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _current_umask() -> int:

@@ -65,7 +65,7 @@ def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
     if isinstance(images, image_cache.StreamedImages):
         yield from torch.utils.data.DataLoader(_StreamedBatches(images, batch_size), batch_size=None,
                                                num_workers=image_cache.loader_workers(images, 0), pin_memory=pin,
-                                               worker_init_fn=image_data.ignore_sigint)  # Ctrl-C: main only
+                                               worker_init_fn=image_data.worker_signals)  # Ctrl-C: main only
         return
     starts = range(0, len(images), batch_size)
 

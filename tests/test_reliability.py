@@ -42,6 +42,49 @@ def test_atomic_write_unwritable_folder_is_one_line(tmp_path, monkeypatch, code)
         cli.atomic_write_text(tmp_path / "out.txt", "x")
 
 
+KILLED_MID_WRITE = """
+import argparse, os, signal, sys
+from pathlib import Path
+from deepranking import cli
+
+def write_then_killed(args):
+    root = Path(args.root)
+    if args.where == "files":
+        with cli.atomic_paths([root / "db.txt", root / "db.txt.meta.json"]) as tmps:
+            tmps[0].write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        with cli.staged_outputs(root / "out") as stage:
+            (stage / "metrics.json").write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+    print("not reached: SIGTERM raises in the main thread")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("root")
+parser.add_argument("where")
+before = signal.getsignal(signal.SIGTERM)
+try:
+    cli.run(write_then_killed, parser)
+finally:
+    assert signal.getsignal(signal.SIGTERM) is before  # cli.run leaves the handler as it found it
+"""
+
+
+@pytest.mark.parametrize("where", ["files", "staged"])
+def test_sigterm_mid_write_removes_the_temporaries_and_keeps_the_old_outputs(tmp_path, where):
+    """kill's default action ended the process inside the write, leaving .<name>.*.tmp files (GBs
+    for a 100,000 x 4,096 text database) and eval's .staging-* folder that nothing removed later."""
+    (tmp_path / "db.txt").write_text("old")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text("old")
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path), where], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "terminated\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.txt", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["metrics.json"]
+    assert (tmp_path / "db.txt").read_text() == (tmp_path / "out" / "metrics.json").read_text() == "old"
+
+
 def test_atomic_write_onto_a_folder_or_under_a_file(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(cli.UserError, match="Is a directory"):

@@ -732,7 +732,9 @@ def test_time_limit_counts_the_whole_run_like_max_steps(csvs, tmp_path, capsys):
     assert "stopped after 2 steps (--time-limit); continue with --resume" in capsys.readouterr().out
 
 
-def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(csvs, tmp_path):
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(csvs, tmp_path, signame, code):
+    """Ctrl-C, and SIGTERM as a batch scheduler sends before it preempts a job."""
     import signal as sig
     import time
 
@@ -744,9 +746,9 @@ def test_ctrl_c_stops_after_the_step_with_a_resumable_checkpoint(csvs, tmp_path)
     metrics = out / "metrics.jsonl"
     while (not metrics.exists() or metrics.stat().st_size == 0) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(sig.SIGINT)
+    proc.send_signal(getattr(sig, signame))
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
     assert "(interrupted); continue with --resume" in stdout
     ckpt = checkpoint.load_checkpoint(out / "temp_0.model")

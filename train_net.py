@@ -577,11 +577,13 @@ def prepare_output(run: Run) -> None:
     out = run.args.output_dir
     for stale in run.saver.remove_stale_partials():
         cli.warn(f"removed {stale}, a partial checkpoint left by an interrupted save")
-    if run.args.resume is None:  # a fresh (--force) run: an earlier run's files must not pass for this one's
-        run.saver.remove_all()
+    if not resumes_in_place(run.args):  # a fresh run, or a resume into another folder (--force):
+        run.saver.remove_all()  # an earlier run's checkpoints and records must not pass for this one's
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     else:
+        for later in run.saver.later_than(Path(run.args.resume)):  # --force: going back to an older one
+            later.unlink()
         run.log.truncate_after(run.step)  # records a killed run wrote after its checkpoint
     config = {**{k: v for k, v in vars(run.args).items()}, "device": str(run.device),
               "world_size": run.env.world_size, "precision": run.precision.name,
@@ -656,6 +658,11 @@ def restore(run: Run, ckpt: dict) -> None:
         print(f"resuming from {run.args.resume}: epoch {run.epoch + 1}, step {run.step}", file=sys.stderr)
 
 
+def resumes_in_place(args) -> bool:
+    """--resume of a checkpoint in --output-dir itself: the run continues its own folder and log."""
+    return args.resume is not None and Path(args.resume).resolve().parent == args.output_dir.resolve()
+
+
 def check_outputs(saver: Checkpointer, args) -> None:
     """Refuse to overwrite an earlier run's files (names the file) unless --force, or --resume of a
     checkpoint in --output-dir itself: a checkpoint resumed into another folder must not overwrite
@@ -663,7 +670,16 @@ def check_outputs(saver: Checkpointer, args) -> None:
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir is not a folder: {out}")
-    if args.force or (args.resume is not None and Path(args.resume).resolve().parent == out.resolve()):
+    if args.force:
+        return
+    if resumes_in_place(args):
+        later = saver.later_than(Path(args.resume))
+        if later:
+            newest = saver.final_path if saver.final_path in later else later[-1]
+            raise UserError(f"{out} holds checkpoints written after {Path(args.resume).name} "
+                            f"({', '.join(p.name for p in later)}): resuming from it would overwrite them and cut "
+                            f"{METRICS_NAME} back to its step; to continue the run, --resume {newest}; to go "
+                            f"back to {Path(args.resume).name} anyway (removing the later ones), --force")
         return
     for path in [*saver.existing(), *(out / name for name in RUN_FILES)]:
         if not path.exists():

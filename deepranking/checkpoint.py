@@ -299,6 +299,16 @@ class Checkpointer:
                 p.unlink(missing_ok=True)
         return stale
 
+    def later_than(self, path: Path) -> list[Path]:
+        """Checkpoints in this folder written after ``temp_<k>.model`` ``path`` by the same run: the
+        ``temp_<n>.model`` with n > k, and ``deepranknet.model``. A resume from ``path`` would
+        overwrite them with another trajectory (and metrics.jsonl is cut back to its step)."""
+        k = _epoch_of(path)
+        if k is None or Path(path).resolve().parent != self.out_dir.resolve():
+            return []
+        return [p for p in self.existing() if p.resolve() != Path(path).resolve()
+                and (p == self.final_path or (_epoch_of(p) or 0) > k)]
+
     def remove_all(self) -> None:
         """--force: an earlier run's checkpoints must never pass for this run's."""
         if self.enabled:

@@ -619,6 +619,35 @@ def test_no_run_overwrites_a_folder_holding_another_runs_files(trained, csvs, tm
     assert "metrics.jsonl already exists from another run" in err and f"--output-dir {ckpt.parent}" in err
 
 
+def test_resume_never_mixes_two_trajectories_in_one_folder(csvs, tmp_path, capsys):
+    """An older checkpoint resumed in its own folder overwrote the later ones and cut metrics.jsonl;
+    --force into another run's folder kept that run's deepranknet.model and records beside this one's."""
+    import json
+
+    run = tmp_path / "run"
+    train("--triplets", csvs[0], "--epochs", 3, "--log-every", 1, "--output-dir", run, *TINY)
+    per_epoch = checkpoint.load_checkpoint(run / "temp_0.model")["step"]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    again = ["--triplets", csvs[0], "--epochs", 3, "--log-every", 1, *TINY, "--resume", run / "temp_0.model"]
+    err = fails(capsys, *again, "--output-dir", run, "--max-steps", per_epoch + 1)
+    assert ("holds checkpoints written after temp_0.model (deepranknet.model, temp_1.model, temp_2.model)" in err
+            and f"--resume {run / 'deepranknet.model'}" in err and "--force" in err)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # Into another run's folder with --force: nothing of that run is left to pass for this one's.
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    train(*again, "--output-dir", other, "--max-steps", per_epoch + 1, "--force")
+    assert sorted(p.name for p in other.glob("*.model")) == ["temp_1.model"]
+    steps = [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert steps and min(steps) > per_epoch
+    # In place with --force: back to temp_0, the later checkpoints removed, the log cut at its step.
+    train(*again, "--output-dir", run, "--max-steps", per_epoch + 1, "--force")
+    assert sorted(p.name for p in run.glob("*.model")) == ["temp_0.model", "temp_1.model"]
+    assert checkpoint.load_checkpoint(run / "temp_1.model")["step"] == per_epoch + 1
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == per_epoch + 1 and steps == sorted(steps)
+
+
 def test_every_hyperparameter_constant_is_a_flag_default_and_booleans_go_both_ways():
     parse = train_net.get_args_parser().parse_args
     defaults = parse([])

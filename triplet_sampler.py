@@ -267,10 +267,9 @@ def main(args) -> None:
     _note_short_classes(images, np.union1d(main_t.short_classes, held_t.short_classes),
                         args.num_pos_images)
     # main_t indexes the kept images; keep[...] maps back to the full list.
-    n_main = image_data.write_triplet_rows(output, paths, keep[main_t.query], keep[main_t.positive],
-                                           keep[main_t.negative])
-    n_held = image_data.write_triplet_rows(held_out, paths, held_t.query, held_t.positive,
-                                           held_t.negative)
+    n_main, n_held = image_data.write_triplet_files(paths, [
+        (output, keep[main_t.query], keep[main_t.positive], keep[main_t.negative]),
+        (held_out, held_t.query, held_t.positive, held_t.negative)])
     print(f"wrote {n_main} triplets ({len(np.unique(main_t.query))} queries) to {output}")
     print(f"wrote {n_held} held-out triplets ({int(hold.sum())} queries) to {held_out}")
 

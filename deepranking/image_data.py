@@ -318,29 +318,36 @@ def write_triplet_rows(
     positive: np.ndarray,
     negative: np.ndarray,
 ) -> int:
-    """Like write_triplet_csv, with rows given as int indices [R] into ``paths`` [N].
+    """Like write_triplet_csv, with rows given as int indices [R] into ``paths`` [N]. Returns R."""
+    return write_triplet_files(paths, [(csv_path, query, positive, negative)])[0]
 
-    Each path is made relative to the CSV's folder once, however many rows
-    use it (the sampler's fast path). Returns the row count R.
+
+def write_triplet_files(paths: Sequence[str], files: Sequence[tuple]) -> list[int]:
+    """Triplet CSVs that belong together (a main CSV and its held-out one), all or none.
+
+    ``files``: (csv path, query, positive, negative) with int indices [R] into ``paths`` [N].
+    Every file's rows are checked before any is written, then they are written to temporary
+    names and renamed together (cli.atomic_paths): a path no CSV can hold leaves the earlier
+    pair as it was, never a new main CSV beside an old held-out one. Each path is made
+    relative to its CSV's folder once, however many rows use it. Returns the row counts.
     """
-    from deepranking.cli import atomic_path
+    from deepranking.cli import atomic_paths
 
-    idx = np.stack([np.asarray(query), np.asarray(positive), np.asarray(negative)]).astype(np.int64)  # [3, R]
-    csv_dir = Path(csv_path).resolve().parent
-    used, inverse = np.unique(idx, return_inverse=True)
-    rel = _relative_paths([paths[i] for i in used], csv_dir)
-    if any("," in r or '"' in r or "\n" in r for r in rel):
-        raise UserError("image paths containing commas, quotes or newlines are not supported in triplet CSVs")
-    n = idx.shape[1]
-    cols = rel[inverse.reshape(3, n)]
-    lines = map(",".join, zip(cols[0], cols[1], cols[2]))
-    with atomic_path(csv_path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(",".join(TRIPLET_COLUMNS) + "\n")
-            if n:
-                f.write("\n".join(lines))
-                f.write("\n")
-    return n
+    texts = []
+    for csv_path, query, positive, negative in files:
+        idx = np.stack([np.asarray(query), np.asarray(positive), np.asarray(negative)]).astype(np.int64)  # [3, R]
+        used, inverse = np.unique(idx, return_inverse=True)
+        rel = _relative_paths([paths[i] for i in used], Path(csv_path).resolve().parent)
+        if any("," in r or '"' in r or "\n" in r for r in rel):
+            raise UserError("image paths containing commas, quotes or newlines are not supported in triplet CSVs")
+        cols = rel[inverse.reshape(3, idx.shape[1])]
+        rows = "".join(f"{line}\n" for line in map(",".join, zip(cols[0], cols[1], cols[2])))
+        texts.append((",".join(TRIPLET_COLUMNS) + "\n" + rows, idx.shape[1]))
+    with atomic_paths([f[0] for f in files]) as tmps:
+        for tmp, (text, _) in zip(tmps, texts):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+    return [n for _, n in texts]
 
 
 def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

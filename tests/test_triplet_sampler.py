@@ -157,6 +157,23 @@ def test_val_fraction_heldout(class_folder, tmp_path):
         assert not (cols[0] == cols[1]).any()
 
 
+def test_val_fraction_pair_is_written_all_or_none(class_folder, tmp_path):
+    """A path no CSV can hold among the held-out images only: the main CSV was already rewritten
+    when the held-out one failed, so the pair no longer matched."""
+    out = tmp_path / "train.csv"
+    argv = ["--data-dir", str(class_folder), "--val-fraction", "0.34", "--output", str(out), "--seed", "3"]
+    run_main(argv)
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in tmp_path.glob("*.csv")}  # a rewrite: new inode
+    held = image_data.read_triplet_csv(tmp_path / "train_heldout.csv")[0]
+    only_held = next(x for x in held if x not in set(np.concatenate(image_data.read_triplet_csv(out))))
+    victim = Path(only_held)
+    victim.rename(victim.with_name(f"{victim.stem},{victim.suffix}"))  # sorts where it was: the same split
+    with pytest.raises(UserError, match="commas, quotes or newlines"):
+        run_main(argv + ["--force"])
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in tmp_path.glob("*.csv")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "photos"])  # no temporary left
+
+
 def test_val_fraction_too_small_writes_nothing(class_folder, tmp_path):
     out = tmp_path / "train.csv"
     with pytest.raises(UserError, match="holds out no image"):

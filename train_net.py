@@ -113,7 +113,8 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                       help=f"validation triplet CSV (default: {DEFAULT_VAL_TRIPLETS} next to --triplets, "
                            "skipped with a warning if absent)")
     data.add_argument("--val-fraction", type=cli.fraction, default=0.0,
-                      help="hold out this fraction of the training queries (seeded) for validation instead")
+                      help="hold out this fraction of the training query images (seeded) for validation instead; "
+                           "training triplets that use one of them as positive or negative are left out (counted)")
     data.add_argument("--image-size", type=cli.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
     data.add_argument("--cache-size", type=cli.non_negative_int, default=CACHE_SIZE,
                       help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")

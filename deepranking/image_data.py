@@ -425,14 +425,25 @@ class TripletData:
 
 
 def split_by_query(trip: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, val) [T]: a seeded ``fraction`` of the query images goes to val."""
+    """Boolean masks (train, val) [T] of triplets [T, 3]: a seeded ``fraction`` of the query
+    images is held out; val = the triplets they are the query of; train = the triplets that use
+    none of them in any role, so validation scores queries training never saw (as
+    triplet_sampler.py --val-fraction). The triplets left out of both are counted in a warning."""
+    from deepranking.cli import warn
+
     queries = np.unique(trip[:, 0])
     n_val = max(1, int(round(fraction * len(queries))))
     held = np.random.default_rng([seed, 7919]).choice(queries, size=n_val, replace=False)
     val = np.isin(trip[:, 0], held)
-    if val.all():
-        raise UserError(f"--val-fraction {fraction} leaves no training triplets")
-    return ~val, val
+    train = ~np.isin(trip, held).any(axis=1)
+    if not train.any():
+        raise UserError(f"--val-fraction {fraction} leaves no training triplets (every triplet uses a held-out "
+                        f"query image); use a smaller fraction, or a held-out CSV with --val-triplets")
+    unused = int((~train & ~val).sum())
+    if unused:
+        warn(f"--val-fraction: {unused} of {len(trip)} training triplets use a held-out query image as positive "
+             f"or negative and are left out of training, so validation never scores an image training saw")
+    return train, val
 
 
 def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float, seed: int) -> TripletData:

@@ -275,6 +275,19 @@ def test_two_process_ddp_run(csvs, tmp_path):
     assert [(r["event"], r["step"]) for r in records] == [("train", 3), ("epoch", 3)]
 
 
+def test_val_fraction_keeps_held_out_queries_out_of_training_in_every_role(capsys):
+    # triplets [T, 3] of image ids: query, positive, negative; image 9 is nobody's query
+    trip = np.array([[0, 1, 9], [1, 2, 9], [2, 3, 9], [3, 0, 9], [4, 9, 5], [5, 4, 9], [6, 7, 8], [7, 6, 8],
+                     [8, 9, 6], [9, 8, 7]])
+    train, val = image_data.split_by_query(trip, 0.2, seed=0)
+    held = set(trip[val, 0])
+    assert len(held) == 2 and val.sum() == 2 and not (train & val).any()
+    assert not np.isin(trip[train], list(held)).any()  # no held-out query trains as p or n either
+    dropped = int((~train & ~val).sum())
+    assert dropped > 0 and f"{dropped} of 10 training triplets use a held-out query image" in capsys.readouterr().err
+    assert (train | val).sum() == 10 - dropped
+
+
 def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, capsys):
     photos = tmp_path / "imported" / "images"  # import_triplets layout: every image in one folder
     photos.mkdir(parents=True)
@@ -284,7 +297,7 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
         Image.fromarray(class_image(i % 2, i)).save(photos / f"{i}.png")
         files.append(str(photos / f"{i}.png"))
     csv = tmp_path / "imported" / "triplets.csv"
-    image_data.write_triplet_csv(csv, files[0:6], files[2:8], files[1:7])
+    image_data.write_triplet_csv(csv, files[0:6], files[6:7] * 6, files[7:8] * 6)  # no query is another's p/n
     err = fails(capsys, "--triplets", csv, "--mining", "semi-hard", "--output-dir", tmp_path / "o", *TINY)
     assert "--mining and --id-loss-weight need class labels from folder names" in err
     err = fails(capsys, "--triplets", csv, "--id-loss-weight", "1", "--output-dir", tmp_path / "o", *TINY)

@@ -305,7 +305,14 @@ def read_input(path: Path, fmt: str = "auto") -> tuple[str, list[Record], list[M
         records, malformed = parse_lines_format(lines, base_dir)
     else:
         records, malformed = parse_delimited(lines, base_dir, "\t" if fmt == "tsv" else ",")
-    return fmt, records, sorted(malformed, key=lambda m: m.line)
+    kept = []
+    for rec in records:  # train_net.py refuses such a triplet: it measures and teaches nothing
+        q, p, n = (r.key for r in rec.refs)
+        if q in (p, n):
+            malformed.append(Malformed(rec.line, f"the query image is also the {'positive' if q == p else 'negative'}"))
+        else:
+            kept.append(rec)
+    return fmt, kept, sorted(malformed, key=lambda m: m.line)
 
 
 # ----------------------------------------------------------------------------

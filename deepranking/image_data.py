@@ -391,6 +391,14 @@ def read_triplet_csv(csv_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
         uniq, inverse = np.unique(values.astype(str), return_inverse=True)
         resolved = np.array([os.path.normpath(os.path.join(base, p)) for p in uniq], dtype=object)
         out.append(resolved[inverse])
+    for col, what in ((1, "positive"), (2, "negative")):
+        # D(q, q) = 0: a positive that is the query is "ranked right" by any model, a negative that is
+        # the query by none, so validation accuracy would count them as 1 or 0 whatever was learnt
+        same = out[0] == out[col]
+        if same.any():
+            raise UserError(f"triplet CSV {csv_path}: {int(same.sum())} triplet(s) use the query image as its own "
+                            f"{what}, the first on line {int(np.flatnonzero(same)[0]) + 2}; such a triplet "
+                            f"measures and teaches nothing: sample the CSV again (triplet_sampler.py never does this)")
     return out[0], out[1], out[2]
 
 

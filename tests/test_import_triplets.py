@@ -318,13 +318,17 @@ def test_malformed_records_reported_with_line_numbers(tmp_path, server, capsys):
 
     # CSV: a 2-column row and a cell that is neither URL nor existing file.
     src_csv = tmp_path / "t.csv"
+    # The query repeated as its own positive or negative: a triplet train_net.py refuses.
     src_csv.write_text(f"query,positive,negative\n{u('/img0.png')},{u('/img1.png')}\n"
-                       f"{u('/img0.png')},nope.jpg,{u('/img2.png')}\n{u('/img3.png')},{u('/img1.png')},{u('/img2.png')}\n")
+                       f"{u('/img0.png')},nope.jpg,{u('/img2.png')}\n{u('/img3.png')},{u('/img1.png')},{u('/img2.png')}\n"
+                       f"{u('/img4.png')},{u('/img4.png')},{u('/img2.png')}\n{u('/img5.png')},{u('/img1.png')},{u('/img5.png')}\n")
     run_import(src_csv, tmp_path / "out2")
     malformed = read_rows(tmp_path / "out2" / "malformed.csv")
     assert [(int(r["line"]), r["reason"]) for r in malformed] == [
         (2, "expected 3 columns (query, positive, negative), found 2"),
-        (3, "positive: neither an http(s) URL nor an existing file: nope.jpg")]
+        (3, "positive: neither an http(s) URL nor an existing file: nope.jpg"),
+        (5, "the query image is also the positive"), (6, "the query image is also the negative")]
+    assert server.counts["/img4.png"] == server.counts["/img5.png"] == 0
     assert len(image_data.read_triplet_csv(tmp_path / "out2" / "triplets.csv")[0]) == 1
 
 

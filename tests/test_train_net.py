@@ -521,6 +521,10 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
     four.write_text("query,positive,negative\na,b,c,d\ne,f,g,h\n")
     missing_img = tmp_path / "missing.csv"
     missing_img.write_text("query,positive,negative\nno1.jpg,no2.jpg,no3.jpg\n")
+    self_pos = tmp_path / "self_pos.csv"  # the query as its own positive: "right" for any model
+    self_pos.write_text("query,positive,negative\na.jpg,b.jpg,c.jpg\nd.jpg,./d.jpg,c.jpg\nd.jpg,d.jpg,e.jpg\n")
+    self_neg = tmp_path / "self_neg.csv"  # ... as its own negative: "wrong" for any model
+    self_neg.write_text("query,positive,negative\na.jpg,b.jpg,a.jpg\n")
     corrupt_dir = tmp_path / "c"
     corrupt_dir.mkdir()
     (corrupt_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -536,6 +540,8 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
         (["--triplets", bad], "header"),
         (["--triplets", four], "line 2 has more fields than the header's 3"),
         (["--triplets", missing_img], "no1.jpg"),
+        (["--triplets", self_pos], "2 triplet(s) use the query image as its own positive, the first on line 3"),
+        (["--triplets", csvs[0], "--val-triplets", self_neg], "1 triplet(s) use the query image as its own negative"),
         (["--triplets", corrupt], "broken.jpg"),
         (["--triplets", csvs[0], "--val-triplets", tmp_path / "nope.csv"], "validation triplet CSV not found"),
         (["--triplets", csvs[0], "--resume", truncated], "trunc.model"),

@@ -30,10 +30,11 @@ class UserError(Exception):
     """An error caused by the user's input; the message is shown as-is."""
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM (``kill``, a batch scheduler, torchrun stopping its ranks), raised in the main
     thread like Ctrl-C's KeyboardInterrupt: the default action would end the process at once,
-    leaving every temporary file and staging folder of an unfinished write behind."""
+    leaving every temporary file and staging folder of an unfinished write behind. A
+    BaseException, as KeyboardInterrupt is, so that no ``except Exception`` swallows it."""
 
 
 def _raise_terminated(signum, frame) -> None:

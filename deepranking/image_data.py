@@ -506,12 +506,11 @@ def epoch_batches(n_triplets: int, batch_size: int, seed: int, epoch: int, rank:
 def worker_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: a terminal's Ctrl-C is for the main process (it stops after the step,
     with a checkpoint); a worker killed by it would end the run with "worker exited unexpectedly".
-    SIGTERM gets its default action back: a forked worker inherits cli.run's handler, but the main
-    process ends its workers with SIGTERM, and there it should simply stop them."""
+    SIGTERM is left to torch, which gives every worker its own handler (a clean exit when the
+    main process ends its workers) before this function runs."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class EpochBatchSampler:

@@ -53,6 +53,13 @@ def write_then_killed(args):
         with cli.atomic_paths([root / "db.txt", root / "db.txt.meta.json"]) as tmps:
             tmps[0].write_text("half")
             os.kill(os.getpid(), signal.SIGTERM)
+    elif args.where == "caught":  # a broad handler on the way must not swallow it, as for Ctrl-C
+        try:
+            with cli.atomic_paths([root / "db.txt"]) as tmps:
+                tmps[0].write_text("half")
+                os.kill(os.getpid(), signal.SIGTERM)
+        except Exception:
+            print("swallowed")
     else:
         with cli.staged_outputs(root / "out") as stage:
             (stage / "metrics.json").write_text("half")
@@ -70,7 +77,7 @@ finally:
 """
 
 
-@pytest.mark.parametrize("where", ["files", "staged"])
+@pytest.mark.parametrize("where", ["files", "staged", "caught"])
 def test_sigterm_mid_write_removes_the_temporaries_and_keeps_the_old_outputs(tmp_path, where):
     """kill's default action ended the process inside the write, leaving .<name>.*.tmp files (GBs
     for a 100,000 x 4,096 text database) and eval's .staging-* folder that nothing removed later."""

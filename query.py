@@ -126,20 +126,18 @@ def expand_queries(items: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
-def build_searcher(database: np.ndarray, backend: str, device, args, source: Path | None = None,
+def build_searcher(database: np.ndarray, backend: str, device, args, database_id: str | None = None,
                    index_path: Path | None = None):
     """Index the database once (part of loading): a retrieval.ExactIndex or a FAISS IVF index.
 
     ``database`` may be a read-only memory map (the saved index); FAISS reuses ``index_path``
-    (--index, else the saved-index folder's file) when it fits.
+    (--index, else the saved-index folder's file) when it was built from ``database_id``
+    (saved_index.database_id of the embedding file) and fits.
     """
     if backend == "faiss":
         from deepranking.ann_search import load_or_build_index
 
-        from deepranking.saved_index import database_id
-
-        db_id = None if source is None else database_id(source)
-        return load_or_build_index(args.index or index_path, database, db_id, nlist=args.nlist, seed=args.seed)
+        return load_or_build_index(args.index or index_path, database, database_id, nlist=args.nlist, seed=args.seed)
     import warnings
 
     with warnings.catch_warnings():  # torch warns about read-only arrays; the index never writes to it
@@ -251,12 +249,17 @@ def main(args) -> None:
                      hint="use the checkpoint that wrote the database, or rebuild it with gen_embeddings.py",
                      notes=(db.record_note,))
     backend = choose_backend(args.ann, len(db))
-    index_path = None
-    if backend == "faiss" and saved is not None:
+    index_path = db_id = None
+    if backend == "faiss":
+        from deepranking import saved_index
         from deepranking.ann_search import default_nlist
 
-        index_path = saved.faiss_path(args.nlist or default_nlist(len(db)), args.seed)
-    searcher = build_searcher(db.emb, backend, device, args, source=args.embeddings, index_path=index_path)
+        if saved is not None:  # the database's key, already taken by open_database
+            index_path = saved.faiss_path(args.nlist or default_nlist(len(db)), args.seed)
+            db_id = saved_index.key_hash(saved.key)
+        elif args.index is not None:  # only a kept index needs the id (it may hash the whole file)
+            db_id = saved_index.database_id(args.embeddings)
+    searcher = build_searcher(db.emb, backend, device, args, database_id=db_id, index_path=index_path)
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -599,7 +599,8 @@ def prepare_output(run: Run) -> None:
 
 def run_record(args, data: image_data.TripletData, env, spec: Preprocessing | None = None) -> dict:
     """What a resume must match besides the flags: the data's content and the number of processes."""
-    record = {**data.fingerprint, "world_size": env.world_size}
+    # the training triplets after the --val-fraction split: the CSV's hash alone does not fix them
+    record = {**data.fingerprint, "world_size": env.world_size, "train_triplets": len(data.train)}
     if spec is not None:
         record["cache_size"] = spec.cache_size
     return record
@@ -742,6 +743,13 @@ def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
         if key in saved_run and saved_run[key] != data.fingerprint[key]:
             raise UserError(f"{what} differs from the one checkpoint {args.resume} was trained on "
                             f"(content changed); resume with the same file, or start afresh with --force")
+    if "train_triplets" in saved_run and saved_run["train_triplets"] != len(data.train):
+        raise UserError(f"checkpoint {args.resume} was trained on {saved_run['train_triplets']} training triplets, "
+                        f"this run has {len(data.train)} from the same CSV (a --val-fraction split made by another "
+                        f"version): its schedule and batches would differ; start afresh with --force")
+    if "train_triplets" not in saved_run and args.val_fraction > 0:
+        cli.warn(f"checkpoint {args.resume} does not record its training triplets: if it was made before held-out "
+                 f"images left training in every role (--val-fraction), this resume trains on fewer triplets")
     if "world_size" in saved_run and saved_run["world_size"] != env.world_size:
         raise UserError(f"checkpoint {args.resume} was trained by {saved_run['world_size']} process(es), this run "
                         f"has {env.world_size}: resume with torchrun --nproc_per_node {saved_run['world_size']}")

@@ -224,7 +224,8 @@ def _first_empty(values) -> int | None:
 
     An empty label would silently make all such rows one class "", so every neighbour would
     "match" and eval.py would print perfect scores; an empty path names no image."""
-    empty = np.flatnonzero(np.asarray(values, dtype=object).astype(str) == "")
+    # compared as objects: a fixed-width str copy would cost 4 bytes x the longest path x N
+    empty = np.flatnonzero(np.asarray(values, dtype=object) == "")
     return int(empty[0]) if len(empty) else None
 
 

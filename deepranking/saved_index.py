@@ -94,7 +94,7 @@ def _save(folder: Path, key: dict, db: embedding_io.Embeddings, database: Path) 
     """(Re)build the folder: the old key goes first, the new key last."""
     folder.mkdir(exist_ok=True)
     (folder / "key.json").unlink(missing_ok=True)
-    for old in folder.glob("ivf-*.faiss"):
+    for old in folder.glob("ivf-*.faiss*"):  # and their .key files
         old.unlink(missing_ok=True)
     with atomic_path(folder / "emb.npy", suffix=".npy") as tmp:
         with open(tmp, "wb") as f:

@@ -568,6 +568,8 @@ def test_bad_inputs_exit_2_with_one_line(csvs, trained, tmp_path, capsys):
     (lambda c: c.update(stats={"epoch": 5}), "malformed random-number or statistics state"),
     # past the epoch's end: would have run an empty epoch and written a "finished" model
     (lambda c: c.update(step_in_epoch=10**6), "at step 1000000 of an epoch that has 5 steps here"),
+    # another version's --val-fraction split of the same CSV: other batches, another schedule length
+    (lambda c: c["run"].update(train_triplets=3), "was trained on 3 training triplets, this run has"),
 ])
 def test_resume_of_a_malformed_training_checkpoint_is_refused(trained, csvs, tmp_path, capsys, edit, message):
     ckpt = checkpoint.load_checkpoint(trained / "temp_0.model")

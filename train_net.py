@@ -236,7 +236,7 @@ def main(args) -> None:
     data, labels, n_classes = load_data(args)
     if ckpt is not None:
         check_resume(ckpt, args, data, env)
-    saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints)
+    saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints, epochs=args.epochs)
     check_outputs(saver, args)
     # One run per folder; taking the lock also proves the folder writable, before any long work.
     with cli.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():

@@ -274,9 +274,12 @@ class Checkpointer:
     (an older one is removed only after a newer one is written completely).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, resumed_from: Path | None = None, keep: int = 0):
+    def __init__(self, out_dir: Path, enabled: bool, resumed_from: Path | None = None, keep: int = 0,
+                 epochs: int | None = None):
         self.out_dir, self.enabled, self.keep = Path(out_dir), enabled, int(keep)
         self.last_good: Path | None = resumed_from
+        self.epochs = epochs  # planned: how many temp_<epoch>.model files --keep-checkpoints 0 will leave
+        self._space_checked = False
 
     def epoch_path(self, epoch: int) -> Path:
         return self.out_dir / f"temp_{epoch}.model"
@@ -333,11 +336,33 @@ class Checkpointer:
             raise UserError(f"{exc} ({self.kept()})")
         self.last_good = path
         epoch = _epoch_of(path)
+        self._check_space(path, epoch)
         if self.keep and epoch is not None and path.parent == self.out_dir:
             for old in self.out_dir.glob(EPOCH_PATTERN):
                 number = _epoch_of(old)
                 if number is not None and number <= epoch - self.keep:
                     old.unlink(missing_ok=True)
+
+    def _check_space(self, written: Path, epoch: int | None) -> None:
+        """Once, after the first checkpoint: warn if the files still to come will not fit on the disk.
+
+        With --keep-checkpoints 0 every epoch leaves its file (GBs each for ResNet-101 with Adam's
+        state); finding out when a save fails hours later costs the run its end.
+        """
+        if self._space_checked or epoch is None or not self.epochs:
+            return
+        self._space_checked = True
+        import shutil
+
+        from deepranking.cli import warn
+
+        size = written.stat().st_size
+        files = self.keep + 1 if self.keep else self.epochs - epoch  # the epochs to come (kept ones) + final
+        free = shutil.disk_usage(self.out_dir).free
+        if size * files > free:
+            warn(f"each checkpoint is {size / 2**20:,.0f} MiB and this run will write {files} more "
+                 f"({size * files / 2**30:,.1f} GiB), but only {free / 2**30:,.1f} GiB are free on the disk of "
+                 f"{self.out_dir}" + ("; --keep-checkpoints N keeps only the newest N" if not self.keep else ""))
 
     def kept(self) -> str:
         return f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"

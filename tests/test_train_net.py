@@ -584,6 +584,34 @@ def test_resume_of_a_malformed_training_checkpoint_is_refused(trained, csvs, tmp
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_run_whose_checkpoints_will_not_fit_on_the_disk_is_warned_after_its_first_one(csvs, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Every epoch's file is kept by default: a 60-epoch run filled this machine's disk at epoch 59."""
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    size = []
+
+    def small_disk(path):
+        free = 2.5 * size[0] if size else real(path).free  # room for two more files, not three
+        return namedtuple("usage", "total used free")(free, 0, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    real_save = checkpoint.write_checkpoint
+
+    def measuring(path, ckpt):
+        real_save(path, ckpt)
+        size.append(os.path.getsize(path))
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", measuring)
+    train("--triplets", csvs[0], "--epochs", 3, "--output-dir", tmp_path / "a", *TINY)
+    err = capsys.readouterr().err
+    assert err.count("will write 3 more") == 1 and "--keep-checkpoints N keeps only the newest N" in err
+    train("--triplets", csvs[0], "--epochs", 3, "--keep-checkpoints", 1, "--output-dir", tmp_path / "b", *TINY)
+    assert "will write" not in capsys.readouterr().err  # 1 kept + the final one: 2 files fit
+
+
 def test_a_cache_smaller_than_the_net_input_is_warned_about(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--max-steps", 1, "--cache-size", 8, "--output-dir", tmp_path, *TINY)
     assert "warning: --cache-size 8 is below --image-size 32: the net sees every image upsampled from 8 px" \

@@ -299,7 +299,8 @@ def train(run: Run) -> None:
     """Epochs until the end, or until --max-steps / --time-limit / Ctrl-C stop the run resumably."""
     args = run.args
     # Ctrl-C and SIGTERM (a scheduler's preemption) alike: stop after the step with a resumable checkpoint
-    previous = {sig: signal.signal(sig, _on_interrupt(run)) for sig in (signal.SIGINT, signal.SIGTERM)} \
+    handler = _on_interrupt(run)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} \
         if cli.in_main_thread() else {}
     try:
         reason = stop_reason(run) if run.step else None  # a resume that has already reached its limit

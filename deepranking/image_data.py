@@ -342,11 +342,12 @@ def write_triplet_files(paths: Sequence[str], files: Sequence[tuple]) -> list[in
             raise UserError("image paths containing commas, quotes or newlines are not supported in triplet CSVs")
         cols = rel[inverse.reshape(3, idx.shape[1])]
         rows = "".join(f"{line}\n" for line in map(",".join, zip(cols[0], cols[1], cols[2])))
-        texts.append((",".join(TRIPLET_COLUMNS) + "\n" + rows, idx.shape[1]))
+        texts.append((rows, idx.shape[1]))  # the header is written apart: no second copy of the rows
     with atomic_paths([f[0] for f in files]) as tmps:
-        for tmp, (text, _) in zip(tmps, texts):
+        for tmp, (rows, _) in zip(tmps, texts):
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
+                f.write(",".join(TRIPLET_COLUMNS) + "\n")
+                f.write(rows)
     return [n for _, n in texts]
 
 

@@ -51,7 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(the image at --image-size, default 32, raw RGB flattened) or backbone (--arch's "
                         "global-average-pooled ResNet features with --weights, at --image-size, default 224); "
                         "every row L2-normalised")
-    p.add_argument("--arch", default=None, help="--features backbone: resnet18|34|50|101|152 (default resnet18)")
+    p.add_argument("--arch", default=None,
+                   help="--features backbone: resnet18|34|50|101|152 (default resnet18), or small-cnn with "
+                        "--weights PATH|none (it has no ImageNet weights)")
     p.add_argument("--weights", default=None,
                    help="--features backbone: imagenet (default), none (random, seeded) or PATH (a torchvision "
                         "state dict, or a deep-ranking checkpoint's backbone)")

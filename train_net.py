@@ -55,7 +55,7 @@ MARGIN = 1.0  # --margin: gap g in max(0, g + D(q,p) - D(q,n)); unit-norm embedd
 IMAGE_SIZE = 224  # --image-size: TinyImageNet's 64 px images are upsampled on the device, as classic
 CACHE_SIZE = 0  # --cache-size: side of the decoded-image cache; 0 = the images' own size when small, else IMAGE_SIZE
 EMBEDDING_DIM = 4096  # --embedding-dim: the paper's embedding size
-ARCH = "resnet101"  # --arch: backbone; resnet18 for a quick CPU run
+ARCH = "resnet101"  # --arch: backbone; resnet18 for a quick CPU run, small-cnn for small images from scratch
 WEIGHTS = "imagenet"  # --weights: imagenet | none | path to a state dict; pretrained converges far faster
 TRAIN_FROM = "layer4"  # --train-from: train layer4 + heads; earlier stages (and their BatchNorm) stay frozen
 SHALLOW = "paper"  # --shallow: paper (the image sub-sampled 4x and 8x, as the paper) | classic (the classic ports' strided convs) | none

@@ -305,6 +305,66 @@ def test_arch_mismatch_names_both_architectures(tmp_path):
         drn.model_from_checkpoint(ckpt)
 
 
+
+# ---------------------------------------------------------------- small-cnn
+
+
+def test_small_cnn_keeps_full_resolution_in_its_first_stage_and_pools_to_256():
+    net = drn.SmallCNN()
+    seen = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: tuple(o.shape)}))
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 256) and net.feature_dim == 256
+    assert seen == {"layer1": (2, 32, 32, 32), "layer2": (2, 64, 16, 16), "layer3": (2, 128, 8, 8),
+                    "layer4": (2, 256, 4, 4)}
+    assert sum(p.numel() for p in net.parameters()) < 10 ** 6  # resnet18: 11 M
+
+
+@pytest.mark.parametrize("shallow", ["paper", "classic", "none"])
+def test_small_cnn_deep_rank_net_at_several_sizes(shallow):
+    torch.manual_seed(0)
+    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=None, train_from="conv1", shallow=shallow).eval()
+    for side in (32, 45, 64):
+        emb = model(torch.randn(3, 3, side, side))
+        assert emb.shape == (3, DIM)
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+
+
+def test_small_cnn_stages_freeze_like_a_resnets():
+    torch.manual_seed(0)
+    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, train_from="layer3").train()
+    assert not model.backbone.bn1.training and not model.backbone.layer2[2].training
+    assert model.backbone.layer3[2].training
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert id(model.backbone.conv1.weight) not in trainable and id(model.backbone.layer2[1].weight) not in trainable
+    assert id(model.backbone.layer3[1].weight) in trainable and id(model.backbone.layer4[1].weight) in trainable
+
+
+def test_small_cnn_has_no_imagenet_weights_but_loads_a_state_dict(tmp_path):
+    with pytest.raises(UserError, match="no ImageNet weights for small-cnn.*--weights none"):
+        drn.DeepRankNet(drn.SMALL_CNN, DIM, weights="imagenet")
+    torch.manual_seed(3)
+    ref = drn.SmallCNN()
+    path = tmp_path / "small.pth"
+    torch.save(ref.state_dict(), path)
+    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=str(path))
+    assert torch.equal(model.backbone.layer3[4].weight, ref.layer3[4].weight)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(UserError, match="holds resnet18 weights, but the model is small-cnn"):
+        drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=str(tmp_path / "r18.pth"))
+
+
+def test_small_cnn_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, train_from="conv1")
+    model(torch.randn(4, 3, 32, 32))  # moves the BatchNorm statistics off their initial values
+    rebuilt, _ = drn.model_from_checkpoint(load_checkpoint(save_model(tmp_path / "small.model", model)))
+    assert rebuilt.config["arch"] == "small-cnn"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
+
 # ---------------------------------------------------------------- images
 
 

@@ -928,6 +928,23 @@ def test_shallow_geometry_is_recorded_and_resumed(csvs, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "temp_0.model")["step"] == 2
 
 
+
+def test_small_cnn_trains_from_scratch_resumes_and_refuses_imagenet_weights(csvs, tmp_path, capsys):
+    small = [*TINY, "--arch", "small-cnn", "--train-from", "conv1", "--mining", "batch-hard", "--id-loss-weight", 1]
+    train("--triplets", csvs[0], "--max-steps", 2, "--output-dir", tmp_path, *small)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "temp_0.model")
+    assert ckpt["model_config"]["arch"] == "small-cnn" and "backbone.layer4.1.weight" in ckpt["model"]
+    train("--triplets", csvs[0], "--max-steps", 3, "--resume", tmp_path / "temp_0.model", "--output-dir", tmp_path,
+          *small)
+    resumed = checkpoint.load_checkpoint(tmp_path / "temp_0.model")
+    assert resumed["step"] == 3
+    assert not torch.equal(resumed["model"]["backbone.conv1.weight"], ckpt["model"]["backbone.conv1.weight"])
+    imagenet = [*small]
+    imagenet[imagenet.index("--weights") + 1] = "imagenet"
+    err = fails(capsys, "--triplets", csvs[0], "--output-dir", tmp_path / "other", *imagenet)
+    assert "there are no ImageNet weights for small-cnn" in err
+    assert not list((tmp_path / "other").iterdir())  # nothing written before the refusal
+
 def test_exploding_weights_warn_once(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--optim", "adam", "--lr", "100", "--max-steps", 3, "--log-every", 1,
           "--output-dir", tmp_path, *TINY)

@@ -228,7 +228,8 @@ class SmallCNN(nn.Module):
         layer4   max pool 2, 3x3 conv  -> 8w        [B, 8w, S/8, S/8]
         global average pool                         [B, 8w]
 
-    Every conv is followed by BatchNorm and ReLU. At 224 px it works too (~2.1 GFLOPs).
+    Every conv is followed by BatchNorm and ReLU. At 224 px it works too (~2.1 GFLOPs). The width
+    is fixed (``SMALL_CNN_WIDTH``), not a flag: checkpoints record only the name "small-cnn".
     """
 
     def __init__(self, width: int = SMALL_CNN_WIDTH):
@@ -387,9 +388,19 @@ def frozen_module_names(train_from: str) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
+def check_weights(arch: str, weights: str | None) -> None:
+    """Refuse ``weights`` "imagenet" for an architecture that has none (small-cnn). Programs call it
+    with their other flag checks, before any long work; building the model checks again."""
+    if weights == "imagenet" and arch not in RESNETS:
+        raise UserError(f"there are no ImageNet weights for {arch}: use --weights none (from scratch) or "
+                        f"--weights PATH (a state dict of a {arch} backbone, or a checkpoint that has one)")
+
+
 def imagenet_weights(arch: str):
     """torchvision's best ImageNet weights enum for ``arch`` (e.g. ResNet101_Weights.IMAGENET1K_V2)."""
     import torchvision
+
+    check_weights(arch, "imagenet")
 
     return torchvision.models.get_model_weights(arch).DEFAULT
 
@@ -417,9 +428,7 @@ def _download_imagenet_state_dict(arch: str) -> dict:
 
 def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
     """Load ``weights`` ("imagenet" or a state-dict path) into a headless backbone (a ResNet's fc is Identity)."""
-    if weights == "imagenet" and arch not in RESNETS:
-        raise UserError(f"there are no ImageNet weights for {arch}: train it from scratch with --weights none "
-                        f"(--weights PATH loads a state dict of a {arch} backbone)")
+    check_weights(arch, weights)
     if weights == "imagenet":
         state, source = _download_imagenet_state_dict(arch), f"ImageNet weights for {arch}"
     else:
@@ -464,10 +473,13 @@ def _check_state_dict(expected: dict, got: dict, arch: str, source: str, ignore_
 
 
 def guess_arch(state: dict, prefix: str = "") -> str | None:
-    """Name the ResNet a state dict came from, from its blocks per layer; None if unknown."""
+    """Name the backbone a state dict came from: a ResNet from its blocks per layer, or small-cnn
+    (whose layers hold bare convs, ``layer1.0.weight``, where a ResNet's hold blocks); None if unknown."""
     keys = [k[len(prefix):] for k in state if k.startswith(prefix)]
     if any(k.startswith("backbone.") for k in keys):
         keys = [k[len("backbone."):] for k in keys if k.startswith("backbone.")]
+    if "layer1.0.weight" in keys:
+        return SMALL_CNN
     blocks = []
     for layer in range(1, 5):
         idx = {k.split(".")[1] for k in keys if k.startswith(f"layer{layer}.")}

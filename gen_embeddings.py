@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=FEATURE_KINDS, default="model",
                    help="model (default): the --model checkpoint; reference rows with no training: pixels "
                         "(the image at --image-size, default 32, raw RGB flattened) or backbone (--arch's "
-                        "global-average-pooled ResNet features with --weights, at --image-size, default 224); "
+                        "global-average-pooled backbone features with --weights, at --image-size, default 224); "
                         "every row L2-normalised")
     p.add_argument("--arch", default=None,
                    help="--features backbone: resnet18|34|50|101|152 (default resnet18), or small-cnn with "
@@ -149,7 +149,7 @@ def load_features(args, device, env: distributed.DistEnv):
 
     model: the checkpoint's net and preprocessing. pixels: the image at ``--image-size``
     (default PIXEL_SIZE = 32) from a ``--cache-size`` cache (default: the image size), raw
-    0..255 RGB values flattened. backbone: ``--arch``'s global-average-pooled ResNet features
+    0..255 RGB values flattened. backbone: ``--arch``'s global-average-pooled backbone features
     with ``--weights imagenet|PATH|none`` at ``--image-size`` (default 224), ImageNet
     normalisation. embed_images L2-normalises every row. A reference row's preprocessing is
     explicit and recorded in its fingerprint exactly as a checkpoint's (plus "features").

@@ -233,6 +233,8 @@ def main(args) -> None:
     ckpt = load_checkpoint(args.resume) if args.resume is not None else None
     if ckpt is not None:
         check_training_record(ckpt, args.resume)
+    else:  # a resume brings its own weights
+        deep_rank_net.check_weights(args.arch, args.weights)
     data, labels, n_classes = load_data(args)
     if ckpt is not None:
         check_resume(ckpt, args, data, env)

@@ -305,7 +305,6 @@ def test_arch_mismatch_names_both_architectures(tmp_path):
         drn.model_from_checkpoint(ckpt)
 
 
-
 # ---------------------------------------------------------------- small-cnn
 
 
@@ -353,6 +352,12 @@ def test_small_cnn_has_no_imagenet_weights_but_loads_a_state_dict(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(UserError, match="holds resnet18 weights, but the model is small-cnn"):
         drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=str(tmp_path / "r18.pth"))
+    # the other way round: a small-cnn file (or a checkpoint of one) named as such for a ResNet model
+    assert drn.guess_arch(ref.state_dict()) == "small-cnn"
+    with pytest.raises(UserError, match="holds small-cnn weights, but the model is resnet18"):
+        drn.DeepRankNet("resnet18", DIM, weights=str(path))
+    with pytest.raises(UserError, match="no ImageNet weights for small-cnn"):
+        drn.imagenet_weights(drn.SMALL_CNN)  # not torchvision's "Unknown model" ValueError
 
 
 def test_small_cnn_checkpoint_round_trip(tmp_path):

@@ -928,7 +928,6 @@ def test_shallow_geometry_is_recorded_and_resumed(csvs, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "temp_0.model")["step"] == 2
 
 
-
 def test_small_cnn_trains_from_scratch_resumes_and_refuses_imagenet_weights(csvs, tmp_path, capsys):
     small = [*TINY, "--arch", "small-cnn", "--train-from", "conv1", "--mining", "batch-hard", "--id-loss-weight", 1]
     train("--triplets", csvs[0], "--max-steps", 2, "--output-dir", tmp_path, *small)
@@ -941,9 +940,27 @@ def test_small_cnn_trains_from_scratch_resumes_and_refuses_imagenet_weights(csvs
     assert not torch.equal(resumed["model"]["backbone.conv1.weight"], ckpt["model"]["backbone.conv1.weight"])
     imagenet = [*small]
     imagenet[imagenet.index("--weights") + 1] = "imagenet"
-    err = fails(capsys, "--triplets", csvs[0], "--output-dir", tmp_path / "other", *imagenet)
-    assert "there are no ImageNet weights for small-cnn" in err
-    assert not list((tmp_path / "other").iterdir())  # nothing written before the refusal
+    # refused before the CSV is read (this one does not exist) and before anything is written
+    err = fails(capsys, "--triplets", tmp_path / "missing.csv", "--output-dir", tmp_path / "other", *imagenet)
+    assert "there are no ImageNet weights for small-cnn" in err and "missing.csv" not in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_bench_recipe_and_the_demo_name_a_net_train_net_can_build():
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_time_to_quality
+
+    import demo
+
+    recipe = train_net.get_args_parser().parse_args(bench_time_to_quality.OUR_RECIPE)
+    demo_args = demo.get_args_parser().parse_args([])
+    for arch, weights in ((recipe.arch, recipe.weights), (demo_args.arch, demo_args.weights)):
+        assert (arch, weights) == ("small-cnn", "none")
+        deep_rank_net.check_weights(arch, weights)  # raises for a pair train_net.py would refuse
+    net = deep_rank_net.build_model(recipe.arch, recipe.embedding_dim, None, recipe.weights, recipe.train_from)
+    assert all(p.requires_grad for p in net.parameters())  # --train-from conv1: every layer trained
+    assert net(torch.randn(2, 3, recipe.image_size, recipe.image_size)).shape == (2, recipe.embedding_dim)
+
 
 def test_exploding_weights_warn_once(csvs, tmp_path, capsys):
     train("--triplets", csvs[0], "--optim", "adam", "--lr", "100", "--max-steps", 3, "--log-every", 1,

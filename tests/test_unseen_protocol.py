@@ -341,6 +341,18 @@ def test_backbone_features_from_a_state_dict_file(tmp_path, tiny_imagenet):
             tiny_imagenet, "--splits", "train", "--train-output", tmp_path / "x.npz")
 
 
+def test_small_cnn_backbone_features_refuse_imagenet_and_take_no_weights(tmp_path, tiny_imagenet):
+    out = tmp_path / "train.npz"
+    flags = ["--features", "backbone", "--arch", "small-cnn", "--image-size", 32, "--data-dir", tiny_imagenet,
+             "--splits", "train", "--train-output", out]
+    with pytest.raises(UserError, match="no ImageNet weights for small-cnn"):
+        gen(*flags)  # --weights imagenet is the default
+    assert not out.exists()
+    gen(*flags, "--weights", "none")
+    e = read_embeddings(out, progress=False)
+    assert e.dim == 256 and e.model["features"]["arch"] == "small-cnn"
+    np.testing.assert_allclose(np.linalg.norm(e.emb, axis=1), 1.0, atol=1e-5)
+
 def test_feature_flags_that_do_not_fit_are_clear_errors(tmp_path, tiny_imagenet):
     out = tmp_path / "t.npz"
     with pytest.raises(UserError, match="--model goes with --features model"):

@@ -26,7 +26,7 @@ from deepranking.cli import UserError
 
 REPO = Path(__file__).resolve().parent
 
-# Small configuration that trains to a useful model in ~2 minutes on 2 CPU cores.
+# Small configuration that trains to a useful model in under a minute on 2 CPU cores (RESULTS.md section 2).
 DEMO_ARCH = "small-cnn"  # the CPU recipe's net for small images (bench_time_to_quality); resnet18/101 work too
 DEMO_IMAGE_SIZE = 32  # Fashion-MNIST is 28 px: upsampling to 224 costs 50x for no gain
 DEMO_EMBEDDING_DIM = 128  # plenty for 10 classes; 4096 is the paper's size

@@ -10,9 +10,9 @@ Then, each stage a separate process as a user runs it, with its own image cache 
 
 1. make_sample_data.py, transform_validation.py, triplet_sampler.py (train: 100,000 1x1
    triplets; val: 10,000);
-2. train_net.py with the recommended CPU recipe (bench_time_to_quality.OUR_RECIPE, resnet18
-   at 32 px) with its cosine schedule sized to the budget (``--recipe-epochs``), stopped by
-   ``--time-limit`` if it has not ended;
+2. train_net.py with the recommended CPU recipe (bench_time_to_quality.OUR_RECIPE: small-cnn
+   at 32 px since stop 26, resnet18 before) with its cosine schedule sized to the budget
+   (``--recipe-epochs``), stopped by ``--time-limit`` if it has not ended;
 3. gen_embeddings.py (all 110,000 images), eval.py (10,000 queries against 100,000,
    precision@30), query.py for one image twice (the first builds the saved index);
 4. the default ResNet-101 at 224 px, 4096-d (``--weights none``: no download here), for
@@ -67,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", default=["data", "train", "search", "r101", "stream"],
                    choices=["data", "train", "search", "r101", "stream"], help="stages to run (in this order)")
     return p
+
+
+def recipe_flag(flag: str) -> str:
+    """The value OUR_RECIPE gives ``flag`` (the recipe is a flat flag/value list)."""
+    return OUR_RECIPE[OUR_RECIPE.index(flag) + 1]
 
 
 def disk_bytes(*paths: Path) -> int:
@@ -125,7 +130,8 @@ class Rehearsal:
                    "--triplets", w / "train.csv",
                    "--val-triplets", w / "val.csv", "--time-limit", a.train_seconds, "--seed", a.seed,
                    "--output-dir", out, "--no-progress", outputs=[out],
-                   note=f"resnet18 32 px, 128-d, --epochs {a.recipe_epochs}, --time-limit {a.train_seconds:.0f}")
+                   note=f"{recipe_flag('--arch')} {recipe_flag('--image-size')} px, {recipe_flag('--embedding-dim')}-d, "
+                        f"--epochs {a.recipe_epochs}, --time-limit {a.train_seconds:.0f}")
 
     def recipe_model(self) -> Path:
         return latest_checkpoint(self.work / "run_recipe")

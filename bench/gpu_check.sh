@@ -4,7 +4,7 @@
 #   * training images/s of the classic loop, our pipeline and the bare model, the pipeline's
 #     fraction of the bare model's forward+backward throughput (target >= 0.80) and each one's
 #     peak GPU memory, at the paper's setting (resnet101, 224 px, conv1..layer3 frozen) and at
-#     the CPU demo's (resnet18, 64 px);
+#     resnet18 at 64 px;
 #   * time to quality on the bundled sample (no dataset can be fetched on that machine).
 #
 #   bash bench/gpu_check.sh [OUTDIR]      (default: $OUT if set, else runs/gpu_check)

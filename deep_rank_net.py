@@ -10,8 +10,8 @@ Model (Wang et al. 2014, "Learning Fine-grained Image Similarity with Deep Ranki
 F is 512 (resnet18/34), 2048 (resnet50/101/152) or 256 (``small-cnn``, :class:`SmallCNN`: a
 VGG-style net for small images trained from scratch, the CPU recipe's deep path). The ResNet is
 torchvision's, its convs leaving out the kernel taps that read only zero padding
-(:class:`PaddingSkippingConv2d`: the same sums, half the CPU time of a step at 32 px). The shallow paths come in three
-geometries, ``shallow=``:
+(:class:`PaddingSkippingConv2d`: the same sums, half the CPU time of a step at 32 px). The
+shallow paths come in three geometries, ``shallow=``:
 
 ``"paper"`` (the default) — as in the paper, each path sees the WHOLE image sub-sampled,
 4x (path 1) and 8x (path 2); sub-sampling is average pooling (``AvgPool2d(f,
@@ -401,7 +401,6 @@ def imagenet_weights(arch: str):
     import torchvision
 
     check_weights(arch, "imagenet")
-
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 

@@ -370,6 +370,7 @@ def test_small_cnn_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
 
+
 # ---------------------------------------------------------------- images
 
 

@@ -353,6 +353,7 @@ def test_small_cnn_backbone_features_refuse_imagenet_and_take_no_weights(tmp_pat
     assert e.dim == 256 and e.model["features"]["arch"] == "small-cnn"
     np.testing.assert_allclose(np.linalg.norm(e.emb, axis=1), 1.0, atol=1e-5)
 
+
 def test_feature_flags_that_do_not_fit_are_clear_errors(tmp_path, tiny_imagenet):
     out = tmp_path / "t.npz"
     with pytest.raises(UserError, match="--model goes with --features model"):

@@ -29,11 +29,9 @@ import torch
 import torch.nn as nn
 
 import deep_rank_net
-from deepranking import cli, distributed, embedding, image_cache, image_data, losses, runtime
-from deepranking.checkpoint import (Checkpointer, capture_rng_state, first_line, load_checkpoint,
-                                    newest_epoch_checkpoint, restore_rng_state, strip_wrapper_prefixes)
+from deepranking import cli, distributed, embedding, image_cache, image_data, losses, resume, runtime
+from deepranking.checkpoint import Checkpointer, load_checkpoint
 from deepranking.cli import UserError
-from deepranking.plots import data_path
 from deepranking.preprocessing import Preprocessing, preprocess
 from deepranking.training_log import METRICS_NAME, MetricsLog, RunningStats
 from deepranking.weight_average import WeightAverage
@@ -83,22 +81,8 @@ COMPILE = False  # --compile/--no-compile: torch.compile the model (faster steps
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rms")
 LR_SCHEDULES = ("constant", "cosine")
-CURVES_NAME = "training_curves.png"
-CONFIG_NAME = "config.json"
-# every file a run writes beside its checkpoints (plots.training_curves puts a .csv beside the .png)
-RUN_FILES = (METRICS_NAME, CONFIG_NAME, CURVES_NAME, data_path(CURVES_NAME).name)
 DEFAULT_TRIPLETS = Path("training_triplet_sample.csv")
 DEFAULT_VAL_TRIPLETS = "val_triplet_sample.csv"
-# Settings that change the trajectory: a resumed run must share them with its checkpoint.
-RESUME_MUST_MATCH = ("arch", "embedding_dim", "shallow", "shift", "erase", "batch_sampler", "pk_classes", "pk_images",
-                     "train_from", "image_size", "cache_size", "optim", "batch_size", "seed", "lr", "lr_schedule",
-                     "warmup_steps", "momentum", "nesterov", "weight_decay", "margin", "mining", "id_loss_weight",
-                     "id_loss_scale", "id_loss_margin", "id_loss_smoothing", "ema_decay", "val_fraction", "log_every",
-                     "amp")
-# Flags added after checkpoints were first written: an older checkpoint trained as these values do.
-ADDED_FLAG_DEFAULTS = {"shift": 0.0, "erase": 0.0, "id_loss_margin": 0.0, "id_loss_smoothing": 0.0, "ema_decay": 0.0}
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for add_flags in (_data_flags, _model_flags, _loss_flags, _optimisation_flags, _run_flags):
@@ -232,14 +216,16 @@ def main(args) -> None:
     runtime.configure_determinism(args.deterministic, device)
     ckpt = load_checkpoint(args.resume) if args.resume is not None else None
     if ckpt is not None:
-        check_training_record(ckpt, args.resume)
+        resume.check_training_record(ckpt, args.resume)
     else:  # a resume brings its own weights
         deep_rank_net.check_weights(args.arch, args.weights)
     data, labels, n_classes = load_data(args)
+    parser = get_args_parser()  # every argument it knows is compared on resume (resume.MAY_DIFFER aside)
     if ckpt is not None:
-        check_resume(ckpt, args, data, env)
+        record = resume.run_record(data.fingerprint, len(data.train), env.world_size)
+        resume.check_resume(ckpt, args, parser, record, resumed_model_settings(ckpt))
     saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints, epochs=args.epochs)
-    check_outputs(saver, args)
+    resume.check_outputs(saver, args, parser)
     # One run per folder; taking the lock also proves the folder writable, before any long work.
     with cli.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
         net = build_net(args, ckpt is not None, device)  # the weights are found (or not) before decoding
@@ -296,6 +282,14 @@ class Run:
     def train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
 
+    def state(self) -> resume.TrainingState:
+        """The parts a checkpoint saves and a resume restores."""
+        return resume.TrainingState(self.net, self.optimizer, self.scaler, self.ema, self.trainee.class_head,
+                                    self.epoch_stats, self.window)
+
+    def position(self) -> resume.Position:
+        return resume.Position(self.epoch, self.step, self.step_in_epoch, self.train_seconds())
+
 
 def train(run: Run) -> None:
     """Epochs until the end, or until --max-steps / --time-limit / Ctrl-C stop the run resumably."""
@@ -319,7 +313,7 @@ def train(run: Run) -> None:
         if run.env.main:
             plot_curves(args.output_dir)
             print(f"wrote {run.saver.final_path}, {args.output_dir / METRICS_NAME} and "
-                  f"{args.output_dir / CURVES_NAME}")
+                  f"{args.output_dir / resume.CURVES_NAME}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -493,6 +487,16 @@ class Trainee(nn.Module):
         return emb, (self.class_head(emb) if self.class_head is not None else None)
 
 
+def resumed_model_settings(ckpt: dict) -> dict:
+    """The argument values a checkpoint's model_config fixes (version-1 files saved them under other names)."""
+    cfg = ckpt["model_config"]
+    settings = {"arch": cfg["arch"], "embedding_dim": cfg["embedding_dim"], "image_size": cfg["image_size"],
+                "shallow": deep_rank_net.config_shallow(cfg)}
+    if "train_from" in cfg:
+        settings["train_from"] = cfg["train_from"]
+    return settings
+
+
 def build_net(args, resuming: bool, device: torch.device) -> deep_rank_net.DeepRankNet:
     """The seeded net (pretrained weights unless resuming: the checkpoint brings its own)."""
     cli.seed_everything(args.seed)
@@ -575,52 +579,14 @@ def _grads_in_weight_layout(optimizer: torch.optim.Optimizer, args, kwargs) -> N
 
 
 def prepare_output(run: Run) -> None:
-    """Rank 0: the folder, stale partial files, --force clean-up, metrics after a resume, config.json."""
+    """Rank 0: clear what this run replaces (resume.clear_for_run), then write config.json."""
     if not run.env.main:
         return
-    out = run.args.output_dir
-    for stale in run.saver.remove_stale_partials():
-        cli.warn(f"removed {stale}, a partial checkpoint left by an interrupted save")
-    if not resumes_in_place(run.args):  # a fresh run, or a resume into another folder (--force):
-        run.saver.remove_all()  # an earlier run's checkpoints and records must not pass for this one's
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    else:
-        for later in run.saver.later_than(Path(run.args.resume)):  # --force: going back to an older one
-            later.unlink()
-        run.log.truncate_after(run.step)  # records a killed run wrote after its checkpoint
+    resume.clear_for_run(run.saver, run.args, run.log, run.step)
     config = {**{k: v for k, v in vars(run.args).items()}, "device": str(run.device),
               "world_size": run.env.world_size, "precision": run.precision.name,
               "preprocessing": run.spec.to_dict()}
-    cli.atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints and resume
-# ---------------------------------------------------------------------------
-
-
-def run_record(args, data: image_data.TripletData, env, spec: Preprocessing | None = None) -> dict:
-    """What a resume must match besides the flags: the data's content and the number of processes."""
-    # the training triplets after the --val-fraction split: the CSV's hash alone does not fix them
-    record = {**data.fingerprint, "world_size": env.world_size, "train_triplets": len(data.train)}
-    if spec is not None:
-        record["cache_size"] = spec.cache_size
-    return record
-
-
-def training_checkpoint(run: Run) -> dict:
-    """The checkpoint dict of the run's current state (the weights, plus all a resume needs)."""
-    ckpt = deep_rank_net.model_record(embedding_net(run), run.spec)  # "model": what later stages embed with
-    if run.ema is not None:  # the weights being trained, for --resume
-        ckpt.update(train_model=strip_wrapper_prefixes(run.net.state_dict()), ema_updates=run.ema.updates)
-    ckpt.update(epoch=run.epoch, step=run.step, step_in_epoch=run.step_in_epoch, train_seconds=run.train_seconds(),
-                optimizer=run.optimizer.state_dict(), grad_scaler=run.scaler.state_dict(), args=vars(run.args),
-                rng=capture_rng_state(), run=run_record(run.args, run.data, run.env, run.spec),
-                stats={"epoch": run.epoch_stats.state(), "window": run.window.state()})
-    if run.trainee.class_head is not None:
-        ckpt["class_head"] = run.trainee.class_head.state_dict()
-    return ckpt
+    cli.atomic_write_text(run.args.output_dir / resume.CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
 
 
 def save_progress(run: Run) -> None:
@@ -629,139 +595,22 @@ def save_progress(run: Run) -> None:
     run.saver.save(run.saver.epoch_path(run.epoch), lambda: training_checkpoint(run))
 
 
+def training_checkpoint(run: Run) -> dict:
+    """The checkpoint dict of the run's current state (resume.training_checkpoint of its parts)."""
+    return resume.training_checkpoint(deep_rank_net.model_record(embedding_net(run), run.spec), run.state(),
+                                      run.position(), run.args,
+                                      resume.run_record(run.data.fingerprint, len(run.data.train),
+                                                        run.env.world_size, run.spec))
+
+
 def restore(run: Run, ckpt: dict) -> None:
-    """Load a checkpoint's weights, optimizer, scaler, RNG, counters and running statistics."""
-    try:
-        run.net.load_state_dict(strip_wrapper_prefixes(ckpt.get("train_model", ckpt["model"])))
-        if run.ema is not None:
-            run.ema.load(strip_wrapper_prefixes(ckpt["model"]), ckpt["ema_updates"])
-        if run.trainee.class_head is not None:
-            head = ckpt.get("class_head") or {"weight": ckpt["id_head"]}  # id_head: version-1 name
-            run.trainee.class_head.load_state_dict(head)
-        if ckpt.get("optimizer"):
-            run.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("grad_scaler"):
-            run.scaler.load_state_dict(ckpt["grad_scaler"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"checkpoint {run.args.resume} does not fit this model/optimizer: {first_line(exc)}")
-    run.epoch, run.step = ckpt["epoch"], ckpt["step"]  # types checked by check_training_record
-    run.step_in_epoch = ckpt.get("step_in_epoch", 0)
-    if run.step_in_epoch >= run.steps_per_epoch:  # an epoch's end is saved as the next epoch's step 0
-        raise UserError(f"checkpoint {run.args.resume} is at step {run.step_in_epoch} of an epoch that has "
-                        f"{run.steps_per_epoch} steps here: not a checkpoint of this run")
-    run.seconds_before = float(ckpt.get("train_seconds", 0.0))
-    try:
-        if ckpt.get("rng"):
-            restore_rng_state(ckpt["rng"])
-        stats = ckpt.get("stats") or {}
-        run.epoch_stats.load_state(stats.get("epoch", {}))
-        run.window.load_state(stats.get("window", {}))
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"checkpoint {run.args.resume} has a malformed random-number or statistics state: "
-                        f"{first_line(exc)}")
+    """Load a checkpoint into the run (resume.restore) and take up its position."""
+    position = resume.restore(ckpt, run.args.resume, run.state(), run.steps_per_epoch)
+    run.epoch, run.step, run.step_in_epoch = position.epoch, position.step, position.step_in_epoch
+    run.seconds_before = position.train_seconds
     if run.env.main:
         print(f"resuming from {run.args.resume}: epoch {run.epoch + 1}, step {run.step}", file=sys.stderr)
 
-
-def resumes_in_place(args) -> bool:
-    """--resume of a checkpoint in --output-dir itself: the run continues its own folder and log."""
-    return args.resume is not None and Path(args.resume).resolve().parent == args.output_dir.resolve()
-
-
-def check_outputs(saver: Checkpointer, args) -> None:
-    """Refuse to overwrite an earlier run's files (names the file) unless --force, or --resume of a
-    checkpoint in --output-dir itself: a checkpoint resumed into another folder must not overwrite
-    the run found there."""
-    out = args.output_dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir is not a folder: {out}")
-    if args.force:
-        return
-    if resumes_in_place(args):
-        later = saver.later_than(Path(args.resume))
-        if later:
-            newest = saver.final_path if saver.final_path in later else later[-1]
-            raise UserError(f"{out} holds checkpoints written after {Path(args.resume).name} "
-                            f"({', '.join(p.name for p in later)}): resuming from it would overwrite them and cut "
-                            f"{METRICS_NAME} back to its step; to continue the run, --resume {newest}; to go "
-                            f"back to {Path(args.resume).name} anyway (removing the later ones), --force")
-        return
-    for path in [*saver.existing(), *(out / name for name in RUN_FILES)]:
-        if not path.exists():
-            continue
-        if args.resume is None:
-            raise UserError(f"{path} already exists from an earlier run (use --force to overwrite or --resume CKPT)")
-        newest = saver.final_path if saver.final_path.exists() else newest_epoch_checkpoint(out)
-        if newest is not None:  # perhaps this very run, resumed into here earlier and stopped
-            raise UserError(f"{out} already holds a run's checkpoints: to continue that run, --resume {newest}; "
-                            f"to write over it, --force")
-        raise UserError(f"{path} already exists from another run: --resume {args.resume} continues in its own "
-                        f"folder (--output-dir {Path(args.resume).parent}); use --force to write into {out} anyway")
-
-
-def check_training_record(ckpt: dict, path) -> None:
-    """The entries a resume reads have the types training_checkpoint writes (UserError naming the first
-    that does not): a hand-edited or foreign file must not end in a traceback or a wrong trajectory."""
-    def bad(key: str, expected: str):
-        shown = repr(ckpt.get(key))
-        return UserError(f"checkpoint {path} is not a training checkpoint train_net.py can resume: "
-                         f"{key} is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {expected}")
-
-    if "epoch" not in ckpt or "step" not in ckpt:
-        raise UserError(f"checkpoint {path} holds no training state (epoch, step), so it cannot be resumed")
-    for key in ("epoch", "step", "step_in_epoch"):
-        if not cli.is_count(ckpt.get(key, 0)):
-            raise bad(key, "a non-negative integer")
-    seconds = ckpt.get("train_seconds", 0.0)
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
-        raise bad("train_seconds", "a non-negative number")
-    for key in ("args", "rng", "run", "stats", "preprocessing"):
-        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
-            raise bad(key, "a dict")
-    cfg = ckpt.get("model_config")
-    if not isinstance(cfg, dict) or not all(k in cfg for k in ("arch", "embedding_dim", "image_size")):
-        raise bad("model_config", "a dict with arch, embedding_dim and image_size")
-    if ckpt.get("preprocessing"):
-        try:
-            Preprocessing.from_dict(ckpt["preprocessing"])
-        except UserError as exc:
-            raise UserError(f"checkpoint {path}: {exc}")
-
-
-def check_resume(ckpt: dict, args, data: image_data.TripletData, env) -> None:
-    """A resumed run must be the same run: same trajectory-changing flags, data and process count."""
-    saved = {**ADDED_FLAG_DEFAULTS, **(ckpt.get("args") or {})}
-    cfg = ckpt["model_config"]
-    saved.update(arch=cfg["arch"], embedding_dim=cfg["embedding_dim"], shallow=deep_rank_net.config_shallow(cfg),
-                 image_size=cfg["image_size"], train_from=cfg.get("train_from", saved.get("train_from")))
-    saved.pop("single_scale", None)  # version-1 flags, now part of --shallow
-    saved.pop("multiscale", None)
-    keys = RESUME_MUST_MATCH + (("epochs",) if args.lr_schedule == "cosine" else ())
-    differs = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
-    if differs:
-        flags = " ".join(_flag(k, saved[k]) for k in differs)
-        raise UserError(f"checkpoint {args.resume} was trained with other settings; resume with: {flags}")
-    saved_run = ckpt.get("run") or {}
-    for key, what in (("triplets", "--triplets"), ("val_triplets", "the validation CSV")):
-        if key in saved_run and saved_run[key] != data.fingerprint[key]:
-            raise UserError(f"{what} differs from the one checkpoint {args.resume} was trained on "
-                            f"(content changed); resume with the same file, or start afresh with --force")
-    if "train_triplets" in saved_run and saved_run["train_triplets"] != len(data.train):
-        raise UserError(f"checkpoint {args.resume} was trained on {saved_run['train_triplets']} training triplets, "
-                        f"this run has {len(data.train)} from the same CSV (a --val-fraction split made by another "
-                        f"version): its schedule and batches would differ; start afresh with --force")
-    if "train_triplets" not in saved_run and args.val_fraction > 0:
-        cli.warn(f"checkpoint {args.resume} does not record its training triplets: if it was made before held-out "
-                 f"images left training in every role (--val-fraction), this resume trains on fewer triplets")
-    if "world_size" in saved_run and saved_run["world_size"] != env.world_size:
-        raise UserError(f"checkpoint {args.resume} was trained by {saved_run['world_size']} process(es), this run "
-                        f"has {env.world_size}: resume with torchrun --nproc_per_node {saved_run['world_size']}")
-
-
-def _flag(name: str, value) -> str:
-    if isinstance(value, bool):
-        return f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"
-    return f"--{name.replace('_', '-')} {value}"
 
 
 # ---------------------------------------------------------------------------
@@ -882,7 +731,7 @@ def validate(run: Run) -> dict:
 def plot_curves(out: Path) -> None:
     from deepranking import plots
 
-    plots.training_curves(MetricsLog(out / METRICS_NAME, True).records(), out / CURVES_NAME)
+    plots.training_curves(MetricsLog(out / METRICS_NAME, True).records(), out / resume.CURVES_NAME)
 
 
 def _on_interrupt(run: Run):

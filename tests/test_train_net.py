@@ -769,7 +769,7 @@ def test_resume_refuses_a_different_run(csvs, trained, tmp_path, capsys):
         (["--shallow", "classic"], "--shallow paper"),
         (["--warmup-steps", "5"], "--warmup-steps 0"),
         (["--lr-schedule", "cosine"], "--lr-schedule constant"),
-        (["--log-every", "7"], "--log-every 20"),
+        (["--id-loss-smoothing", "0.1"], "--id-loss-smoothing 0.0"),
         (["--cache-size", "24"], "--cache-size 0"),
         (["--triplets", changed], "--triplets differs from the one"),
     ]

@@ -216,16 +216,10 @@ class DeepRankNet(nn.Module):
         return F.normalize(fused, dim=1)
 
 
-def build_model(
-    arch: str = "resnet101",
-    embedding_dim: int = 4096,
-    multiscale: bool | None = None,
-    weights: str | None = "none",
-    train_from: str = "layer4",
-    shallow: str | None = None,
-) -> DeepRankNet:
-    """Same as DeepRankNet(...); the name scripts use (multiscale True/None + shallow None = "paper")."""
-    return DeepRankNet(arch, embedding_dim, multiscale, weights, train_from, shallow=shallow)
+def build_model(*args, **kwargs) -> DeepRankNet:
+    """``DeepRankNet(*args, **kwargs)``: the name the programs and benches build the model by
+    (arguments in DeepRankNet's order: arch, embedding_dim, multiscale, weights, train_from, shallow)."""
+    return DeepRankNet(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------

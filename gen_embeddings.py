@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deep_rank_net import FEATURE_KINDS, feature_record, model_from_checkpoint, reference_features
+from deep_rank_net import model_from_checkpoint
 from deepranking import cli, distributed, embedding, runtime
 from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint
 from deepranking.cli import UserError
 from deepranking.embedding_io import EmbeddingFile, files_of, write_embedding_files
 from deepranking.preprocessing import Preprocessing
+from deepranking.reference_features import FEATURE_KINDS, feature_record, reference_features
 
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
 

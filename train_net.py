@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import deep_rank_net
-from deepranking import cli, distributed, embedding, image_cache, image_data, losses, resume, runtime
+from deepranking import backbones, cli, distributed, embedding, image_cache, image_data, losses, resume, runtime
 from deepranking.checkpoint import Checkpointer, load_checkpoint
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
@@ -122,9 +122,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--arch", choices=deep_rank_net.ARCHITECTURES, default=ARCH, help="backbone architecture")
+    model.add_argument("--arch", choices=backbones.ARCHITECTURES, default=ARCH, help="backbone architecture")
     model.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
-    model.add_argument("--train-from", choices=deep_rank_net.TRAIN_FROM_STAGES, default=TRAIN_FROM,
+    model.add_argument("--train-from", choices=backbones.TRAIN_FROM_STAGES, default=TRAIN_FROM,
                        help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen")
     model.add_argument("--shallow", choices=deep_rank_net.SHALLOW_MODES, default=SHALLOW,
                        help="shallow paths beside the deep one: paper = the image average-pooled 4x and 8x, then "
@@ -218,7 +218,7 @@ def main(args) -> None:
     if ckpt is not None:
         resume.check_training_record(ckpt, args.resume)
     else:  # a resume brings its own weights
-        deep_rank_net.check_weights(args.arch, args.weights)
+        backbones.check_weights(args.arch, args.weights)
     data, labels, n_classes = load_data(args)
     parser = get_args_parser()  # every argument it knows is compared on resume (resume.MAY_DIFFER aside)
     if ckpt is not None:

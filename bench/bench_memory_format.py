@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import deep_rank_net
-from deepranking import cli
+from deepranking import backbones, cli
 from deepranking.preprocessing import preprocess
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -28,7 +28,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=deep_rank_net.ARCHITECTURES)
+    p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
     p.add_argument("--sizes", type=comma_list(cli.bounded_int(32)), default=[32, 64], help="image sides")
     p.add_argument("--images", type=cli.positive_int, default=192, help="images per timed pass")
     p.add_argument("--batch", type=cli.positive_int, default=96, help="images per forward")

@@ -7,7 +7,7 @@ images (channels_last, as train_net.py runs it), a sum of the embeddings as the 
 variants, alternated ``--repeats`` times in one process (best of each):
 
 * the convs: every backbone conv a plain ``nn.Conv2d`` (``torch``), or
-  ``deep_rank_net.PaddingSkippingConv2d`` (``skip-padding``, what the net uses), which leaves
+  ``backbones.PaddingSkippingConv2d`` (``skip-padding``, what the net uses), which leaves
   out the kernel taps that read only zero padding (at 32 px, layer4's 3x3 convs on 1x1 maps);
 * the optimizer: torch's CPU default (a loop over the parameters), ``foreach=True``, or
   ``fused=True``, what train_net.build_optimizer uses for Adam and AdamW (with a step pre-hook
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 import deep_rank_net
-from deepranking import cli
+from deepranking import backbones, cli
 
 OPTIMIZERS = ("adam", "sgd")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=deep_rank_net.ARCHITECTURES)
+    p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
     p.add_argument("--sizes", type=comma_list(cli.bounded_int(32)), default=[32, 64], help="image sides")
     p.add_argument("--batch", type=cli.positive_int, default=96, help="images per step (the recipe: 32 triplets)")
     p.add_argument("--optim", choices=OPTIMIZERS, default="adam", help="optimizer of the timed steps")
@@ -53,7 +53,7 @@ def build_net(arch: str, skip_padding: bool) -> nn.Module:
     net = deep_rank_net.build_model(arch, 128, None, "none", "conv1")
     if not skip_padding:
         for module in net.modules():
-            if type(module) is deep_rank_net.PaddingSkippingConv2d:
+            if type(module) is backbones.PaddingSkippingConv2d:
                 module.__class__ = nn.Conv2d
     return net.to(memory_format=torch.channels_last).train()
 

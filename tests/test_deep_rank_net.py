@@ -1,20 +1,19 @@
 """DeepRankNet: shapes at any size, frozen stages, weights, model <-> checkpoint, preprocess, embedding, precision.
 
-The checkpoint file format itself (versions, writing, Checkpointer) is tested in test_checkpoint.py.
+The checkpoint file format itself (versions, writing, Checkpointer) is tested in test_checkpoint.py, the
+backbones (construction, stages, weights files) in test_backbones.py.
 """
 
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import deep_rank_net as drn
-from deepranking import embedding, runtime
+from deepranking import backbones, embedding, runtime
 from deepranking.checkpoint import (CHECKPOINT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state,
                                     write_checkpoint)
 from deepranking.cli import UserError
@@ -80,66 +79,6 @@ def test_weights_none_is_the_string_none():
         assert torch.equal(x, y), k
 
 
-@pytest.mark.parametrize("side, expected", [
-    ((1, 3, 1, 1, 1), (1, 2, 0)),  # 3x3 on a 1x1 map (layer4 at 32 px): the centre tap alone
-    ((2, 3, 2, 1, 1), (1, 3, 0)),  # stride 2 from 2 to 1 (layer4.0.conv1 at 32 px): taps 1-2, no padding
-    ((1, 5, 1, 2, 1), (2, 3, 0)),  # 5 taps on 1 pixel
-    ((2, 5, 1, 2, 1), (1, 4, 1)),  # 5 taps on 2 pixels: the outer two read only padding, 1 pixel of it left
-    ((3, 5, 1, 2, 1), None),  # 5 taps on 3 pixels: the outer taps read the edge pixels
-    ((2, 3, 1, 1, 1), None),  # stride 1, 2 pixels: each tap reads input for some output
-    ((32, 7, 2, 3, 1), None),  # the stem at 32 px
-    ((1, 3, 2, 2, 1), None),  # taps 0 and 2 read input, tap 1 never: not a range, nothing left out
-    ((1, 3, 1, 2, 2), (1, 2, 0)),  # dilation 2: the centre tap alone
-])
-def test_conv_tap_range_by_hand(side, expected):
-    assert drn.conv_tap_range(*side) == expected
-
-
-@pytest.mark.parametrize("shape, conv", [
-    ((4, 8, 1, 1), dict(kernel_size=3, padding=1)),
-    ((4, 8, 2, 2), dict(kernel_size=3, padding=1, stride=2)),
-    ((4, 8, 1, 3), dict(kernel_size=3, padding=1)),  # only the height loses taps
-    ((4, 8, 1, 2), dict(kernel_size=5, padding=2)),  # (2, 3, 0) down, (1, 4, 1) across
-    ((4, 8, 1, 1), dict(kernel_size=3, padding=2, dilation=2, groups=4, bias=False)),
-    ((4, 8, 5, 5), dict(kernel_size=3, padding=1)),  # nothing to leave out: the torch path
-])
-def test_padding_skipping_conv_equals_torch_conv_with_gradients(shape, conv):
-    torch.manual_seed(0)
-    ref = torch.nn.Conv2d(8, 16, **conv)
-    mine = torch.nn.Conv2d(8, 16, **conv)
-    mine.load_state_dict(ref.state_dict())
-    mine.__class__ = drn.PaddingSkippingConv2d
-    x = torch.randn(shape, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    out_ref, out = ref(x), mine(x2)
-    assert out.shape == out_ref.shape
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out_ref.backward(g)
-    out.backward(g)
-    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mine.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
-    if conv.get("bias", True):
-        torch.testing.assert_close(mine.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_headless_resnet_keeps_torchvisions_seeded_weights_and_keys():
-    torch.manual_seed(3)
-    ours, dim = drn.headless_resnet("resnet18")
-    torch.manual_seed(3)
-    theirs = torchvision.models.resnet18(weights=None)
-    theirs.fc = torch.nn.Identity()
-    assert dim == 512
-    mine, want = ours.state_dict(), theirs.state_dict()
-    assert list(mine) == list(want)
-    assert all(torch.equal(mine[k], want[k]) for k in want)
-    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 20 and all(type(m) is drn.PaddingSkippingConv2d for m in convs)
-    x = torch.randn(2, 3, 32, 32)  # layer4 maps are 1x1 here: the skipping path runs
-    with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-5)
-
-
 def test_bad_arch_and_stage_are_user_errors():
     with pytest.raises(UserError, match="unknown architecture"):
         drn.DeepRankNet("vgg16", DIM)
@@ -170,6 +109,16 @@ def test_frozen_stages_get_no_grad_and_keep_bn_stats():
     assert id(model.backbone.conv1.weight) not in trainable
 
 
+def test_weights_are_loaded_into_the_backbone(tmp_path):
+    torch.manual_seed(3)
+    ref = backbones.SmallCNN()
+    torch.save(ref.state_dict(), tmp_path / "small.pth")
+    model = drn.DeepRankNet(backbones.SMALL_CNN, DIM, weights=str(tmp_path / "small.pth"))
+    assert torch.equal(model.backbone.layer3[4].weight, ref.layer3[4].weight)
+    with pytest.raises(UserError, match="no ImageNet weights for small-cnn"):
+        drn.DeepRankNet(backbones.SMALL_CNN, DIM, weights="imagenet")
+
+
 def test_train_from_conv1_and_head():
     everything = small_model(train_from="conv1")
     assert all(p.requires_grad for p in everything.parameters())
@@ -177,67 +126,6 @@ def test_train_from_conv1_and_head():
     assert not any(p.requires_grad for p in head.backbone.parameters())
     assert not head.backbone.layer4[1].bn2.training
     assert head.embed.weight.requires_grad
-
-
-# ---------------------------------------------------------------- weights
-
-
-def test_local_state_dict_weights(tmp_path):
-    torch.manual_seed(1)
-    ref = torchvision.models.resnet18(weights=None)
-    plain = tmp_path / "r18.pth"
-    torch.save(ref.state_dict(), plain)
-    wrapped = tmp_path / "r18_wrapped.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, wrapped)
-    for path in (plain, wrapped):
-        model = drn.DeepRankNet("resnet18", DIM, weights=str(path))
-        assert torch.equal(model.backbone.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
-        assert torch.equal(model.backbone.bn1.running_var, ref.bn1.running_var)
-
-
-def test_bad_weights_files(tmp_path):
-    with pytest.raises(UserError, match="weights file not found"):
-        drn.DeepRankNet("resnet18", DIM, weights=str(tmp_path / "nope.pth"))
-    r50 = tmp_path / "r50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
-    with pytest.raises(UserError, match="resnet50 weights, but the model is resnet18"):
-        drn.DeepRankNet("resnet18", DIM, weights=str(r50))
-    partial = tmp_path / "partial.pth"
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    del state["layer2.0.conv1.weight"]
-    torch.save(state, partial)
-    with pytest.raises(UserError, match="missing key.*layer2.0.conv1.weight"):
-        drn.DeepRankNet("resnet18", DIM, weights=str(partial))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        drn.DeepRankNet("resnet18", DIM, weights=str(garbage))
-
-
-def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    assert drn.expected_weights_file("resnet18") == expected
-    with pytest.raises(UserError) as err:
-        drn.DeepRankNet("resnet18", DIM, weights="imagenet")
-    message = str(err.value)
-    assert str(expected) in message and "--weights none" in message and "--weights PATH" in message
-    assert "\n" not in message
-    # A corrupt cached file fails the hash check: the message says to delete it.
-    expected.parent.mkdir(parents=True, exist_ok=True)
-    expected.write_bytes(b"partial download")
-    with pytest.raises(UserError, match="corrupt.*delete"):
-        drn.DeepRankNet("resnet18", DIM, weights="imagenet")
-
-
-def test_imagenet_weights_are_the_best_torchvision_offers():
-    assert drn.imagenet_weights("resnet101") == torchvision.models.ResNet101_Weights.IMAGENET1K_V2
-    assert drn.imagenet_weights("resnet18") == torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -308,22 +196,10 @@ def test_arch_mismatch_names_both_architectures(tmp_path):
 # ---------------------------------------------------------------- small-cnn
 
 
-def test_small_cnn_keeps_full_resolution_in_its_first_stage_and_pools_to_256():
-    net = drn.SmallCNN()
-    seen = {}
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: tuple(o.shape)}))
-    out = net(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 256) and net.feature_dim == 256
-    assert seen == {"layer1": (2, 32, 32, 32), "layer2": (2, 64, 16, 16), "layer3": (2, 128, 8, 8),
-                    "layer4": (2, 256, 4, 4)}
-    assert sum(p.numel() for p in net.parameters()) < 10 ** 6  # resnet18: 11 M
-
-
 @pytest.mark.parametrize("shallow", ["paper", "classic", "none"])
 def test_small_cnn_deep_rank_net_at_several_sizes(shallow):
     torch.manual_seed(0)
-    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=None, train_from="conv1", shallow=shallow).eval()
+    model = drn.DeepRankNet(backbones.SMALL_CNN, DIM, weights=None, train_from="conv1", shallow=shallow).eval()
     for side in (32, 45, 64):
         emb = model(torch.randn(3, 3, side, side))
         assert emb.shape == (3, DIM)
@@ -332,7 +208,7 @@ def test_small_cnn_deep_rank_net_at_several_sizes(shallow):
 
 def test_small_cnn_stages_freeze_like_a_resnets():
     torch.manual_seed(0)
-    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, train_from="layer3").train()
+    model = drn.DeepRankNet(backbones.SMALL_CNN, DIM, train_from="layer3").train()
     assert not model.backbone.bn1.training and not model.backbone.layer2[2].training
     assert model.backbone.layer3[2].training
     trainable = {id(p) for p in model.trainable_parameters()}
@@ -340,29 +216,9 @@ def test_small_cnn_stages_freeze_like_a_resnets():
     assert id(model.backbone.layer3[1].weight) in trainable and id(model.backbone.layer4[1].weight) in trainable
 
 
-def test_small_cnn_has_no_imagenet_weights_but_loads_a_state_dict(tmp_path):
-    with pytest.raises(UserError, match="no ImageNet weights for small-cnn.*--weights none"):
-        drn.DeepRankNet(drn.SMALL_CNN, DIM, weights="imagenet")
-    torch.manual_seed(3)
-    ref = drn.SmallCNN()
-    path = tmp_path / "small.pth"
-    torch.save(ref.state_dict(), path)
-    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=str(path))
-    assert torch.equal(model.backbone.layer3[4].weight, ref.layer3[4].weight)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(UserError, match="holds resnet18 weights, but the model is small-cnn"):
-        drn.DeepRankNet(drn.SMALL_CNN, DIM, weights=str(tmp_path / "r18.pth"))
-    # the other way round: a small-cnn file (or a checkpoint of one) named as such for a ResNet model
-    assert drn.guess_arch(ref.state_dict()) == "small-cnn"
-    with pytest.raises(UserError, match="holds small-cnn weights, but the model is resnet18"):
-        drn.DeepRankNet("resnet18", DIM, weights=str(path))
-    with pytest.raises(UserError, match="no ImageNet weights for small-cnn"):
-        drn.imagenet_weights(drn.SMALL_CNN)  # not torchvision's "Unknown model" ValueError
-
-
 def test_small_cnn_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = drn.DeepRankNet(drn.SMALL_CNN, DIM, train_from="conv1")
+    model = drn.DeepRankNet(backbones.SMALL_CNN, DIM, train_from="conv1")
     model(torch.randn(4, 3, 32, 32))  # moves the BatchNorm statistics off their initial values
     rebuilt, _ = drn.model_from_checkpoint(load_checkpoint(save_model(tmp_path / "small.model", model)))
     assert rebuilt.config["arch"] == "small-cnn"

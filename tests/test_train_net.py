@@ -17,7 +17,7 @@ import torch
 
 from deepranking import cli
 import deep_rank_net
-from deepranking import checkpoint, image_data, losses
+from deepranking import backbones, checkpoint, image_data, losses
 from deepranking.training_log import RunningStats
 from deepranking.weight_average import WeightAverage
 import train_net
@@ -420,7 +420,7 @@ def test_fused_adam_trains_a_channels_last_conv_as_torch_reference_adam_does(opt
     # conv net trained through autograd (with the taps of PaddingSkippingConv2d left out at 1x1).
     def train(fused: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        net = torch.nn.Sequential(deep_rank_net.PaddingSkippingConv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        net = torch.nn.Sequential(backbones.PaddingSkippingConv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                   torch.nn.Conv2d(8, 4, 3, stride=2, padding=1))
         net = net.to(memory_format=torch.channels_last)
         args = train_net.get_args_parser().parse_args(["--optim", optim, "--lr", "0.01", "--weight-decay", "0.01"])
@@ -957,7 +957,7 @@ def test_the_bench_recipe_and_the_demo_name_a_net_train_net_can_build():
     demo_args = demo.get_args_parser().parse_args([])
     for arch, weights in ((recipe.arch, recipe.weights), (demo_args.arch, demo_args.weights)):
         assert (arch, weights) == ("small-cnn", "none")
-        deep_rank_net.check_weights(arch, weights)  # raises for a pair train_net.py would refuse
+        backbones.check_weights(arch, weights)  # raises for a pair train_net.py would refuse
     net = deep_rank_net.build_model(recipe.arch, recipe.embedding_dim, None, recipe.weights, recipe.train_from)
     assert all(p.requires_grad for p in net.parameters())  # --train-from conv1: every layer trained
     assert net(torch.randn(2, 3, recipe.image_size, recipe.image_size)).shape == (2, recipe.embedding_dim)

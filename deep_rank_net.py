@@ -47,10 +47,10 @@ than the classic fixed pools, so weights trained with the fixed pools embed diff
 
 ``"none"`` — the deep path alone: forward returns ``L2(Linear(F, D))`` (``multiscale=False``).
 
-The checkpoint file format lives in ``deepranking.checkpoint`` and the pixel contract in
-``deepranking.preprocessing``; this module joins them: :func:`model_record` is what a
-checkpoint stores of a model, :func:`model_from_checkpoint` rebuilds it (files written
-before ``shallow`` existed rebuild as ``"classic"``, or ``"none"`` without multiscale).
+What a checkpoint stores of a model (``checkpoint.model_record``: weights, ``model_config``,
+the preprocessing record) lives in ``deepranking.checkpoint``; :func:`model_from_checkpoint`
+rebuilds the net from it (files written before ``shallow`` existed rebuild as ``"classic"``, or
+``"none"`` without multiscale).
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepranking.backbones import (TRAIN_FROM_STAGES, _check_state_dict, check_arch, frozen_module_names,
+from deepranking.backbones import (TRAIN_FROM_STAGES, check_state_dict, check_arch, frozen_module_names,
                                    headless_backbone, load_backbone_weights)
-from deepranking.checkpoint import strip_wrapper_prefixes, unwrap_model
+from deepranking import checkpoint
+from deepranking.checkpoint import strip_wrapper_prefixes
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing
 
@@ -227,25 +228,6 @@ def build_model(*args, **kwargs) -> DeepRankNet:
 # ----------------------------------------------------------------------------
 
 
-def model_record(model: nn.Module, spec: Preprocessing) -> dict:
-    """What a checkpoint stores of a model: weights, architecture and the pixels it was trained on."""
-    plain = unwrap_model(model)
-    return {"model": strip_wrapper_prefixes(plain.state_dict()),
-            "model_config": {**plain.config, "image_size": int(spec.image_size)},
-            "preprocessing": spec.to_dict()}
-
-
-def checkpoint_preprocessing(ckpt: dict) -> Preprocessing:
-    """The checkpoint's pixel contract. Version-1 files have none: cache_size 0 = choose from the images."""
-    if isinstance(ckpt.get("preprocessing"), dict):
-        return Preprocessing.from_dict(ckpt["preprocessing"])
-    try:
-        image_size = int(ckpt["model_config"]["image_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"checkpoint model_config is incomplete or invalid: {exc!r}")
-    return Preprocessing(image_size=image_size, cache_size=0)
-
-
 def model_from_checkpoint(ckpt: dict, device: Any = "cpu") -> tuple[DeepRankNet, Preprocessing]:
     """Rebuild the model of a loaded checkpoint; returns (model in eval mode, its preprocessing)."""
     cfg = ckpt["model_config"]
@@ -254,10 +236,10 @@ def model_from_checkpoint(ckpt: dict, device: Any = "cpu") -> tuple[DeepRankNet,
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"checkpoint model_config is incomplete or invalid: {exc!r}")
     shallow = config_shallow(cfg)  # old files: multiscale True -> "classic", False -> "none"
-    spec = checkpoint_preprocessing(ckpt)
+    spec = checkpoint.checkpoint_preprocessing(ckpt)
     model = DeepRankNet(arch, dim, weights="none", train_from=cfg.get("train_from", "layer4"), shallow=shallow)
     state = strip_wrapper_prefixes(ckpt["model"])
-    _check_state_dict(model.state_dict(), state, arch, "checkpoint weights")
+    check_state_dict(model.state_dict(), state, arch, "checkpoint weights")
     model.load_state_dict(state)
     return model.to(device).eval(), spec
 

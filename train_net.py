@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import deep_rank_net
 from deepranking import backbones, cli, distributed, embedding, image_cache, image_data, losses, resume, runtime
+from deepranking import checkpoint
 from deepranking.checkpoint import Checkpointer, load_checkpoint
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
@@ -597,7 +598,7 @@ def save_progress(run: Run) -> None:
 
 def training_checkpoint(run: Run) -> dict:
     """The checkpoint dict of the run's current state (resume.training_checkpoint of its parts)."""
-    return resume.training_checkpoint(deep_rank_net.model_record(embedding_net(run), run.spec), run.state(),
+    return resume.training_checkpoint(checkpoint.model_record(embedding_net(run), run.spec), run.state(),
                                       run.position(), run.args,
                                       resume.run_record(run.data.fingerprint, len(run.data.train),
                                                         run.env.world_size, run.spec))

@@ -74,7 +74,7 @@ def main(args) -> None:
     import torch
 
     import deep_rank_net
-    from deepranking import image_cache, image_data
+    from deepranking import checkpoint, image_cache, image_data
     from deepranking.checkpoint import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp:
@@ -94,7 +94,7 @@ def main(args) -> None:
         # The cache side train_net.py would record for these images (their own 64 px).
         spec = preprocessing.Preprocessing(image_size=args.image_size,
                                            cache_size=image_cache.choose_cache_size(train_paths, args.image_size))
-        write_checkpoint(ckpt, {**deep_rank_net.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
+        write_checkpoint(ckpt, {**checkpoint.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
 
         print(f"  ours: gen_embeddings.py on {n_images} images ...", file=sys.stderr)
         cache = root / "cache"  # a fresh cache: the decode is part of the measured work

@@ -39,7 +39,7 @@ def make_inputs(work: Path, rows: int, dim: int) -> tuple[Path, Path, Path]:
     from PIL import Image
 
     import deep_rank_net as drn
-    from deepranking.checkpoint import load_checkpoint, model_fingerprint, write_checkpoint
+    from deepranking.checkpoint import load_checkpoint, model_fingerprint, model_record, write_checkpoint
     from deepranking.embedding_io import write_embeddings
     from deepranking.preprocessing import Preprocessing
 
@@ -47,7 +47,7 @@ def make_inputs(work: Path, rows: int, dim: int) -> tuple[Path, Path, Path]:
     ckpt = work / "net.model"
     model = drn.DeepRankNet(arch="resnet18", embedding_dim=dim, weights="none")
     spec = Preprocessing(image_size=32, cache_size=32)
-    write_checkpoint(ckpt, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
+    write_checkpoint(ckpt, {**model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
     loaded = load_checkpoint(ckpt)
     fingerprint = model_fingerprint(loaded, drn.model_from_checkpoint(loaded, "cpu")[1].to_dict(), ckpt)
     rng = np.random.default_rng(0)

@@ -264,11 +264,11 @@ def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
         if any(k.startswith("backbone.") for k in state):
             state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    _check_state_dict(backbone.state_dict(), state, arch, source, ignore_prefix="fc.")
+    check_state_dict(backbone.state_dict(), state, arch, source, ignore_prefix="fc.")
     backbone.load_state_dict(state, strict=False)  # only the Identity fc (no params) is left out
 
 
-def _check_state_dict(expected: dict, got: dict, arch: str, source: str, ignore_prefix: str = "\0") -> None:
+def check_state_dict(expected: dict, got: dict, arch: str, source: str, ignore_prefix: str = "\0") -> None:
     """Raise UserError unless ``got`` has exactly the keys and shapes of ``expected``."""
     missing = [k for k in expected if k not in got and not k.startswith(ignore_prefix)]
     unexpected = [k for k in got if k not in expected]

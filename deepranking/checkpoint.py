@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from deepranking.cli import UserError, atomic_path, check_input_file, os_reason
+from deepranking.preprocessing import Preprocessing
 
 CHECKPOINT_FORMAT = "deep-ranking-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -129,6 +130,30 @@ def weights_finite(state: dict) -> bool:
     """True when every floating-point tensor of a state dict is finite (no NaN/inf)."""
     return all(bool(torch.isfinite(t).all()) for t in state.values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------
+# The model record: what every checkpoint holds of its model
+# ----------------------------------------------------------------------------
+
+
+def model_record(model: nn.Module, spec: Preprocessing) -> dict:
+    """What a checkpoint stores of a model: weights, architecture and the pixels it was trained on."""
+    plain = unwrap_model(model)
+    return {"model": strip_wrapper_prefixes(plain.state_dict()),
+            "model_config": {**plain.config, "image_size": int(spec.image_size)},
+            "preprocessing": spec.to_dict()}
+
+
+def checkpoint_preprocessing(ckpt: dict) -> Preprocessing:
+    """The checkpoint's pixel contract. Version-1 files have none: cache_size 0 = choose from the images."""
+    if isinstance(ckpt.get("preprocessing"), dict):
+        return Preprocessing.from_dict(ckpt["preprocessing"])
+    try:
+        image_size = int(ckpt["model_config"]["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint model_config is incomplete or invalid: {exc!r}")
+    return Preprocessing(image_size=image_size, cache_size=0)
 
 
 # ----------------------------------------------------------------------------

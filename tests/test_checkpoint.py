@@ -25,7 +25,7 @@ def small_model(seed: int = 0) -> drn.DeepRankNet:
 
 def record(model=None, **extra) -> dict:
     """A checkpoint dict as training builds one."""
-    return {**drn.model_record(model if model is not None else small_model(), SPEC),
+    return {**ck.model_record(model if model is not None else small_model(), SPEC),
             "epoch": 0, "step": 0, "args": {}, **extra}
 
 

@@ -14,8 +14,8 @@ import torch
 
 import deep_rank_net as drn
 from deepranking import backbones, embedding, runtime
-from deepranking.checkpoint import (CHECKPOINT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state,
-                                    write_checkpoint)
+from deepranking.checkpoint import (CHECKPOINT_VERSION, capture_rng_state, load_checkpoint, model_record,
+                                    restore_rng_state, write_checkpoint)
 from deepranking.cli import UserError
 from deepranking.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, UnreadableImageError, load_image,
                                        preprocess)
@@ -134,7 +134,7 @@ def test_train_from_conv1_and_head():
 def save_model(path: Path, model, spec: Preprocessing | None = None, **extra) -> Path:
     """A checkpoint of ``model`` as training writes one (model_record + plain values)."""
     spec = spec or Preprocessing(image_size=64, cache_size=64)
-    write_checkpoint(path, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}, **extra})
+    write_checkpoint(path, {**model_record(model, spec), "epoch": 0, "step": 0, "args": {}, **extra})
     return path
 
 

@@ -14,7 +14,7 @@ import torch
 import deep_rank_net as drn
 import gen_embeddings
 from deepranking import distributed, embedding
-from deepranking.checkpoint import load_checkpoint, write_checkpoint
+from deepranking.checkpoint import load_checkpoint, model_record, write_checkpoint
 from deepranking.cli import UserError
 from deepranking.embedding_io import read_embeddings
 from deepranking.image_data import list_class_folder
@@ -30,7 +30,7 @@ def make_checkpoint(path: Path, dim: int = DIM, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = drn.DeepRankNet(arch="resnet18", embedding_dim=dim, weights="none")
     spec = Preprocessing(image_size=SIZE, cache_size=SIZE)
-    write_checkpoint(path, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
+    write_checkpoint(path, {**model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
     return path
 
 

@@ -109,13 +109,13 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
 
     import deep_rank_net as drn
-    from deepranking.checkpoint import write_checkpoint
+    from deepranking.checkpoint import model_record, write_checkpoint
 
     torch.manual_seed(0)
     model = drn.DeepRankNet(arch="resnet18", embedding_dim=8, weights="none")
     spec = preprocessing.Preprocessing(image_size=32, cache_size=32)
     path = tmp_path_factory.mktemp("ckpt") / "net.model"
-    write_checkpoint(path, {**drn.model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
+    write_checkpoint(path, {**model_record(model, spec), "epoch": 0, "step": 0, "args": {}})
     return path
 
 

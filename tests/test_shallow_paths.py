@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import deep_rank_net as drn
-from deepranking.checkpoint import load_checkpoint, write_checkpoint
+from deepranking.checkpoint import load_checkpoint, model_record, write_checkpoint
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing
 
@@ -201,7 +201,7 @@ def test_classic_and_none_reproduce_the_old_model(kw):
 
 
 def _round_trip(tmp_path, net, drop_shallow: bool):
-    ckpt = {**drn.model_record(net, Preprocessing(image_size=64, cache_size=64)), "epoch": 0, "step": 0, "args": {}}
+    ckpt = {**model_record(net, Preprocessing(image_size=64, cache_size=64)), "epoch": 0, "step": 0, "args": {}}
     if drop_shallow:  # a checkpoint written before ``shallow`` existed
         ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k != "shallow"}
     path = tmp_path / "net.model"

@@ -363,7 +363,6 @@ def write_tiny_imagenet_layout(
     train_labels = np.asarray(train_labels, dtype=np.int64)
     val_labels = np.asarray(val_labels, dtype=np.int64)
     wnids = make_wnids(class_names, wnid_prefix)
-    last = size - 1
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
@@ -371,25 +370,8 @@ def write_tiny_imagenet_layout(
         (tmp / "words.txt").write_text(
             "".join(f"{w}\t{name}\n" for w, name in zip(wnids, class_names)), encoding="utf-8"
         )
-        jobs: list[tuple[np.ndarray, str]] = []
-        for c, wnid in enumerate(wnids):
-            class_dir = tmp / "train" / wnid
-            (class_dir / "images").mkdir(parents=True)
-            idx = np.flatnonzero(train_labels == c)
-            names = [f"{wnid}_{i}.JPEG" for i in range(len(idx))]
-            # The whole image is the object: one box covering it, as TinyImageNet's boxes.txt.
-            (class_dir / f"{wnid}_boxes.txt").write_text(
-                "".join(f"{n}\t0\t0\t{last}\t{last}\n" for n in names), encoding="utf-8"
-            )
-            jobs.extend((train_images[j], str(class_dir / "images" / n)) for j, n in zip(idx, names))
-        (tmp / "val" / "images").mkdir(parents=True)
-        order = np.random.default_rng(seed).permutation(len(val_labels))
-        lines = []
-        for i, j in enumerate(order):
-            name = f"val_{i}.JPEG"
-            lines.append(f"{name}\t{wnids[val_labels[j]]}\t0\t0\t{last}\t{last}\n")
-            jobs.append((val_images[j], str(tmp / "val" / "images" / name)))
-        (tmp / "val" / "val_annotations.txt").write_text("".join(lines), encoding="utf-8")
+        jobs = _train_jobs(tmp, wnids, train_images, train_labels, size)
+        jobs += _val_jobs(tmp, wnids, val_images, val_labels, size, seed)
         if workers is None:
             workers = min(8, os.cpu_count() or 1)
         _write_images(jobs, size, quality, workers, progress)
@@ -398,6 +380,40 @@ def write_tiny_imagenet_layout(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return wnids
+
+
+def _train_jobs(tmp: Path, wnids: list[str], images: np.ndarray, labels: np.ndarray,
+                size: int) -> list[tuple[np.ndarray, str]]:
+    """train/<wnid>/images/ folders and boxes files; returns the (image, JPEG path) pairs to write."""
+    last = size - 1
+    jobs: list[tuple[np.ndarray, str]] = []
+    for c, wnid in enumerate(wnids):
+        class_dir = tmp / "train" / wnid
+        (class_dir / "images").mkdir(parents=True)
+        idx = np.flatnonzero(labels == c)
+        names = [f"{wnid}_{i}.JPEG" for i in range(len(idx))]
+        # The whole image is the object: one box covering it, as TinyImageNet's boxes.txt.
+        (class_dir / f"{wnid}_boxes.txt").write_text(
+            "".join(f"{n}\t0\t0\t{last}\t{last}\n" for n in names), encoding="utf-8"
+        )
+        jobs.extend((images[j], str(class_dir / "images" / n)) for j, n in zip(idx, names))
+    return jobs
+
+
+def _val_jobs(tmp: Path, wnids: list[str], images: np.ndarray, labels: np.ndarray, size: int,
+              seed: int) -> list[tuple[np.ndarray, str]]:
+    """val/images/ and val_annotations.txt, numbered in a seeded shuffle (classes interleaved, as the
+    real val split); returns the (image, JPEG path) pairs to write."""
+    last = size - 1
+    (tmp / "val" / "images").mkdir(parents=True)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    lines, jobs = [], []
+    for i, j in enumerate(order):
+        name = f"val_{i}.JPEG"
+        lines.append(f"{name}\t{wnids[labels[j]]}\t0\t0\t{last}\t{last}\n")
+        jobs.append((images[j], str(tmp / "val" / "images" / name)))
+    (tmp / "val" / "val_annotations.txt").write_text("".join(lines), encoding="utf-8")
+    return jobs
 
 
 def _move_into_place(tmp: Path, root: Path) -> None:

@@ -700,21 +700,8 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
     blocks, paths, labels = [], [], []
     with reader, _progress(rows_estimate, f"reading {path.name}", progress) as bar, warnings.catch_warnings():
         warnings.simplefilter("error", pd.errors.ParserWarning)
-        while True:
-            try:
-                df = next(reader)
-            except StopIteration:
-                break
-            except pd.errors.ParserWarning:
-                raise UserError(f"malformed embedding file {path}: line {first_long_row(path, d + 2)} has more fields "
-                                f"than the header's {d + 2} (path,label,e0..e{d - 1})")
-            except pd.errors.ParserError as exc:
-                raise UserError(f"malformed embedding file {path}: {_locate(str(exc))}")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
+        for df in _text_blocks(reader, path, d):
             first_row = len(paths)  # data row number of this block's first row (0-based)
-            if df.shape[1] != d + 2:
-                raise UserError(f"malformed embedding file {path}: {df.shape[1]} columns, expected {d + 2}")
             values = df.iloc[:, 2:]
             if any(not _is_number_dtype(t) for t in values.dtypes):
                 raise UserError(f"malformed embedding file {path}: {_describe_bad_cell(path, df, first_row)}")
@@ -734,6 +721,27 @@ def _read_text(path: Path, progress: bool) -> Embeddings:
              f"that stopped early, and its last value is read as it stands")
     emb = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)  # [N, d]
     return Embeddings(_absolute(paths, path.resolve().parent), labels, emb)
+
+
+def _text_blocks(reader, path: Path, d: int):
+    """The pandas reader's blocks of ``d + 2`` columns; its parse errors as one-line UserErrors."""
+    import pandas as pd
+
+    while True:
+        try:
+            df = next(reader)
+        except StopIteration:
+            return
+        except pd.errors.ParserWarning:
+            raise UserError(f"malformed embedding file {path}: line {first_long_row(path, d + 2)} has more fields "
+                            f"than the header's {d + 2} (path,label,e0..e{d - 1})")
+        except pd.errors.ParserError as exc:
+            raise UserError(f"malformed embedding file {path}: {_locate(str(exc))}")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"malformed embedding file {path}: not UTF-8 text ({exc.reason})")
+        if df.shape[1] != d + 2:
+            raise UserError(f"malformed embedding file {path}: {df.shape[1]} columns, expected {d + 2}")
+        yield df
 
 
 def _first_lines(f, n: int):

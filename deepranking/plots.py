@@ -159,8 +159,18 @@ def training_curves(records: Iterable[Mapping], path: str | os.PathLike,
     (:func:`data_path`) has one row per plotted point: ``panel,series,step,value``.
     Returns the Figure.
     """
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    panels = _training_panels(records)
+    fig = _new_figure(10.0, 1.0 + 2.1 * max(len(panels), 1))
+    fig.suptitle(title)
+    _draw_panels(fig, panels)
+    rows = [(name, label, x, y) for name, _, _, series in panels for label, (xs, ys), _, _ in series
+            for x, y in zip(xs, ys)]
+    _write(path, _figure_saver(fig), ["panel", "series", "step", "value"], rows)
+    return fig
 
+
+def _training_panels(records: Iterable[Mapping]) -> list[tuple[str, str, tuple | None, list]]:
+    """The panels training_curves draws: (name, y label, y range, [(series, (xs, ys), colour, keywords)])."""
     records = [r for r in records if isinstance(r, Mapping)]
     train = [r for r in records if r.get("event") == "train"]
     epochs = [r for r in records if r.get("event") == "epoch"]
@@ -205,9 +215,13 @@ def training_curves(records: Iterable[Mapping], path: str | os.PathLike,
     lr = windowed("lr", "learning rate")
     if lr is not None:
         panels.append(("learning rate", "learning rate", None, [("learning rate", lr[1], PALETTE[4], None)]))
+    return panels
 
-    fig = _new_figure(10.0, 1.0 + 2.1 * max(len(panels), 1))
-    fig.suptitle(title)
+
+def _draw_panels(fig: "Figure", panels: list) -> None:
+    """One axis per panel on a shared step axis (a note when there is nothing to draw)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     if not panels:
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no training records to plot", ha="center", va="center", transform=ax.transAxes)
@@ -231,10 +245,6 @@ def training_curves(records: Iterable[Mapping], path: str | os.PathLike,
             _legend_right(ax)
         axes[-1].set_xlabel("step")
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-    rows = [(name, label, x, y) for name, _, _, series in panels for label, (xs, ys), _, _ in series
-            for x, y in zip(xs, ys)]
-    _write(path, _figure_saver(fig), ["panel", "series", "step", "value"], rows)
-    return fig
 
 
 def _differs(a: tuple[list, list], b: tuple[list, list]) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli, runtime
+from deepranking import argtypes, cli, file_io, runtime
 from deepranking import embedding_io
 from deepranking import image_data
 from deepranking import plots
@@ -41,19 +41,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="database embedding file (train split)")
     p.add_argument("--test-embeddings", type=Path, default=Path("test_embedding.txt"),
                    help="query embedding file (val split)")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query (top-k)")
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="neighbours per query (top-k)")
     p.add_argument("--output-dir", type=Path, default=Path("eval_results"), help="where results go")
     p.add_argument("--queries", nargs="*", default=None,
                    help="test images to draw: row indices into the test file or image paths")
-    p.add_argument("--num-demo-queries", type=cli.non_negative_int, default=5,
+    p.add_argument("--num-demo-queries", type=argtypes.non_negative_int, default=5,
                    help="random test queries to draw when --queries is not given")
     p.add_argument("--triplets", type=Path, default=None, help="triplet CSV to score (fraction ranked correctly)")
-    p.add_argument("--max-train-queries", type=cli.positive_int, default=10_000,
+    p.add_argument("--max-train-queries", type=argtypes.positive_int, default=10_000,
                    help="train precision uses a seeded subset of at most this many train queries")
-    p.add_argument("--chunk-size", type=cli.positive_int, default=None,
+    p.add_argument("--chunk-size", type=argtypes.positive_int, default=None,
                    help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
                         "distance block within 256 MB)")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seed for the train subset and demo queries")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed for the train subset and demo queries")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--protocol", choices=PROTOCOLS, default="split",
                    help="split (default): the test file queries the train database, plus train precision; "
@@ -369,8 +369,8 @@ def report(args, train, test, queries: list[int], device) -> dict:
                     "class_names": str(words) if words else None})
     table.insert(1, "name", [image_data.display_name(c, names) for c in table["class"]])
 
-    with cli.staged_outputs(out, last=metrics_path.name) as stage:  # the set is written all or none
-        with cli.atomic_path(stage / "per_class_precision.csv") as tmp:
+    with file_io.staged_outputs(out, last=metrics_path.name) as stage:  # the set is written all or none
+        with file_io.atomic_path(stage / "per_class_precision.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
         curve = metrics["precision_at_k_curve"]
         curves = {"queries vs the rest of the file (self excluded)" if self_search else "test (val queries)":
@@ -380,7 +380,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
         plots.precision_at_k(stage / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
-        cli.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
+        file_io.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
     for n, p in retrieval_pictures(out).items():
         if n >= len(queries):  # an earlier run's extra pictures and their tables (--force): not this run's
             p.unlink()
@@ -413,7 +413,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
 def main(args) -> None:
     out = args.output_dir
     metrics_path = out / "metrics.json"
-    cli.check_output_path(metrics_path, args.force, "metrics file")  # also proves it writable, at once
+    file_io.check_output_path(metrics_path, args.force, "metrics file")  # also proves it writable, at once
     check_old_outputs(out, args.force)
     device = runtime.pick_device(args.device)
     test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
@@ -432,7 +432,7 @@ def main(args) -> None:
         raise UserError(f"--k {args.k} is larger than the database ({n_db} images"
                         f"{' besides the query' if args.protocol == 'self' else ''})")
     if args.triplets is not None:
-        cli.check_input_file(args.triplets, "triplet CSV")
+        file_io.check_input_file(args.triplets, "triplet CSV")
     queries = pick_queries(args, test)
 
     report(args, train, test, queries, device)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from deep_rank_net import model_from_checkpoint
-from deepranking import cli, distributed, embedding, runtime
+from deepranking import argtypes, cli, distributed, embedding, file_io, runtime
 from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint
 from deepranking.cli import UserError
 from deepranking.embedding_io import EmbeddingFile, files_of, write_embedding_files
@@ -58,9 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="--features backbone: imagenet (default), none (random, seeded) or PATH (a torchvision "
                         "state dict, or a deep-ranking checkpoint's backbone)")
-    p.add_argument("--image-size", type=cli.positive_int, default=None,
+    p.add_argument("--image-size", type=argtypes.positive_int, default=None,
                    help="--features pixels|backbone: the side the features see (default 32 | 224)")
-    p.add_argument("--cache-size", type=cli.positive_int, default=None,
+    p.add_argument("--cache-size", type=argtypes.positive_int, default=None,
                    help="--features pixels|backbone: the decoded-image cache side (default: --image-size)")
     p.add_argument("--data-dir", type=Path, default=Path("tiny-imagenet-200"),
                    help="TinyImageNet root (train/ and val/) or a folder of class folders (train only; "
@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "val is skipped with a message when the dataset has none)")
     embedding.add_embedding_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seed (embedding is deterministic; kept for uniformity)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed (embedding is deterministic; kept for uniformity)")
     return p
 
 
@@ -128,7 +128,7 @@ def plan_jobs(args) -> list[SplitJob]:
             print(f"no val split in {args.data_dir} (a plain class folder is the train split): "
                   f"not writing {outputs['val']}", file=sys.stderr)
             continue
-        cli.check_output_path(outputs[split], args.force, f"{split} embeddings output")
+        file_io.check_output_path(outputs[split], args.force, f"{split} embeddings output")
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
         jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names,
                              resolve_split_dir(args.data_dir, split).resolve(), image_stamps(images.paths)))
@@ -221,7 +221,7 @@ def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distri
     def work():
         emb, seconds = embed_shard(job.paths[lo:hi], model, spec, args, device, env, progress)
         if env.active:
-            with cli.atomic_path(shard_file(job.output, env.rank), suffix=".npy") as tmp:
+            with file_io.atomic_path(shard_file(job.output, env.rank), suffix=".npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, emb)
         return emb, seconds
@@ -255,7 +255,7 @@ def write_outputs(jobs: list[SplitJob], embs: list[np.ndarray], fingerprint: dic
 
 
 def main(args) -> None:
-    cli.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     env = distributed.from_env()
     device = distributed.rank_device(args.device, env)
     # Every check happens on every rank before the process group exists: a bad input

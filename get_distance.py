@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepranking import cli
+from deepranking import cli, file_io
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def main(args) -> None:
     from deepranking.checkpoint import load_checkpoint
     from deepranking.embedding import embed_paths
 
-    paths = [str(cli.check_input_file(p, f"image{i}").resolve()) for i, p in
+    paths = [str(file_io.check_input_file(p, f"image{i}").resolve()) for i, p in
              enumerate((args.image1, args.image2), start=1)]
     device = runtime.pick_device(args.device)
     model, spec = model_from_checkpoint(load_checkpoint(args.model), device)

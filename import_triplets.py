@@ -59,7 +59,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deepranking import cli
+from deepranking import argtypes, cli, file_io
 from deepranking.cli import UserError
 from deepranking import preprocessing
 from deepranking.image_data import is_image_file
@@ -95,21 +95,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("auto", "lines", "csv", "tsv"), default="auto",
                    help="input format (auto: CSV/TSV if the first line holds 2+ image columns or the "
                    "header, else 4-line records)")
-    p.add_argument("--workers", type=cli.positive_int, default=8, help="parallel downloads")
-    p.add_argument("--retries", type=cli.non_negative_int, default=3,
+    p.add_argument("--workers", type=argtypes.positive_int, default=8, help="parallel downloads")
+    p.add_argument("--retries", type=argtypes.non_negative_int, default=3,
                    help="retries per URL after connection errors, timeouts, 408/429 and 5xx (not after 404 etc.)")
-    p.add_argument("--timeout", type=cli.positive_float, default=20.0,
+    p.add_argument("--timeout", type=argtypes.positive_float, default=20.0,
                    help="seconds per network operation (connect, each read)")
-    p.add_argument("--backoff", type=cli.positive_float, default=0.5,
+    p.add_argument("--backoff", type=argtypes.positive_float, default=0.5,
                    help="first retry delay in seconds; doubles per retry, plus up to 100%% seeded jitter")
-    p.add_argument("--max-bytes", type=cli.positive_int, default=10_000_000,
+    p.add_argument("--max-bytes", type=argtypes.positive_int, default=10_000_000,
                    help="largest accepted download per image (checked on Content-Length and while streaming)")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-request URLs that failed permanently (404, not an image, ...) in an earlier run")
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
+    p.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
                    help="fraction of query images held out into <csv stem>_val.csv (split by query image, "
                    "so no query is in both files)")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the retry jitter and of the --val-fraction split")
+    p.add_argument("--seed", type=argtypes.seed, default=0,
+                   help="seed of the retry jitter and of the --val-fraction split")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-local-files", action="store_true",
                    help="copy local files (plain paths and file:// URLs in the list); without it they are "
@@ -686,7 +687,7 @@ def write_rows_csv(path: Path, header: tuple, rows) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    cli.atomic_write_text(path, buf.getvalue())
+    file_io.atomic_write_text(path, buf.getvalue())
 
 
 def write_manifest(path: Path, previous: dict[str, dict], outcomes: dict[str, Outcome]) -> None:
@@ -778,7 +779,7 @@ def fetch_all(refs: list[Ref], images_dir: Path, manifest_path: Path, previous: 
 
 
 def main(args) -> None:
-    input_path = cli.check_input_file(args.input, "triplet list")
+    input_path = file_io.check_input_file(args.input, "triplet list")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir is not a folder: {out_dir}")

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deepranking import cli
+from deepranking import argtypes, cli, file_io
 from deepranking.cli import UserError
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -223,7 +223,7 @@ def subset(data: dict, train_per_class: int | None, val_per_class: int | None, s
 
 def tint_count(value: str) -> int:
     """argparse type of --tints: 0 (the grey images) or at least 2 (one tint would only colour them all red)."""
-    count = cli.non_negative_int(value)
+    count = argtypes.non_negative_int(value)
     if count == 1:
         raise cli.arg_error("0 (grey images) or at least 2: one tint would colour every image red and add no classes")
     return count
@@ -449,7 +449,7 @@ def save_npz_deterministic(path: str | os.PathLike, arrays: dict) -> None:
 def build_bundle(data: dict, path: str | os.PathLike, train_per_class: int, val_per_class: int,
                  seed: int, force: bool) -> dict:
     """Write the seeded class-balanced sample bundle (.npz) atomically; return its arrays."""
-    path = cli.check_output_path(path, force, "sample bundle")
+    path = file_io.check_output_path(path, force, "sample bundle")
     sample = subset(data, train_per_class, val_per_class, seed)
     arrays = {
         "train_images": sample["train_images"],                      # uint8 [N, 28, 28]
@@ -461,7 +461,7 @@ def build_bundle(data: dict, path: str | os.PathLike, train_per_class: int, val_
         "train_source_index": sample["train_source_index"].astype(np.int32),
         "val_source_index": sample["val_source_index"].astype(np.int32),
     }
-    with cli.atomic_path(path) as tmp:
+    with file_io.atomic_path(path) as tmp:
         save_npz_deterministic(tmp, arrays)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the bundle is a shared, committed file
     return arrays
@@ -476,7 +476,7 @@ def count_or_all(value: str) -> int | None:
     """argparse type: a positive integer, or 'all' (None)."""
     if value.lower() == "all":
         return None
-    return cli.positive_int(value)
+    return argtypes.positive_int(value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -495,16 +495,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train images per class, or 'all' (default: all the source has; 60 with --build-bundle)")
     p.add_argument("--val-per-class", type=count_or_all, default=None,
                    help="val images per class, or 'all' (default: all the source has; 15 with --build-bundle)")
-    p.add_argument("--size", type=cli.positive_int, default=64,
+    p.add_argument("--size", type=argtypes.positive_int, default=64,
                    help="side of the written square RGB JPEGs in pixels (28 px upsampled, bicubic; default 64)")
     p.add_argument("--quality", type=int, default=JPEG_QUALITY, choices=range(1, 101), metavar="1..100",
                    help="JPEG quality (default 95)")
-    p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=argtypes.positive_int, default=min(8, os.cpu_count() or 1),
                    help="threads encoding JPEGs (default: CPU count, at most 8)")
     p.add_argument("--tints", type=tint_count, default=0,
                    help="make N colour classes of every class (Fashion-MNIST x 20 = TinyImageNet's 200 classes, "
                         "a fine-grained task); --train/--val-per-class then count images per tinted class")
-    p.add_argument("--seed", type=cli.seed, default=0,
+    p.add_argument("--seed", type=argtypes.seed, default=0,
                    help="seed of the subset choice and of the val order (same seed -> identical files; default 0)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output (a dataset folder holding wnids.txt, or the bundle)")
@@ -521,7 +521,7 @@ def main(args) -> None:
         if source == "bundled":
             raise UserError("--build-bundle needs the full dataset: use --source debian or an IDX folder")
         output = Path(args.output) if args.output else BUNDLE_PATH
-        cli.check_output_path(output, args.force, "sample bundle")
+        file_io.check_output_path(output, args.force, "sample bundle")
         data, desc = load_source(source)
         n_train = args.train_per_class or BUNDLE_TRAIN_PER_CLASS
         n_val = args.val_per_class or BUNDLE_VAL_PER_CLASS

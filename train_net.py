@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import deep_rank_net
-from deepranking import backbones, cli, distributed, embedding, image_cache, image_data, losses, resume, runtime
+from deepranking import argtypes, backbones, cli, distributed, embedding, file_io, image_cache, image_data, losses, resume, runtime
 from deepranking import checkpoint
 from deepranking.checkpoint import Checkpointer, load_checkpoint
 from deepranking.cli import UserError
@@ -97,26 +97,26 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-triplets", type=Path, default=None,
                       help=f"validation triplet CSV (default: {DEFAULT_VAL_TRIPLETS} next to --triplets, "
                            "skipped with a warning if absent)")
-    data.add_argument("--val-fraction", type=cli.fraction, default=0.0,
+    data.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
                       help="hold out this fraction of the training query images (seeded) for validation instead; "
                            "training triplets that use one of them as positive or negative are left out (counted)")
-    data.add_argument("--image-size", type=cli.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
-    data.add_argument("--cache-size", type=cli.non_negative_int, default=CACHE_SIZE,
+    data.add_argument("--image-size", type=argtypes.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
+    data.add_argument("--cache-size", type=argtypes.non_negative_int, default=CACHE_SIZE,
                       help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
     data.add_argument("--batch-sampler", choices=("csv", "pk"), default=BATCH_SAMPLER,
                       help="csv: batches of --batch-size CSV triplets; pk: P classes x K images drawn from the CSV's "
                            "training images (needs class folders and --mining batch-hard or semi-hard)")
-    data.add_argument("--pk-classes", type=cli.bounded_int(2), default=PK_CLASSES, help="P: classes per pk batch")
-    data.add_argument("--pk-images", type=cli.bounded_int(2), default=PK_IMAGES,
+    data.add_argument("--pk-classes", type=argtypes.bounded_int(2), default=PK_CLASSES, help="P: classes per pk batch")
+    data.add_argument("--pk-images", type=argtypes.bounded_int(2), default=PK_IMAGES,
                       help="K: images per class in a pk batch (classes with fewer are drawn with replacement)")
-    data.add_argument("--num-workers", type=cli.non_negative_int, default=NUM_WORKERS,
+    data.add_argument("--num-workers", type=argtypes.non_negative_int, default=NUM_WORKERS,
                       help="DataLoader worker processes (0: gather in the main process; images decoded on the fly, "
                            "over --cache-budget, get at least min(8, CPU cores))")
     embedding.add_cache_budget_flag(data, CACHE_BUDGET)
-    data.add_argument("--shift", type=cli.fraction, default=SHIFT,
+    data.add_argument("--shift", type=argtypes.fraction, default=SHIFT,
                       help="augmentation: shift each training image by up to this fraction of --image-size in x and "
                            "y (border pixels repeated), after the random flip (0: flips only)")
-    data.add_argument("--erase", type=cli.probability, default=ERASE,
+    data.add_argument("--erase", type=argtypes.probability, default=ERASE,
                       help="augmentation: with this probability, set one random rectangle (2-33%% of the image) "
                            "of each training image to the mean colour, after flip and shift (0: never)")
 
@@ -135,42 +135,42 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     model.add_argument("--no-multiscale", "--single-scale", dest="shallow", action="store_const", const="none",
                        help=argparse.SUPPRESS)
     model.add_argument("--multiscale", dest="shallow", action="store_const", const="paper", help=argparse.SUPPRESS)
-    model.add_argument("--embedding-dim", type=cli.positive_int, default=EMBEDDING_DIM, help="embedding size")
+    model.add_argument("--embedding-dim", type=argtypes.positive_int, default=EMBEDDING_DIM, help="embedding size")
 
 
 def _loss_flags(p: argparse.ArgumentParser) -> None:
     loss = p.add_argument_group("loss")
-    loss.add_argument("--margin", type=cli.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
+    loss.add_argument("--margin", type=argtypes.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
     loss.add_argument("--mining", choices=tuple(losses.MINERS), default=MINING,
                       help="online mining inside each batch (needs class folders): batch-hard = every image an "
                            "anchor with its hardest positive and negative; hard-negative = each triplet's negative "
                            "replaced by the batch's closest; semi-hard = negatives farther than the positive but "
                            "inside the margin (pairs without one are dropped)")
-    loss.add_argument("--id-loss-weight", type=cli.non_negative_float, default=ID_LOSS_WEIGHT,
+    loss.add_argument("--id-loss-weight", type=argtypes.non_negative_float, default=ID_LOSS_WEIGHT,
                       help="weight of a class (cosine softmax) loss added to the ranking loss (needs class folders)")
-    loss.add_argument("--id-loss-scale", type=cli.positive_float, default=ID_LOSS_SCALE,
+    loss.add_argument("--id-loss-scale", type=argtypes.positive_float, default=ID_LOSS_SCALE,
                       help="temperature of the class loss's cosine logits")
-    loss.add_argument("--id-loss-margin", type=cli.fraction, default=ID_LOSS_MARGIN,
+    loss.add_argument("--id-loss-margin", type=argtypes.fraction, default=ID_LOSS_MARGIN,
                       help="cosine margin subtracted from the true class in the class loss (CosFace; 0: none)")
-    loss.add_argument("--id-loss-smoothing", type=cli.fraction, default=ID_LOSS_SMOOTHING,
+    loss.add_argument("--id-loss-smoothing", type=argtypes.fraction, default=ID_LOSS_SMOOTHING,
                       help="label smoothing of the class loss (0: one-hot targets)")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=cli.positive_int, default=EPOCHS, help="training epochs")
+    opt.add_argument("--epochs", type=argtypes.positive_int, default=EPOCHS, help="training epochs")
     opt.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER, help="optimizer")
-    opt.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE, help="triplets per step")
-    opt.add_argument("--lr", type=cli.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
+    opt.add_argument("--batch-size", type=argtypes.positive_int, default=BATCH_SIZE, help="triplets per step")
+    opt.add_argument("--lr", type=argtypes.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
     opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LR_SCHEDULE,
                      help="constant, or cosine decay to 0 over all --epochs (--max-steps/--time-limit "
                           "stop early without shortening it)")
-    opt.add_argument("--warmup-steps", type=cli.non_negative_int, default=WARMUP_STEPS,
+    opt.add_argument("--warmup-steps", type=argtypes.non_negative_int, default=WARMUP_STEPS,
                      help="linear learning-rate warm-up over the first N optimizer steps")
-    opt.add_argument("--momentum", type=cli.unit_interval, default=MOMENTUM, help="momentum (sgd, rms), in [0, 1)")
+    opt.add_argument("--momentum", type=argtypes.unit_interval, default=MOMENTUM, help="momentum (sgd, rms), in [0, 1)")
     opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=NESTEROV, help="Nesterov momentum (sgd)")
-    opt.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY, help="weight decay (>= 0)")
-    opt.add_argument("--ema-decay", type=cli.unit_interval, default=EMA_DECAY,
+    opt.add_argument("--weight-decay", type=argtypes.non_negative_float, default=WEIGHT_DECAY, help="weight decay (>= 0)")
+    opt.add_argument("--ema-decay", type=argtypes.unit_interval, default=EMA_DECAY,
                      help="keep an exponential moving average of the weights with this decay, in [0, 1); "
                           "checkpoints, validation and every later stage use the average (0: off)")
 
@@ -182,7 +182,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
     run.add_argument("--force", action="store_true",
                      help="start afresh: delete an earlier run's checkpoints, metrics.jsonl and curves")
-    run.add_argument("--seed", type=cli.seed, default=SEED, help="random seed (init, triplet order, flips)")
+    run.add_argument("--seed", type=argtypes.seed, default=SEED, help="random seed (init, triplet order, flips)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--amp", choices=runtime.AMP_CHOICES, default=AMP,
                      help="mixed precision: auto = bf16 on CUDA (fp16 with loss scaling on GPUs without bf16), "
@@ -190,18 +190,18 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     run.add_argument("--deterministic", action=both, default=DETERMINISTIC,
                      help="deterministic algorithms and cuDNN flags (bit-identical GPU reruns, slower)")
     run.add_argument("--compile", action=both, default=COMPILE, help="torch.compile the model")
-    run.add_argument("--max-steps", type=cli.positive_int, default=None,
+    run.add_argument("--max-steps", type=argtypes.positive_int, default=None,
                      help="stop after this many optimizer steps in total (the run's, resumes included)")
-    run.add_argument("--time-limit", type=cli.positive_float, default=None,
+    run.add_argument("--time-limit", type=argtypes.positive_float, default=None,
                      help="stop after this many seconds of training in total (the run's, resumes included)")
-    run.add_argument("--save-every", type=cli.non_negative_int, default=SAVE_EVERY,
+    run.add_argument("--save-every", type=argtypes.non_negative_int, default=SAVE_EVERY,
                      help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only)")
-    run.add_argument("--keep-checkpoints", type=cli.non_negative_int, default=KEEP_CHECKPOINTS,
+    run.add_argument("--keep-checkpoints", type=argtypes.non_negative_int, default=KEEP_CHECKPOINTS,
                      help="keep only the newest N temp_<epoch>.model files (0: every epoch's, as the classic code)")
-    run.add_argument("--log-every", type=cli.positive_int, default=LOG_EVERY, help="steps between log records")
-    run.add_argument("--weight-growth-warning", type=cli.positive_float, default=WEIGHT_GROWTH_WARNING,
+    run.add_argument("--log-every", type=argtypes.positive_int, default=LOG_EVERY, help="steps between log records")
+    run.add_argument("--weight-growth-warning", type=argtypes.positive_float, default=WEIGHT_GROWTH_WARNING,
                      help="warn when the trained weights' norm grows this many times (a too-high lr)")
-    run.add_argument("--collapse-distance", type=cli.non_negative_float, default=COLLAPSE_DISTANCE,
+    run.add_argument("--collapse-distance", type=argtypes.non_negative_float, default=COLLAPSE_DISTANCE,
                      help="warn when the mean pairwise distance in a batch falls below this")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -228,7 +228,7 @@ def main(args) -> None:
     saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints, epochs=args.epochs)
     resume.check_outputs(saver, args, parser)
     # One run per folder; taking the lock also proves the folder writable, before any long work.
-    with cli.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
+    with file_io.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
         net = build_net(args, ckpt is not None, device)  # the weights are found (or not) before decoding
         with distributed.session(env, device):
             # Rank 0 decodes every image into the cache while the other ranks wait, then they map it.
@@ -427,7 +427,7 @@ def stop(run: Run, reason: str) -> None:
 
 def load_data(args) -> tuple[image_data.TripletData, np.ndarray | None, int]:
     """Triplets (and, for mining / the class loss, folder labels), checked before any work."""
-    cli.check_input_file(args.triplets, "triplet CSV", allow_empty=False)  # before looking for its val CSV
+    file_io.check_input_file(args.triplets, "triplet CSV", allow_empty=False)  # before looking for its val CSV
     data = image_data.load_triplet_data(args.triplets, resolve_val_path(args), args.val_fraction, args.seed)
     if args.batch_sampler == "pk" and args.mining not in losses.LABEL_ONLY_MINERS:
         raise UserError(f"--batch-sampler pk needs --mining {' or '.join(losses.LABEL_ONLY_MINERS)} "
@@ -444,7 +444,7 @@ def resolve_val_path(args) -> Path | None:
     if args.val_triplets is not None:
         if args.val_fraction > 0:
             raise UserError("give either --val-triplets or --val-fraction, not both")
-        return cli.check_input_file(args.val_triplets, "validation triplet CSV")
+        return file_io.check_input_file(args.val_triplets, "validation triplet CSV")
     if args.val_fraction > 0:
         return None
     default = args.triplets.parent / DEFAULT_VAL_TRIPLETS
@@ -500,7 +500,7 @@ def resumed_model_settings(ckpt: dict) -> dict:
 
 def build_net(args, resuming: bool, device: torch.device) -> deep_rank_net.DeepRankNet:
     """The seeded net (pretrained weights unless resuming: the checkpoint brings its own)."""
-    cli.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     net = deep_rank_net.build_model(args.arch, args.embedding_dim, None, "none" if resuming else args.weights,
                                     args.train_from, shallow=args.shallow)
     return net.to(device).to(memory_format=runtime.memory_format(device))
@@ -587,7 +587,7 @@ def prepare_output(run: Run) -> None:
     config = {**{k: v for k, v in vars(run.args).items()}, "device": str(run.device),
               "world_size": run.env.world_size, "precision": run.precision.name,
               "preprocessing": run.spec.to_dict()}
-    cli.atomic_write_text(run.args.output_dir / resume.CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
+    file_io.atomic_write_text(run.args.output_dir / resume.CONFIG_NAME, json.dumps(config, indent=2, default=str) + "\n")
 
 
 def save_progress(run: Run) -> None:

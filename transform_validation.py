@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from deepranking import cli
+from deepranking import cli, file_io
 from deepranking.cli import UserError
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -194,7 +194,7 @@ def restructure(root: Path) -> int:
             raise UserError(f"cannot move {src} to {dst}: {exc.strerror or exc}; "
                             f"fix that and re-run to continue")
     for wnid, text in boxes_text(annotations).items():
-        cli.atomic_write_text(val_dir / wnid / f"{wnid}_boxes.txt", text)
+        file_io.atomic_write_text(val_dir / wnid / f"{wnid}_boxes.txt", text)
     images_dir = val_dir / "images"
     if images_dir.is_dir():
         images_dir.rmdir()  # empty: plan_moves rejected unannotated files

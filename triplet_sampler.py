@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli
+from deepranking import argtypes, cli, file_io
 from deepranking import image_data
 from deepranking.cli import UserError
 
@@ -39,10 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", type=int, choices=(0, 1), default=1,
                    help="1: sample the train split, 0: the val split (default 1)")
     p.add_argument("--num_pos_images", "--num-pos-images", dest="num_pos_images",
-                   type=cli.positive_int, default=1,
+                   type=argtypes.positive_int, default=1,
                    help="positives per query, drawn without replacement from its class (default 1)")
     p.add_argument("--num_neg_images", "--num-neg-images", dest="num_neg_images",
-                   type=cli.positive_int, default=1,
+                   type=argtypes.positive_int, default=1,
                    help="negatives per (query, positive) pair, from other classes (default 1)")
     p.add_argument("--data-dir", default="tiny-imagenet-200",
                    help="TinyImageNet root (with train/ and val/) or a plain folder of class "
@@ -50,9 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="output CSV (default training_triplet_sample.csv or "
                    "val_triplet_sample.csv by split); paths in it are relative to its folder")
-    p.add_argument("--seed", type=cli.seed, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.0,
+    p.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
                    help="hold out this fraction of each class's images as queries in a second "
                    "CSV <output stem>_heldout.csv; held-out images never appear in the main "
                    "CSV (default 0: no held-out file)")
@@ -231,10 +231,10 @@ def check_output_size(labels: np.ndarray, num_pos: int, num_neg: int) -> None:
 def main(args) -> None:
     split = "train" if args.training == 1 else "val"
     output = Path(args.output or DEFAULT_OUTPUT[args.training])
-    cli.check_output_path(output, args.force, "output CSV")
+    file_io.check_output_path(output, args.force, "output CSV")
     held_out = heldout_path(output) if args.val_fraction > 0 else None
     if held_out is not None:
-        cli.check_output_path(held_out, args.force, "held-out CSV")
+        file_io.check_output_path(held_out, args.force, "held-out CSV")
     split_dir = image_data.resolve_split_dir(args.data_dir, split)
     images = image_data.list_class_folder(split_dir)
     labels = images.labels

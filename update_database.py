@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli, embedding, runtime
+from deepranking import cli, embedding, file_io, runtime
 from deepranking.cli import UserError
 
 
@@ -110,7 +110,7 @@ def main(args) -> Plan:
     output = args.output or args.database
     if args.output is not None and not args.dry_run:
         if Path(args.output).resolve() != Path(args.database).resolve():
-            cli.check_output_path(args.output, args.force, "updated database")
+            file_io.check_output_path(args.output, args.force, "updated database")
     db = embedding_io.read_embeddings(args.database, progress=not args.no_progress)
     check_database(db, args.database)
     ckpt = load_checkpoint(args.model)

@@ -25,18 +25,18 @@ import numpy as np
 
 from bench_common import comma_list  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 from deepranking.cli import UserError  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=cli.positive_int, default=1_000_000, help="synthetic database rows")
-    p.add_argument("--dim", type=cli.positive_int, default=128, help="synthetic embedding dimension")
-    p.add_argument("--queries", type=cli.positive_int, default=1000, help="queries per database")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query (recall@k)")
-    p.add_argument("--nlist", type=cli.positive_int, default=1024, help="IVF clusters")
-    p.add_argument("--nprobe", type=comma_list(cli.positive_int), default="1,8,32",
+    p.add_argument("--rows", type=argtypes.positive_int, default=1_000_000, help="synthetic database rows")
+    p.add_argument("--dim", type=argtypes.positive_int, default=128, help="synthetic embedding dimension")
+    p.add_argument("--queries", type=argtypes.positive_int, default=1000, help="queries per database")
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="neighbours per query (recall@k)")
+    p.add_argument("--nlist", type=argtypes.positive_int, default=1024, help="IVF clusters")
+    p.add_argument("--nprobe", type=comma_list(argtypes.positive_int), default="1,8,32",
                    help="comma-separated clusters searched per query")
     p.add_argument("--datasets", default="random,clustered", help="synthetic databases: random, clustered")
     p.add_argument("--embeddings", type=Path, default=None,

@@ -27,16 +27,16 @@ from PIL import Image
 
 from bench_common import PeakRSS  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 from deepranking import image_cache  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=cli.positive_int, default=10_000, help="JPEGs to write")
-    p.add_argument("--size", type=cli.positive_int, default=64, help="image side in pixels")
-    p.add_argument("--batch", type=cli.positive_int, default=256, help="rows per cache read")
-    p.add_argument("--workers", type=cli.positive_int, default=None,
+    p.add_argument("--images", type=argtypes.positive_int, default=10_000, help="JPEGs to write")
+    p.add_argument("--size", type=argtypes.positive_int, default=64, help="image side in pixels")
+    p.add_argument("--batch", type=argtypes.positive_int, default=256, help="rows per cache read")
+    p.add_argument("--workers", type=argtypes.positive_int, default=None,
                    help="decode threads for the cache build (default: image_cache's choice)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p

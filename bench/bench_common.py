@@ -145,7 +145,7 @@ def max_known(*readings: float) -> float:
 
 
 def comma_list(item_type):
-    """argparse type: "a,b,c" -> [item_type("a"), ...], at least one item (item_type: e.g. cli.positive_int)."""
+    """argparse type: "a,b,c" -> [item_type("a"), ...], at least one item (item_type: e.g. argtypes.positive_int)."""
 
     def parse(text: str) -> list:
         items = [item_type(t.strip()) for t in text.split(",") if t.strip()]

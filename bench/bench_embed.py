@@ -31,7 +31,7 @@ import numpy as np
 
 from bench_common import PeakRSS, fashion_mnist, run  # also puts the repo on sys.path
 
-from deepranking import cli, preprocessing  # noqa: E402
+from deepranking import argtypes, cli, preprocessing  # noqa: E402
 
 CLASSIC_BATCH = 25
 
@@ -39,10 +39,10 @@ CLASSIC_BATCH = 25
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
-    p.add_argument("--train-per-class", type=cli.positive_int, default=200, help="train images per class")
+    p.add_argument("--train-per-class", type=argtypes.positive_int, default=200, help="train images per class")
     p.add_argument("--arch", default="resnet18", help="backbone of the (untrained) model")
-    p.add_argument("--image-size", type=cli.positive_int, default=64, help="model input size (both methods)")
-    p.add_argument("--embedding-dim", type=cli.positive_int, default=4096, help="embedding size")
+    p.add_argument("--image-size", type=argtypes.positive_int, default=64, help="model input size (both methods)")
+    p.add_argument("--embedding-dim", type=argtypes.positive_int, default=4096, help="embedding size")
     p.add_argument("--seed", type=int, default=0, help="seed of data, triplets and weights")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: temporary)")
     return p
@@ -74,7 +74,7 @@ def main(args) -> None:
     import torch
 
     import deep_rank_net
-    from deepranking import checkpoint, image_cache, image_data
+    from deepranking import checkpoint, image_cache, image_data, runtime
     from deepranking.checkpoint import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench_embed_") as tmp:
@@ -88,7 +88,7 @@ def main(args) -> None:
         train_paths = list(image_data.list_class_folder(data / "train").paths)
         n_images = len(train_paths)
 
-        cli.seed_everything(args.seed)
+        runtime.seed_everything(args.seed)
         model = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1")
         ckpt = root / "untrained.model"
         # The cache side train_net.py would record for these images (their own 64 px).

@@ -33,14 +33,14 @@ import numpy as np
 
 from bench_common import PeakRSS  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=cli.positive_int, default=100_000, help="embeddings (rows)")
-    p.add_argument("--dim", type=cli.positive_int, default=4096, help="values per embedding")
-    p.add_argument("--baseline-rows", type=cli.positive_int, default=10_000,
+    p.add_argument("--rows", type=argtypes.positive_int, default=100_000, help="embeddings (rows)")
+    p.add_argument("--dim", type=argtypes.positive_int, default=4096, help="values per embedding")
+    p.add_argument("--baseline-rows", type=argtypes.positive_int, default=10_000,
                    help="rows the slow baseline really runs on; its times are scaled to --rows")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p

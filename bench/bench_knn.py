@@ -31,7 +31,7 @@ import numpy as np
 
 from bench_common import comma_list  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 from deepranking.cli import UserError  # noqa: E402
 
 METHODS = ("ours", "sklearn")
@@ -39,10 +39,11 @@ METHODS = ("ours", "sklearn")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=cli.positive_int, default=10_000, help="query vectors")
-    p.add_argument("--database", type=cli.positive_int, default=100_000, help="database vectors")
-    p.add_argument("--dims", type=comma_list(cli.positive_int), default=[4096, 128], help="comma-separated dimensions")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query")
+    p.add_argument("--queries", type=argtypes.positive_int, default=10_000, help="query vectors")
+    p.add_argument("--database", type=argtypes.positive_int, default=100_000, help="database vectors")
+    p.add_argument("--dims", type=comma_list(argtypes.positive_int), default=[4096, 128],
+                   help="comma-separated dimensions")
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="neighbours per query")
     p.add_argument("--device", default="cpu", help="device for knn_search (cpu for a like-for-like comparison)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     # Internal: run one method in this (child) process.

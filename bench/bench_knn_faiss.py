@@ -34,7 +34,7 @@ import numpy as np
 
 from bench_common import PeakRSS, comma_list  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 from deepranking.cli import UserError  # noqa: E402
 
 DIMS = [32, 64, 128, 256, 512, 1024, 4096]
@@ -42,13 +42,13 @@ DIMS = [32, 64, 128, 256, 512, 1024, 4096]
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=cli.positive_int, default=2000, help="query vectors")
-    p.add_argument("--rows", type=cli.positive_int, default=100_000, help="database vectors")
-    p.add_argument("--dims", type=comma_list(cli.positive_int), default=DIMS, help="comma-separated dimensions")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="neighbours per query")
-    p.add_argument("--threads", type=cli.positive_int, default=None,
+    p.add_argument("--queries", type=argtypes.positive_int, default=2000, help="query vectors")
+    p.add_argument("--rows", type=argtypes.positive_int, default=100_000, help="database vectors")
+    p.add_argument("--dims", type=comma_list(argtypes.positive_int), default=DIMS, help="comma-separated dimensions")
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="neighbours per query")
+    p.add_argument("--threads", type=argtypes.positive_int, default=None,
                    help="threads for both methods (default: torch.get_num_threads())")
-    p.add_argument("--repeat", type=cli.positive_int, default=1, help="timed runs per method (the best is kept)")
+    p.add_argument("--repeat", type=argtypes.positive_int, default=1, help="timed runs per method (the best is kept)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 

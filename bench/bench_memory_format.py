@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import deep_rank_net
-from deepranking import backbones, cli
+from deepranking import argtypes, backbones, cli
 from deepranking.preprocessing import preprocess
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -29,11 +29,11 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
-    p.add_argument("--sizes", type=comma_list(cli.bounded_int(32)), default=[32, 64], help="image sides")
-    p.add_argument("--images", type=cli.positive_int, default=192, help="images per timed pass")
-    p.add_argument("--batch", type=cli.positive_int, default=96, help="images per forward")
-    p.add_argument("--repeats", type=cli.positive_int, default=4, help="alternating repeats (best of)")
-    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sizes", type=comma_list(argtypes.bounded_int(32)), default=[32, 64], help="image sides")
+    p.add_argument("--images", type=argtypes.positive_int, default=192, help="images per timed pass")
+    p.add_argument("--batch", type=argtypes.positive_int, default=96, help="images per forward")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=4, help="alternating repeats (best of)")
+    p.add_argument("--threads", type=argtypes.positive_int, default=None, help="torch threads (default: torch's)")
     return p
 
 

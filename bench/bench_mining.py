@@ -26,20 +26,20 @@ import numpy as np
 
 from bench_common import Evaluator, latest_checkpoint, run  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=cli.positive_float, default=60.0, help="training seconds per mode")
+    p.add_argument("--budget", type=argtypes.positive_float, default=60.0, help="training seconds per mode")
     p.add_argument("--modes", nargs="+", default=["none", "hard-negative"],
                    choices=["none", "batch-hard", "hard-negative", "semi-hard"], help="mining modes to compare")
     p.add_argument("--arch", default="resnet18", help="backbone architecture")
-    p.add_argument("--image-size", type=cli.positive_int, default=32, help="training image size")
-    p.add_argument("--embedding-dim", type=cli.positive_int, default=64, help="embedding size")
-    p.add_argument("--batch-size", type=cli.positive_int, default=25, help="triplets per step")
-    p.add_argument("--lr", type=cli.positive_float, default=0.001, help="Adam learning rate")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="k of precision@k")
+    p.add_argument("--image-size", type=argtypes.positive_int, default=32, help="training image size")
+    p.add_argument("--embedding-dim", type=argtypes.positive_int, default=64, help="embedding size")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=25, help="triplets per step")
+    p.add_argument("--lr", type=argtypes.positive_float, default=0.001, help="Adam learning rate")
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="k of precision@k")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, init, order)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the data and runs here (default: temporary)")
@@ -100,7 +100,7 @@ def main(args) -> None:
                   "--time-limit", args.budget, "--seed", args.seed, "--device", args.device, "--no-progress",
                   "--force"]
         rows = []
-        cli.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
+        runtime.seed_everything(args.seed)  # the untrained reference: train_net's init for this seed
         untrained = deep_rank_net.build_model(args.arch, args.embedding_dim, True, "none", "conv1").to(device)
         rows.append({"mode": "untrained", "steps": 0, "seconds": 0.0,
                      **evaluate(evaluator, untrained, args.image_size, val_csv)})

@@ -41,7 +41,7 @@ from pathlib import Path
 from bench_common import latest_checkpoint, run_measured  # also puts the repo on sys.path
 from bench_time_to_quality import OUR_RECIPE
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli, file_io  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,18 +50,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="data, runs and cache go here (about 3 GB; kept for a look afterwards)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/rehearsal"), help="where the table goes")
     p.add_argument("--source", default="debian", help="make_sample_data.py --source")
-    p.add_argument("--tints", type=cli.bounded_int(2), default=20, help="hues per garment, >= 2 (20: 200 classes)")
-    p.add_argument("--train-per-class", type=cli.positive_int, default=500)
-    p.add_argument("--val-per-class", type=cli.positive_int, default=50)
-    p.add_argument("--train-seconds", type=cli.positive_float, default=600.0,
+    p.add_argument("--tints", type=argtypes.bounded_int(2), default=20, help="hues per garment, >= 2 (20: 200 classes)")
+    p.add_argument("--train-per-class", type=argtypes.positive_int, default=500)
+    p.add_argument("--val-per-class", type=argtypes.positive_int, default=50)
+    p.add_argument("--train-seconds", type=argtypes.positive_float, default=600.0,
                    help="--time-limit of the recipe's training run")
-    p.add_argument("--recipe-epochs", type=cli.positive_int, default=1,
+    p.add_argument("--recipe-epochs", type=argtypes.positive_int, default=1,
                    help="the recipe's --epochs here: its cosine schedule should end with the budget, and one pass "
                         "over 100,000 triplets (3,125 steps) is about 10 minutes on 2 cores")
-    p.add_argument("--r101-steps", type=cli.positive_int, default=3, help="ResNet-101 training steps")
-    p.add_argument("--r101-probe", type=cli.positive_int, default=400,
+    p.add_argument("--r101-steps", type=argtypes.positive_int, default=3, help="ResNet-101 training steps")
+    p.add_argument("--r101-probe", type=argtypes.positive_int, default=400,
                    help="val images ResNet-101 embeds (images/s gives the full set's time)")
-    p.add_argument("--stream-steps", type=cli.positive_int, default=200,
+    p.add_argument("--stream-steps", type=argtypes.positive_int, default=200,
                    help="steps of the cached and the streamed (--cache-budget 0) training runs compared")
     p.add_argument("--seed", type=int, default=1, help="seed of data, triplets and training")
     p.add_argument("--stages", nargs="+", default=["data", "train", "search", "r101", "stream"],
@@ -232,10 +232,10 @@ def main(args) -> None:
         steps[name]()
     summary = dict(cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), seed=args.seed,
                    recipe=OUR_RECIPE, rows=rehearsal.rows)
-    with cli.atomic_path(args.output_dir / "rehearsal.json") as tmp:
+    with file_io.atomic_path(args.output_dir / "rehearsal.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     table = rehearsal.report()
-    with cli.atomic_path(args.output_dir / "rehearsal.md") as tmp:
+    with file_io.atomic_path(args.output_dir / "rehearsal.md") as tmp:
         tmp.write_text(table)
     print(table)
 

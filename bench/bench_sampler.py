@@ -28,7 +28,7 @@ import numpy as np
 
 from bench_common import PeakRSS  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli  # noqa: E402
 from deepranking import image_data  # noqa: E402
 import triplet_sampler  # noqa: E402
 
@@ -37,9 +37,9 @@ TARGETS = {(1, 1): 5.0, (2, 2): 10.0}
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=cli.positive_int, default=200, help="class folders")
-    p.add_argument("--per-class", type=cli.positive_int, default=500, help="files per class")
-    p.add_argument("--baseline-queries", type=cli.positive_int, default=1000,
+    p.add_argument("--classes", type=argtypes.positive_int, default=200, help="class folders")
+    p.add_argument("--per-class", type=argtypes.positive_int, default=500, help="files per class")
+    p.add_argument("--baseline-queries", type=argtypes.positive_int, default=1000,
                    help="queries the classic baseline runs on before extrapolating")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p

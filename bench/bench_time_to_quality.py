@@ -45,7 +45,7 @@ import numpy as np
 
 from bench_common import Evaluator, PeakRSS, comma_list, fashion_mnist, latest_checkpoint, max_known, run  # also puts the repo on sys.path
 
-from deepranking import cli  # noqa: E402
+from deepranking import argtypes, cli, file_io  # noqa: E402
 
 # Our CPU recipe: what the measurements below found fastest to reach high precision.
 OUR_RECIPE = [
@@ -68,17 +68,17 @@ CLASSIC = dict(arch="resnet18", image_size=224, embedding_dim=4096, batch_size=2
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=cli.positive_float, default=600.0, help="training seconds per recipe")
-    p.add_argument("--eval-at", type=comma_list(cli.positive_float), default="60,150,300,600",
+    p.add_argument("--budget", type=argtypes.positive_float, default=600.0, help="training seconds per recipe")
+    p.add_argument("--eval-at", type=comma_list(argtypes.positive_float), default="60,150,300,600",
                    help="comma-separated training seconds at which to evaluate (capped at --budget)")
     p.add_argument("--recipes", nargs="+", default=["classic", "ours"], choices=["classic", "ours"],
                    help="recipes to run")
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
-    p.add_argument("--train-per-class", type=cli.positive_int, default=500, help="train images per class")
-    p.add_argument("--val-per-class", type=cli.positive_int, default=100, help="val images per class")
+    p.add_argument("--train-per-class", type=argtypes.positive_int, default=500, help="train images per class")
+    p.add_argument("--val-per-class", type=argtypes.positive_int, default=100, help="val images per class")
     p.add_argument("--ours", default="", help="extra train_net.py flags appended to OUR_RECIPE (quoted string)")
-    p.add_argument("--k", type=cli.positive_int, default=30, help="k of precision@k")
-    p.add_argument("--target", type=cli.fraction, default=0.88,
+    p.add_argument("--k", type=argtypes.positive_int, default=30, help="k of precision@k")
+    p.add_argument("--target", type=argtypes.fraction, default=0.88,
                    help="precision@k to reach (the issue's goal); drawn on the plot, first time reached printed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of data, triplets, init and order")
@@ -108,14 +108,14 @@ def run_classic(csv: Path, evaluator: Evaluator, times: list[float], args) -> li
     import torch
 
     import deep_rank_net
-    from deepranking import image_data
+    from deepranking import image_data, runtime
     from bench_train import classic_step_fn
 
     q, p, n = image_data.read_triplet_csv(csv)
     paths = sorted(set(q) | set(p) | set(n))
     row = {path: i for i, path in enumerate(paths)}
     trip = np.array([[row[a], row[b], row[c]] for a, b, c in zip(q, p, n)])  # [T, 3]
-    cli.seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
     model = deep_rank_net.build_model(CLASSIC["arch"], CLASSIC["embedding_dim"], True, "none", "conv1")
     model = model.to(evaluator.device)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=CLASSIC["lr"], momentum=0.9, nesterov=True)
@@ -206,7 +206,7 @@ def main(args) -> None:
     summary = dict(device=str(device), torch_threads=torch.get_num_threads(), budget=args.budget,
                    train_images=len(evaluator.train.paths), val_images=len(evaluator.val.paths), k=args.k,
                    raw_pixels_precision=raw, our_recipe=OUR_RECIPE + args.ours.split(), classic=CLASSIC, rows=rows)
-    with cli.atomic_path(args.output_dir / "time_to_quality.json") as tmp_json:
+    with file_io.atomic_path(args.output_dir / "time_to_quality.json") as tmp_json:
         tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
     series = {f"{r} recipe": ([x["seconds"] for x in rows if x["recipe"] == r],
                               [x["precision"] for x in rows if x["recipe"] == r]) for r in args.recipes}

@@ -36,7 +36,7 @@ import numpy as np
 
 from bench_common import PeakRSS, run  # also puts the repo on sys.path
 
-from deepranking import cli, preprocessing  # noqa: E402
+from deepranking import argtypes, cli, preprocessing  # noqa: E402
 
 WARMUP_STEPS = 2
 EMBEDDING_DIM = 128
@@ -45,13 +45,13 @@ EMBEDDING_DIM = 128
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="backbone architecture")
-    p.add_argument("--image-size", type=cli.positive_int, default=64, help="training image size S")
-    p.add_argument("--batch-size", type=cli.positive_int, default=25, help="triplets per step B")
-    p.add_argument("--steps", type=cli.positive_int, default=8, help="timed steps per method")
+    p.add_argument("--image-size", type=argtypes.positive_int, default=64, help="training image size S")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=25, help="triplets per step B")
+    p.add_argument("--steps", type=argtypes.positive_int, default=8, help="timed steps per method")
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--repeats", type=cli.positive_int, default=2,
+    p.add_argument("--repeats", type=argtypes.positive_int, default=2,
                    help="rounds over the three methods (interleaved; the best round counts, as timeit does)")
     return p
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import deep_rank_net
-from deepranking import backbones, cli
+from deepranking import argtypes, backbones
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -39,12 +39,12 @@ OPTIMIZERS = ("adam", "sgd")
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
-    p.add_argument("--sizes", type=comma_list(cli.bounded_int(32)), default=[32, 64], help="image sides")
-    p.add_argument("--batch", type=cli.positive_int, default=96, help="images per step (the recipe: 32 triplets)")
+    p.add_argument("--sizes", type=comma_list(argtypes.bounded_int(32)), default=[32, 64], help="image sides")
+    p.add_argument("--batch", type=argtypes.positive_int, default=96, help="images per step (the recipe: 32 triplets)")
     p.add_argument("--optim", choices=OPTIMIZERS, default="adam", help="optimizer of the timed steps")
-    p.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per variant and repeat")
-    p.add_argument("--repeats", type=cli.positive_int, default=3, help="alternating repeats (best of)")
-    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=5, help="timed steps per variant and repeat")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=3, help="alternating repeats (best of)")
+    p.add_argument("--threads", type=argtypes.positive_int, default=None, help="torch threads (default: torch's)")
     return p
 
 

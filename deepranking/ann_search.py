@@ -141,7 +141,7 @@ def load_or_build_index(index_path: str | os.PathLike | None, database: np.ndarr
             return index
     index = build_ivf_index(database, nlist=nlist, seed=seed)
     if index_path is not None:
-        from deepranking.cli import atomic_path, atomic_write_text
+        from deepranking.file_io import atomic_path, atomic_write_text
 
         key_file.unlink(missing_ok=True)  # never a new index beside the old key, even after a crash here
         with atomic_path(index_path, suffix=".faiss") as tmp:

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepranking.cli import UserError, atomic_path, check_input_file, os_reason
+from deepranking.cli import UserError, os_reason
+from deepranking.file_io import atomic_path, check_input_file
 from deepranking.preprocessing import Preprocessing
 
 CHECKPOINT_FORMAT = "deep-ranking-checkpoint"

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepranking import cli, image_cache, image_data, runtime
+from deepranking import argtypes, cli, image_cache, image_data, runtime
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
 
@@ -25,7 +25,7 @@ def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
     --cache-budget, --no-progress."""
     from pathlib import Path
 
-    p.add_argument("--batch-size", type=cli.positive_int, default=256, help=batch_help)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=256, help=batch_help)
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
     p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",

@@ -49,7 +49,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from deepranking.cli import UserError, atomic_paths, check_input_file, first_long_row, warn
+from deepranking.cli import UserError, warn
+from deepranking.file_io import atomic_paths, check_input_file, first_long_row
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1
@@ -344,7 +345,7 @@ def write_embedding_files(files: Sequence[EmbeddingFile], progress: bool = True)
     """Write several embedding files as one unit (gen_embeddings.py's train + test pair).
 
     Every data file and companion is written to a temporary name first; only when all are
-    complete are they renamed into place, with Ctrl-C held (``cli.atomic_paths``). An
+    complete are they renamed into place, with Ctrl-C held (``file_io.atomic_paths``). An
     error or interruption before that leaves every existing file as it was.
     """
     checked = [(f, _check_inputs(f.paths, f.labels, f.emb)) for f in files]

@@ -49,7 +49,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from deepranking import cli
+from deepranking import cli, file_io
 from deepranking.preprocessing import PIXELS_VERSION, UnreadableImageError, check_image, decode_resized
 
 CACHE_FORMAT = "deep-ranking-image-cache"
@@ -236,7 +236,7 @@ def _build_entry(cache_dir: Path, key: str, paths: list[str], size: int, progres
         if tmp.exists():
             tmp.unlink()
     # The header goes last: its presence marks the entry complete.
-    cli.atomic_write_text(header, json.dumps(
+    file_io.atomic_write_text(header, json.dumps(
         {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": size}))
     return np.memmap(data, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
 

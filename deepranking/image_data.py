@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 
 
-from deepranking.cli import UserError, check_input_file, first_long_row
+from deepranking.cli import UserError
+from deepranking.file_io import check_input_file, first_long_row
 
 # Lower-case extensions; matching is case-insensitive (TinyImageNet uses .JPEG).
 # Formats every Pillow build reads (a bad file among them is reported when decoded):
@@ -327,11 +328,11 @@ def write_triplet_files(paths: Sequence[str], files: Sequence[tuple]) -> list[in
 
     ``files``: (csv path, query, positive, negative) with int indices [R] into ``paths`` [N].
     Every file's rows are checked before any is written, then they are written to temporary
-    names and renamed together (cli.atomic_paths): a path no CSV can hold leaves the earlier
+    names and renamed together (file_io.atomic_paths): a path no CSV can hold leaves the earlier
     pair as it was, never a new main CSV beside an old held-out one. Each path is made
     relative to its CSV's folder once, however many rows use it. Returns the row counts.
     """
-    from deepranking.cli import atomic_paths
+    from deepranking.file_io import atomic_paths
 
     texts = []
     for csv_path, query, positive, negative in files:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequenc
 
 from PIL import Image, ImageDraw, ImageFont
 
-from deepranking.cli import UserError, atomic_path
+from deepranking.cli import UserError
+from deepranking.file_io import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from deepranking import cli
+from deepranking import argtypes, cli
 from deepranking.checkpoint import (Checkpointer, capture_rng_state, first_line, newest_epoch_checkpoint,
                                     restore_rng_state, strip_wrapper_prefixes, to_plain)
 from deepranking.cli import UserError
@@ -127,7 +127,7 @@ def check_training_record(ckpt: dict, path) -> None:
     if "epoch" not in ckpt or "step" not in ckpt:
         raise UserError(f"checkpoint {path} holds no training state (epoch, step), so it cannot be resumed")
     for key in ("epoch", "step", "step_in_epoch"):
-        if not cli.is_count(ckpt.get(key, 0)):
+        if not argtypes.is_count(ckpt.get(key, 0)):
             raise bad(key, "a non-negative integer")
     seconds = ckpt.get("train_seconds", 0.0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:

@@ -1,4 +1,4 @@
-"""Where and how the arithmetic runs: device, precision, memory format, determinism.
+"""Where and how the arithmetic runs: device, precision, memory format, determinism, seeding.
 
 One function decides each policy, for training and embedding alike:
 
@@ -9,14 +9,17 @@ One function decides each policy, for training and embedding alike:
   faster to embed (0.73-0.92, ``bench/bench_memory_format.py``); what GPUs' tensor cores want.
 * :func:`configure_determinism` — ``--deterministic`` turns on PyTorch's deterministic
   algorithms and the cuDNN flags; without it cuDNN may pick the fastest (autotuned) kernels.
+* :func:`seed_everything` — ``--seed`` seeds Python, NumPy and torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from deepranking.cli import UserError
@@ -111,3 +114,10 @@ def configure_determinism(deterministic: bool, device: torch.device | str) -> No
     torch.backends.cudnn.deterministic = deterministic
     # Autotuning picks kernels by timing, which can differ run to run.
     torch.backends.cudnn.benchmark = (not deterministic) and torch.device(device).type == "cuda"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

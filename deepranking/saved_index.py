@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from deepranking import embedding_io
-from deepranking.cli import UserError, atomic_path, atomic_write_text, warn
+from deepranking.cli import UserError, warn
+from deepranking.file_io import atomic_path, atomic_write_text
 
 KEY_FORMAT = "deep-ranking-saved-index"
 KEY_VERSION = 2  # 2: the inode is part of the key

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from deepranking.cli import UserError, atomic_write_text, is_count, warn
+from deepranking.argtypes import is_count
+from deepranking.cli import UserError, warn
+from deepranking.file_io import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 

@@ -15,7 +15,7 @@ import deep_rank_net as drn
 import eval as eval_script
 import gen_embeddings
 import query
-from deepranking import cli, embedding_io
+from deepranking import cli, embedding_io, file_io
 from deepranking.checkpoint import load_checkpoint, model_fingerprint, write_checkpoint
 from deepranking.cli import UserError
 from deepranking.embedding_io import read_embeddings, record_path
@@ -242,7 +242,7 @@ def test_ctrl_c_during_the_renames_waits_for_the_whole_pair(tmp_path, tiny_image
         real_replace(src, dst)
         renamed.append(Path(dst).name)
 
-    monkeypatch.setattr(cli.os, "replace", replace_with_sigint)
+    monkeypatch.setattr(file_io.os, "replace", replace_with_sigint)
     # Python's own Ctrl-C handler, whatever the shell gave: a job started with & in a script inherits
     # SIGINT ignored, and the renames then rightly restore "ignored" and raise nothing.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -251,7 +251,7 @@ def test_ctrl_c_during_the_renames_waits_for_the_whole_pair(tmp_path, tiny_image
             gen(models[1], tiny_imagenet, train, test, "--force")
     finally:
         signal.signal(signal.SIGINT, previous)
-    monkeypatch.setattr(cli.os, "replace", real_replace)
+    monkeypatch.setattr(file_io.os, "replace", real_replace)
     assert renamed == ["train.txt", "train.txt.meta.json", "test.txt", "test.txt.meta.json"]
     fb = fingerprint_of(models[1])["id"]
     assert [read_embeddings(p, progress=False).model["id"] for p in (train, test)] == [fb, fb]
@@ -261,14 +261,14 @@ def test_atomic_paths_leaves_everything_on_error(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("old a")
     with pytest.raises(RuntimeError):
-        with cli.atomic_paths([a, b]) as (ta, tb):
+        with file_io.atomic_paths([a, b]) as (ta, tb):
             ta.write_text("new a")
             raise RuntimeError("disk full")
     assert a.read_text() == "old a" and not b.exists() and sorted(os.listdir(tmp_path)) == ["a.txt"]
-    with cli.atomic_paths([a, b]) as (ta, tb):
+    with file_io.atomic_paths([a, b]) as (ta, tb):
         ta.write_text("new a")
         tb.write_text("new b")
     assert (a.read_text(), b.read_text()) == ("new a", "new b")
     with pytest.raises(UserError, match="cannot write"):
-        with cli.atomic_paths([tmp_path / "no" / "x", tmp_path]) as _:
+        with file_io.atomic_paths([tmp_path / "no" / "x", tmp_path]) as _:
             pass

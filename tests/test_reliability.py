@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_net
-from deepranking import checkpoint, cli
+from deepranking import checkpoint, cli, file_io
 from conftest import REPO
 from test_train_net import TINY, csvs, fails, train  # noqa: F401  (csvs is a fixture)
 
@@ -25,7 +25,7 @@ def test_atomic_write_full_disk_keeps_the_old_file_and_no_temp(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(cli.UserError) as info:
-        cli.atomic_write_text(target, "new")
+        file_io.atomic_write_text(target, "new")
     assert str(info.value) == f"cannot write {target}: No space left on device"
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
@@ -39,29 +39,29 @@ def test_atomic_write_unwritable_folder_is_one_line(tmp_path, monkeypatch, code)
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(cli.UserError, match=f"cannot write .*out.txt: {os.strerror(code)}"):
-        cli.atomic_write_text(tmp_path / "out.txt", "x")
+        file_io.atomic_write_text(tmp_path / "out.txt", "x")
 
 
 KILLED_MID_WRITE = """
 import argparse, os, signal, sys
 from pathlib import Path
-from deepranking import cli
+from deepranking import cli, file_io
 
 def write_then_killed(args):
     root = Path(args.root)
     if args.where == "files":
-        with cli.atomic_paths([root / "db.txt", root / "db.txt.meta.json"]) as tmps:
+        with file_io.atomic_paths([root / "db.txt", root / "db.txt.meta.json"]) as tmps:
             tmps[0].write_text("half")
             os.kill(os.getpid(), signal.SIGTERM)
     elif args.where == "caught":  # a broad handler on the way must not swallow it, as for Ctrl-C
         try:
-            with cli.atomic_paths([root / "db.txt"]) as tmps:
+            with file_io.atomic_paths([root / "db.txt"]) as tmps:
                 tmps[0].write_text("half")
                 os.kill(os.getpid(), signal.SIGTERM)
         except Exception:
             print("swallowed")
     else:
-        with cli.staged_outputs(root / "out") as stage:
+        with file_io.staged_outputs(root / "out") as stage:
             (stage / "metrics.json").write_text("half")
             os.kill(os.getpid(), signal.SIGTERM)
     print("not reached: SIGTERM raises in the main thread")
@@ -95,15 +95,15 @@ def test_sigterm_mid_write_removes_the_temporaries_and_keeps_the_old_outputs(tmp
 def test_atomic_write_onto_a_folder_or_under_a_file(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(cli.UserError, match="Is a directory"):
-        cli.atomic_write_text(tmp_path / "d", "x")
+        file_io.atomic_write_text(tmp_path / "d", "x")
     (tmp_path / "f").write_text("")
     with pytest.raises(cli.UserError, match="cannot write .*f/x.txt"):
-        cli.atomic_write_text(tmp_path / "f" / "x.txt", "x")
+        file_io.atomic_write_text(tmp_path / "f" / "x.txt", "x")
 
 
 def test_outputs_respect_the_umask(tmp_path):
-    code = ("import os; os.umask(0o027); from deepranking import cli; "
-            f"cli.atomic_write_text({str(tmp_path / 'a.txt')!r}, 'x'); "
+    code = ("import os; os.umask(0o027); from deepranking import file_io; "
+            f"file_io.atomic_write_text({str(tmp_path / 'a.txt')!r}, 'x'); "
             f"print(oct(os.stat({str(tmp_path / 'a.txt')!r}).st_mode & 0o777))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0o640"  # not mkstemp's 0o600
@@ -202,5 +202,5 @@ def test_outputs_are_proved_writable_before_any_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(cli.UserError, match=r"cannot write train embeddings output .*e\.txt: Read-only file system"):
-        cli.check_output_path(tmp_path / "new" / "e.txt", False, "train embeddings output")
+        file_io.check_output_path(tmp_path / "new" / "e.txt", False, "train embeddings output")
     assert not (tmp_path / "new").exists()  # nothing created by the check

@@ -17,7 +17,7 @@ import torch
 
 from deepranking import cli
 import deep_rank_net
-from deepranking import backbones, checkpoint, image_data, losses
+from deepranking import backbones, checkpoint, image_data, losses, runtime
 from deepranking.training_log import RunningStats
 from deepranking.weight_average import WeightAverage
 import train_net
@@ -187,7 +187,7 @@ def test_one_epoch_writes_every_output(trained, csvs, capsys):
 
 def test_training_keeps_frozen_layers_and_bn_stats(trained):
     torched = state(trained / "deepranknet.model")
-    cli.seed_everything(0)  # the script seeds with --seed 0 before building the model
+    runtime.seed_everything(0)  # the script seeds with --seed 0 before building the model
     fresh = deep_rank_net.build_model("resnet18", 32, True, "none", "layer4").state_dict()
     frozen = ("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2", "backbone.layer3")
     for key, value in fresh.items():

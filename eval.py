@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -26,12 +25,10 @@ from deepranking import embedding_io
 from deepranking import image_data
 from deepranking import plots
 from deepranking import retrieval
+from deepranking import scoring
 from deepranking.cli import UserError
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
-PROTOCOLS = ("split", "self")  # --protocol: test vs train database, or the test file vs itself
-# Neighbour entries ([queries, depth] int64 indices + int32 labels) held at once: 2**24 = ~200 MB.
-NEIGHBOUR_BUDGET = 1 << 24
 COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
 
 
@@ -55,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "distance block within 256 MB)")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed for the train subset and demo queries")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="split",
+    p.add_argument("--protocol", choices=scoring.PROTOCOLS, default="split",
                    help="split (default): the test file queries the train database, plus train precision; "
                         "self: the test file queries itself, each query's own row excluded (leave-one-out: the "
                         "unseen-class protocol of CUB-200/Cars196/SOP, Musgrave et al. 2020); "
@@ -93,126 +90,6 @@ def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddin
         if not allow_same:
             raise UserError(f"{message}; use disjoint splits, or --allow-same-files")
         cli.warn(message)
-
-
-def class_counts(labels: np.ndarray) -> dict:
-    names, counts = np.unique(labels.astype(str), return_counts=True)
-    return dict(zip(names, counts))
-
-
-def label_codes(db_labels: np.ndarray, query_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(class names, int32 codes of the database labels, of the query labels): neighbours' labels
-    are gathered as 4-byte codes instead of strings."""
-    names, codes = np.unique(np.concatenate([db_labels.astype(str), query_labels.astype(str)]), return_inverse=True)
-    codes = codes.astype(np.int32)
-    return names, codes[:len(db_labels)], codes[len(db_labels):]
-
-
-def same_class_counts(q_codes: np.ndarray, db_codes: np.ndarray, self_search: bool) -> np.ndarray:
-    """R per query (Musgrave et al.): the OTHER database items of its class (itself excluded
-    when the queries are database rows)."""
-    counts = np.bincount(db_codes, minlength=int(max(db_codes.max(initial=0), q_codes.max(initial=0))) + 1)
-    r = counts[q_codes].astype(np.int64)
-    return r - 1 if self_search else r
-
-
-def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray,
-                  k: int, r: np.ndarray, exclude_rows: np.ndarray | None = None, chunk_size: int | None = None,
-                  progress: bool = True, desc: str = "scoring") -> dict:
-    """Per-query metrics of ``queries`` against ``index`` (whose labels are ``db_codes``).
-
-    Each query fetches max(k, max R) neighbours (R: see same_class_counts), enough for
-    R-precision and MAP@R of the largest class. Queries go NEIGHBOUR_BUDGET // depth at a
-    time, so the [block, depth] neighbour indices and labels stay within the budget
-    whatever the number of queries (ExactIndex bounds its own [chunk, N] distance block).
-    Returns float arrays [Q]: precision (at k), hit (at k), recall_at_1, r_precision,
-    map_at_r (NaN where R = 0), and "curve": precision@1..k averaged over all queries.
-    """
-    n_q = len(queries)
-    available = len(index) - (1 if exclude_rows is not None else 0)
-    depth = int(min(available, max(k, int(r.max(initial=0)), 1)))
-    block = max(1, NEIGHBOUR_BUDGET // depth)
-    out = {name: np.empty(n_q, dtype=np.float64) for name in ("precision", "hit", "recall_at_1", "r_precision",
-                                                                "map_at_r")}
-    curve = np.zeros(k, dtype=np.float64)
-    ks = list(range(1, k + 1))
-    with cli.progress(total=n_q, desc=desc, unit="query", enabled=progress, leave=False) as bar:
-        for s in range(0, n_q, block):
-            e = min(n_q, s + block)
-            rows = None if exclude_rows is None else exclude_rows[s:e]
-            _, idx = index.search(queries[s:e], depth, exclude_rows=rows, chunk_size=chunk_size)  # [b, depth]
-            nb, ql, rr = db_codes[idx], q_codes[s:e], np.minimum(r[s:e], depth)
-            out["precision"][s:e] = retrieval.precision_at_k_per_query(ql, nb, k)
-            out["hit"][s:e] = retrieval.matches(ql, nb[:, :k]).any(1)
-            out["recall_at_1"][s:e] = retrieval.recall_at_1_per_query(ql, nb, rr)
-            out["r_precision"][s:e] = retrieval.r_precision_per_query(ql, nb, rr)
-            out["map_at_r"][s:e] = retrieval.map_at_r_per_query(ql, nb, rr)
-            curve += np.asarray(retrieval.precision_at_k_curve(ql, nb, ks)) * (e - s)
-            bar.update(e - s)
-    out["curve"] = curve / max(n_q, 1)
-    return out
-
-
-def _mean_or_none(values: np.ndarray) -> float | None:
-    """Mean over the scored (non-NaN) queries; None (null in metrics.json) if there are none."""
-    scored = values[~np.isnan(values)]
-    return float(scored.mean()) if len(scored) else None
-
-
-def evaluate(train: embedding_io.Embeddings, test: embedding_io.Embeddings, k: int, max_train_queries: int,
-             seed: int, index: retrieval.ExactIndex, chunk_size: int | None = None, protocol: str = "split",
-             progress: bool = True) -> tuple[dict, object, list[str]]:
-    """All metrics; returns (metrics dict, per-class table, classes with no other same-class database item).
-
-    protocol "split": the test file queries the train database (``index`` over ``train.emb``),
-    plus train precision (a seeded subset of train queries, each its own row excluded).
-    protocol "self": the test file queries itself, each query's own row excluded (leave-one-out,
-    Musgrave et al. 2020's unseen-class protocol); ``train`` is ``test`` and ``index`` is over it.
-    Recall@1, R-precision and MAP@R leave out queries with R = 0 (Musgrave's "lone" queries);
-    precision@k and hit@k count every query (the classic protocol).
-    """
-    self_search = protocol == "self"
-    n_db = len(train) - (1 if self_search else 0)
-    if k > n_db:
-        raise UserError(f"--k {k} is larger than the database ({n_db} images"
-                        f"{' besides the query' if self_search else ''})")
-    names, db_codes, q_codes = label_codes(train.labels, test.labels)
-    r = same_class_counts(q_codes, db_codes, self_search)
-    exclude = np.arange(len(test)) if self_search else None
-    s = score_queries(index, test.emb, q_codes, db_codes, k, r, exclude, chunk_size, progress,
-                      desc="scoring queries")
-    lone = sorted({str(names[c]) for c in q_codes[r <= 0]})
-    metrics = {
-        "protocol": protocol,
-        "k": k,
-        "test_precision_at_k": float(s["precision"].mean()),
-        # Another draw of as many queries moves the figure by about this much; None with one query.
-        "test_precision_at_k_se": _none_if_nan(retrieval.standard_error(s["precision"])),
-        "hit_at_k": float(s["hit"].mean()),
-        "recall_at_1": _mean_or_none(s["recall_at_1"]),
-        "r_precision": _mean_or_none(s["r_precision"]),
-        "map_at_r": _mean_or_none(s["map_at_r"]),
-        "precision_at_k_curve": {"k": list(range(1, k + 1)), "test": s["curve"].tolist()},
-        "num_test_queries": len(test),
-        "num_database": len(train),
-        "num_lone_queries": int((r <= 0).sum()),
-        "lone_classes": lone,
-    }
-    table = retrieval.per_class_mean(test.labels, s["precision"])
-
-    # Train precision (split protocol): train images against the train database, the query itself excluded.
-    if not self_search and len(train) - 1 >= k:
-        rng = np.random.default_rng(seed)
-        sub = np.sort(rng.choice(len(train), size=min(len(train), max_train_queries), replace=False))
-        t = score_queries(index, train.emb[sub], db_codes[sub], db_codes, k, np.zeros(len(sub), dtype=np.int64),
-                          sub, chunk_size, progress, desc="scoring train queries")
-        metrics["train_precision_at_k"] = float(t["precision"].mean())
-        metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
-        metrics["num_train_queries"] = int(len(sub))
-    else:
-        metrics["train_precision_at_k"] = None
-        metrics["num_train_queries"] = 0
-    return metrics, table, lone
 
 
 def triplet_accuracy(csv: Path, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> float:
@@ -343,10 +220,6 @@ def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
                      f"rows of {path} (a diverged or untrained model?); every ranking below is arbitrary")
 
 
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -359,8 +232,10 @@ def report(args, train, test, queries: list[int], device) -> dict:
     progress = not args.no_progress
     names, words = class_names(args, train, test)
     index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
-    metrics, table, lone = evaluate(train, test, args.k, args.max_train_queries, args.seed, index, args.chunk_size,
-                                    protocol=args.protocol, progress=progress)
+    result = scoring.evaluate(train.emb, train.labels, test.emb, test.labels, args.k, index, protocol=args.protocol,
+                              max_train_queries=args.max_train_queries, seed=args.seed, chunk_size=args.chunk_size,
+                              progress=progress)
+    metrics, table, lone = result.metrics, result.table, result.lone
     warn_degenerate(args, train, test, lone, names)
     metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
     metrics.update({"train_embeddings": None if self_search else str(args.train_embeddings),
@@ -427,10 +302,7 @@ def main(args) -> None:
     if train.dim != test.dim:
         raise UserError(f"dimension mismatch: {args.train_embeddings} has {train.dim}, "
                         f"{args.test_embeddings} has {test.dim}")
-    n_db = len(train) - (1 if args.protocol == "self" else 0)
-    if args.k > n_db:
-        raise UserError(f"--k {args.k} is larger than the database ({n_db} images"
-                        f"{' besides the query' if args.protocol == 'self' else ''})")
+    scoring.check_k(args.k, len(train), args.protocol == "self")
     if args.triplets is not None:
         file_io.check_input_file(args.triplets, "triplet CSV")
     queries = pick_queries(args, test)

@@ -61,6 +61,7 @@ from pathlib import Path
 
 from deepranking import argtypes, cli, file_io
 from deepranking.cli import UserError
+from deepranking import image_data
 from deepranking import preprocessing
 from deepranking.image_data import is_image_file
 
@@ -107,10 +108,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-request URLs that failed permanently (404, not an image, ...) in an earlier run")
     p.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
-                   help="fraction of query images held out into <csv stem>_val.csv (split by query image, "
-                   "so no query is in both files)")
-    p.add_argument("--seed", type=argtypes.seed, default=0,
-                   help="seed of the retry jitter and of the --val-fraction split")
+                   help="hold out about this fraction of the query images into <csv stem>_val.csv (their "
+                   "triplets; a triplet that uses one of them as positive or negative is left out of both, counted); "
+                   "the class of every image is the --output-dir folder's name (DIR/images/FILE); "
+                   f"{image_data.HELDOUT_RULE}")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the retry jitter")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--allow-local-files", action="store_true",
                    help="copy local files (plain paths and file:// URLs in the list); without it they are "
@@ -698,29 +700,42 @@ def write_manifest(path: Path, previous: dict[str, dict], outcomes: dict[str, Ou
     write_rows_csv(path, ("url", "file", "status", "reason"), merged.values())
 
 
-def _unit_hash(seed: int, key: str) -> float:
-    """Deterministic value in [0, 1) for (seed, key)."""
-    digest = hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def split_heldout(kept: list, files: dict[str, str], out_dir: Path, fraction: float) -> tuple[list, list]:
+    """(train, val) records: image_data.split_by_query over the images as later stages see them.
 
-
-def split_by_query(query_keys: list[str], fraction: float, seed: int) -> set[str]:
-    """Query keys held out for validation.
-
-    Each query is assigned by a seeded hash of its URL/path, not by position, so a
-    resumed run that recovers more images never moves an existing query between
-    the files. With 2+ queries both sides get at least one.
+    ``files``: ref key -> file name in DIR/images. The rule sees the paths train_net.py reads
+    from the CSV (relative to its resolved folder), so that this split and train_net.py
+    --val-fraction on the unsplit CSV hold out the same query images.
     """
-    distinct = list(dict.fromkeys(query_keys))
-    if fraction <= 0 or len(distinct) < 2:
-        return set()
-    scores = {k: _unit_hash(seed, k) for k in distinct}
-    held = {k for k, s in scores.items() if s < fraction}
-    if not held:
-        held = {min(distinct, key=scores.get)}
-    if len(held) == len(distinct):
-        held.discard(max(distinct, key=scores.get))
-    return held
+    import numpy as np
+
+    root = out_dir.resolve()
+    names = np.array([os.path.join(root, IMAGES_DIR, files[ref.key]) for rec in kept for ref in rec.refs])
+    paths, inverse = np.unique(names, return_inverse=True)
+    train, val = image_data.split_by_query(inverse.reshape(len(kept), 3), paths, fraction)
+    if not val.any():
+        cli.warn(f"--val-fraction: nothing held out (at least {image_data.HELDOUT_KEEP} query images stay in "
+                 f"training, and {len({rec.refs[0].key for rec in kept})} survived)")
+    return [rec for rec, t in zip(kept, train) if t], [rec for rec, v in zip(kept, val) if v]
+
+
+def write_split(kept: list, outcomes: dict[str, Outcome], out_dir: Path, csv_path: Path, val_path: Path,
+                fraction: float) -> tuple[list, list]:
+    """Write the triplet CSV and, with ``fraction`` > 0, its held-out companion; returns (train, val) records."""
+    images_dir = out_dir / IMAGES_DIR
+
+    def paths(recs):
+        return [[str(images_dir / outcomes[rec.refs[i].key].file) for rec in recs] for i in range(3)]
+
+    train, val = kept, []
+    if fraction > 0:
+        train, val = split_heldout(kept, {key: o.file for key, o in outcomes.items()}, out_dir, fraction)
+    if val:
+        image_data.write_triplet_csv(val_path, *paths(val))
+    elif val_path.exists():
+        cli.warn(f"{val_path} is from an earlier run and may share queries with {csv_path}")
+    image_data.write_triplet_csv(csv_path, *paths(train))
+    return train, val
 
 
 def _scan_images(images_dir: Path) -> dict[str, list[Path]]:
@@ -825,27 +840,15 @@ def main(args) -> None:
         raise UserError(f"none of the {len(records)} triplet(s) has all three images "
                         f"({len(failed)} image(s) failed, see {out_dir / FAILURES_NAME}); no CSV written")
 
-    def paths(recs):
-        return [[str(images_dir / outcomes[rec.refs[i].key].file) for rec in recs] for i in range(3)]
-
-    from deepranking import image_data
-
     csv_path = out_dir / args.csv
     val_path = csv_path.with_name(f"{csv_path.stem}_val{csv_path.suffix or '.csv'}")
-    held = split_by_query([rec.refs[0].key for rec in kept], args.val_fraction, args.seed)
-    train = [rec for rec in kept if rec.refs[0].key not in held]
-    val = [rec for rec in kept if rec.refs[0].key in held]
-    if args.val_fraction > 0 and not val:
-        cli.warn("--val-fraction: only one query image survived, nothing held out")
-    if val:
-        image_data.write_triplet_csv(val_path, *paths(val))
-    elif val_path.exists():
-        cli.warn(f"{val_path} is from an earlier run and may share queries with {csv_path}")
-    image_data.write_triplet_csv(csv_path, *paths(train))
+    train, val = write_split(kept, outcomes, out_dir, csv_path, val_path, args.val_fraction)
 
     actions = [o.action for o in outcomes.values()]
     fetched = ", ".join(f"{actions.count(a)} {a}" for a in ("downloaded", "copied", "reused") if actions.count(a))
-    val_note = f" (+ {len(val)} held out in {val_path})" if val else ""
+    left_out = len(kept) - len(train) - len(val)
+    both = f", {left_out} left out of both" if left_out else ""  # a held-out image as positive or negative
+    val_note = f" (+ {len(val)} held out in {val_path}{both})" if val else ""
     print(f"{len(train)} triplets written to {csv_path}{val_note}, {n_dropped} dropped "
           f"({len(malformed)} malformed, {len(records) - len(kept)} with a failed image), "
           f"{len(failed)} images failed; images: {fetched or 'none'}")

@@ -98,8 +98,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                       help=f"validation triplet CSV (default: {DEFAULT_VAL_TRIPLETS} next to --triplets, "
                            "skipped with a warning if absent)")
     data.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
-                      help="hold out this fraction of the training query images (seeded) for validation instead; "
-                           "training triplets that use one of them as positive or negative are left out (counted)")
+                      help="hold out about this fraction of each class's training query images for validation "
+                           "instead; training triplets that use one of them as positive or negative are left out "
+                           f"(counted); {image_data.HELDOUT_RULE}")
     data.add_argument("--image-size", type=argtypes.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
     data.add_argument("--cache-size", type=argtypes.non_negative_int, default=CACHE_SIZE,
                       help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
@@ -428,7 +429,7 @@ def stop(run: Run, reason: str) -> None:
 def load_data(args) -> tuple[image_data.TripletData, np.ndarray | None, int]:
     """Triplets (and, for mining / the class loss, folder labels), checked before any work."""
     file_io.check_input_file(args.triplets, "triplet CSV", allow_empty=False)  # before looking for its val CSV
-    data = image_data.load_triplet_data(args.triplets, resolve_val_path(args), args.val_fraction, args.seed)
+    data = image_data.load_triplet_data(args.triplets, resolve_val_path(args), args.val_fraction)
     if args.batch_sampler == "pk" and args.mining not in losses.LABEL_ONLY_MINERS:
         raise UserError(f"--batch-sampler pk needs --mining {' or '.join(losses.LABEL_ONLY_MINERS)} "
                         "(P x K batches hold no CSV triplets)")

@@ -53,9 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=argtypes.seed, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,
-                   help="hold out this fraction of each class's images as queries in a second "
-                   "CSV <output stem>_heldout.csv; held-out images never appear in the main "
-                   "CSV (default 0: no held-out file)")
+                   help="hold out about this fraction of each class's images as queries of a second "
+                   "CSV <output stem>_heldout.csv; held-out images never appear in the main CSV "
+                   f"(default 0: no held-out file); {image_data.HELDOUT_RULE}")
     return p
 
 
@@ -162,20 +162,6 @@ def sample_triplets(labels: np.ndarray, num_pos: int, num_neg: int, rng: np.rand
     return Triplets(q_rows, p_rows, n_rows, short)
 
 
-def heldout_mask(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """bool [T]: round(fraction * size) random images of each sorted class block.
-
-    At most size - 2 per class, so every class keeps a query and a positive.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    counts, starts = class_blocks(labels)
-    n_hold = np.clip(np.rint(fraction * counts), 0, np.maximum(counts - 2, 0)).astype(np.int64)
-    order = np.lexsort((rng.random(len(labels)), labels))      # random order within each class
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[order] = np.arange(len(labels)) - starts[labels[order]]
-    return rank < n_hold[labels]
-
-
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -254,11 +240,11 @@ def main(args) -> None:
         print(f"wrote {n} triplets ({len(np.unique(trip.query))} queries) to {output}")
         return
 
-    hold = heldout_mask(labels, args.val_fraction, rng)
+    hold = image_data.heldout_images(paths, args.val_fraction)
     if not hold.any():
         # A header-only CSV would be rejected by every later stage: refuse before writing anything.
-        raise UserError(f"--val-fraction {args.val_fraction} holds out no image (every class keeps at "
-                        f"least 2 images; classes here are too small); use a larger fraction or 0")
+        raise UserError(f"--val-fraction {args.val_fraction} holds out no image (every class keeps at least "
+                        f"{image_data.HELDOUT_KEEP} images, and none in {split_dir} has more); use 0")
     keep = np.flatnonzero(~hold)
     # Main CSV: sampled inside the kept images only, so held-out ones appear nowhere in it.
     main_t = sample_triplets(labels[keep], args.num_pos_images, args.num_neg_images, rng)

@@ -210,12 +210,12 @@ class Evaluator:
         return self._cache[side]
 
     def per_query(self, db: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """float [Q]: each val query's precision@k against the train images."""
-        from deepranking import retrieval
+        """float [Q]: each val query's precision@k against the train images (scoring.evaluate, as eval.py)."""
+        from deepranking import scoring
 
-        _, idx = retrieval.knn_search(queries, db, self.k, device=self.device)
-        neighbour_labels = np.array(self.train.label_names, dtype=object)[idx]  # [Q, k]
-        return retrieval.precision_at_k_per_query(self.val.label_names, neighbour_labels, self.k)
+        result = scoring.evaluate(db, self.train.label_names, queries, self.val.label_names, self.k,
+                                  device=self.device, progress=False)
+        return result.per_query["precision"]
 
     def score(self, db: np.ndarray, queries: np.ndarray) -> float:
         return float(self.per_query(db, queries).mean())

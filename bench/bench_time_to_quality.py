@@ -19,7 +19,7 @@ trained: the classic one resnet18, ours small-cnn) on the same triplet CSV, on t
 
 At each ``--eval-at`` second of training time (evaluation not counted) the
 model embeds every val image (queries) and every train image (database) and
-test precision@30 is computed exactly as eval.py does (retrieval.precision_at_k), with
+test precision@30 is computed by eval.py's own function (scoring.evaluate), with
 its standard error over the val queries for our rows (retrieval.standard_error).
 With ``--ours "--ema-decay D"`` each of our rows also gives the same run's last-step weights'
 figure (``precision_train_weights``): the weight average against no average on one trajectory.

@@ -270,6 +270,69 @@ def label_from_path(path: str | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Held-out images (--val-fraction)
+# ----------------------------------------------------------------------------
+
+HELDOUT_KEEP = 2  # images of each class never held out: a query and its positive stay in training
+# The rule as the --val-fraction help texts state it (heldout_images is its one implementation).
+HELDOUT_RULE = (f"an image is held out when the SHA-1 of '<class folder>/<file name>' (first 8 bytes, read as a "
+                f"fraction of 2**64) is below the fraction; each class of more than {HELDOUT_KEEP} images gives at "
+                f"least 1 and keeps at least {HELDOUT_KEEP}; so the same images are held out whatever the program, "
+                f"--seed or data folder")
+
+
+def _class_and_key(path: str | os.PathLike) -> tuple[str, str]:
+    absolute = os.path.abspath(os.fsdecode(path))
+    label = label_from_path(absolute)
+    return label, f"{label}/{os.path.basename(absolute)}"
+
+
+def image_key(path: str | os.PathLike) -> str:
+    """The name an image is held out by: ``<class>/<file name>`` (class: :func:`label_from_path` of
+    the absolute path), the same for a relative or absolute spelling and wherever the data lies."""
+    return _class_and_key(path)[1]
+
+
+def _key_number(key: str) -> int:
+    """The first 8 bytes of SHA-1(key) as a big-endian integer in [0, 2**64)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+
+
+def heldout_images(paths: Sequence[str | os.PathLike], fraction: float) -> np.ndarray:
+    """bool [N]: which of the distinct images ``paths`` are held out for validation (``--val-fraction``).
+
+    The one rule of every program (triplet_sampler.py, train_net.py, import_triplets.py):
+    with h = the first 8 bytes of SHA-1(:func:`image_key`) / 2**64, an image is held out
+    when h < ``fraction``, so each image is decided by its own name, not by a seed, its
+    position or which other images a program sees. Within each class (by
+    :func:`label_from_path`), at most n - HELDOUT_KEEP images are held out (a class of
+    HELDOUT_KEEP or fewer gives none) and, when ``fraction`` > 0, at least 1: the
+    lowest-h images where the threshold gives too few, the highest-h ones kept back
+    where it gives too many. About ``fraction`` of each class's images result.
+    """
+    held = np.zeros(len(paths), dtype=bool)
+    if fraction <= 0:
+        return held
+    keys, by_class = [], {}
+    for i, p in enumerate(paths):
+        label, key = _class_and_key(p)
+        keys.append(key)
+        by_class.setdefault(label, []).append(i)
+    numbers = [_key_number(k) for k in keys]
+    limit = fraction * 2.0 ** 64  # int < float compares exactly
+    for rows in by_class.values():
+        most = len(rows) - HELDOUT_KEEP
+        if most < 1:
+            continue
+        below = sum(numbers[i] < limit for i in rows)
+        first = sorted(rows, key=lambda i: (numbers[i], keys[i], i))[:min(max(below, 1), most)]
+        held[first] = True
+    return held
+
+
+# ----------------------------------------------------------------------------
 # Triplet CSV
 # ----------------------------------------------------------------------------
 
@@ -434,21 +497,21 @@ class TripletData:
     fingerprint: dict
 
 
-def split_by_query(trip: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, val) [T] of triplets [T, 3]: a seeded ``fraction`` of the query
-    images is held out; val = the triplets they are the query of; train = the triplets that use
-    none of them in any role, so validation scores queries training never saw (as
-    triplet_sampler.py --val-fraction). The triplets left out of both are counted in a warning."""
+def split_by_query(trip: np.ndarray, paths: Sequence[str], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, val) [T] of triplets [T, 3] of indices into ``paths``: the query images
+    that :func:`heldout_images` holds out (among the distinct query images); val = the triplets
+    they are the query of; train = the triplets that use none of them in any role, so validation
+    scores queries training never saw (as triplet_sampler.py --val-fraction). The triplets left
+    out of both are counted in a warning; val may be empty (a caller's decision)."""
     from deepranking.cli import warn
 
     queries = np.unique(trip[:, 0])
-    n_val = max(1, int(round(fraction * len(queries))))
-    held = np.random.default_rng([seed, 7919]).choice(queries, size=n_val, replace=False)
+    held = queries[heldout_images([paths[i] for i in queries], fraction)]
     val = np.isin(trip[:, 0], held)
     train = ~np.isin(trip, held).any(axis=1)
     if not train.any():
         raise UserError(f"--val-fraction {fraction} leaves no training triplets (every triplet uses a held-out "
-                        f"query image); use a smaller fraction, or a held-out CSV with --val-triplets")
+                        f"query image); use a smaller fraction")
     unused = int((~train & ~val).sum())
     if unused:
         warn(f"--val-fraction: {unused} of {len(trip)} training triplets use a held-out query image as positive "
@@ -456,8 +519,9 @@ def split_by_query(trip: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return train, val
 
 
-def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float, seed: int) -> TripletData:
-    """Read the CSV(s) once; ``val_fraction`` > 0 holds out queries of the training CSV instead."""
+def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float) -> TripletData:
+    """Read the CSV(s) once; ``val_fraction`` > 0 holds out queries of the training CSV instead
+    (:func:`split_by_query`)."""
     train_cols = read_triplet_csv(train_csv)
     val_cols = read_triplet_csv(val_csv) if val_csv is not None else None
     all_paths = np.concatenate(list(train_cols) + (list(val_cols) if val_cols is not None else []))
@@ -466,7 +530,11 @@ def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float
     train = inverse[:3 * t].reshape(3, t).T.copy()
     val = inverse[3 * t:].reshape(3, -1).T.copy() if val_cols is not None else None
     if val_fraction > 0:
-        keep, held = split_by_query(train, val_fraction, seed)
+        keep, held = split_by_query(train, paths, val_fraction)
+        if not held.any():
+            raise UserError(f"--val-fraction {val_fraction} holds out no query image of {train_csv}: every class "
+                            f"keeps at least {HELDOUT_KEEP} of its query images, and none has more; give a "
+                            f"validation CSV with --val-triplets")
         train, val = train[keep], train[held]
     fingerprint = {"triplets": file_fingerprint(train_csv),
                    "val_triplets": file_fingerprint(val_csv) if val_csv is not None else None}

@@ -414,26 +414,31 @@ def test_existing_output_dir_is_continued_not_clobbered(tmp_path, server):
     assert len(q) == 1 and Path(p[0]).name == import_triplets.image_stem(u("/img3.png")) + ".png"
 
 
-def test_val_fraction_splits_by_query(tmp_path, server):
+def test_val_fraction_holds_out_query_images_by_the_shared_rule(tmp_path, server, capsys):
     u = server.url
-    # 6 query images, each used by 2 triplets.
+    # 6 query images, each used by 2 triplets; img1 ... img5 are also positives of other queries.
     triplets = [(u(f"/img{q}.png"), u(f"/img{(q + k + 1) % 12}.png"), u(f"/img{(q + 6) % 12}.png"))
                 for q in range(6) for k in range(2)]
     src = tmp_path / "list.txt"
     src.write_text(four_line(triplets))
-    out = tmp_path / "out"
+    out = tmp_path / "a" / "data"
     run_import(src, out, "--val-fraction", "0.4", "--seed", "3")
-    train_q = image_data.read_triplet_csv(out / "triplets.csv")[0]
-    val_q = image_data.read_triplet_csv(out / "triplets_val.csv")[0]
-    assert len(train_q) + len(val_q) == 12 and len(val_q) > 0 and len(train_q) > 0
-    assert not set(train_q) & set(val_q)
-    assert len(val_q) % 2 == 0  # whole queries move, with all their triplets
+    err = capsys.readouterr().err
+    train = image_data.read_triplet_csv(out / "triplets.csv")
+    val = image_data.read_triplet_csv(out / "triplets_val.csv")
+    # The rule sees each query as later stages do: class "data" (the output folder), file <sha1(url)[:16]>.png.
+    queries = [str(out.resolve() / "images" / f"{import_triplets.image_stem(u(f'/img{q}.png'))}.png")
+               for q in range(6)]
+    held = {x for x, h in zip(queries, image_data.heldout_images(queries, 0.4)) if h}
+    assert image_data.image_key(queries[0]).startswith("data/")
+    assert set(val[0]) == held and len(val[0]) == 2 * len(held)  # whole queries move, with all their triplets
+    assert not held & set(np.concatenate(train))  # and no held-out image trains in any role
+    left_out = 12 - len(train[0]) - len(val[0])
+    assert left_out > 0 and f"{left_out} of 12 training triplets use a held-out query image" in err
 
-    # Deterministic for a seed (a second output folder gives the same split).
-    run_import(src, tmp_path / "out2", "--val-fraction", "0.4", "--seed", "3")
-    assert (tmp_path / "out2" / "triplets_val.csv").read_text() == (out / "triplets_val.csv").read_text()
-    assert import_triplets.split_by_query(list("abcdefghij"), 0.5, 0) != import_triplets.split_by_query(
-        list("abcdefghij"), 0.5, 1)
+    # Neither the seed nor where the output folder lies moves an image (same folder name: same classes).
+    run_import(src, tmp_path / "b" / "data", "--val-fraction", "0.4", "--seed", "9")
+    assert (tmp_path / "b" / "data" / "triplets_val.csv").read_text() == (out / "triplets_val.csv").read_text()
 
 
 def test_no_valid_record_exits_2_and_creates_nothing(tmp_path):

@@ -277,12 +277,15 @@ def test_two_process_ddp_run(csvs, tmp_path):
 
 
 def test_val_fraction_keeps_held_out_queries_out_of_training_in_every_role(capsys):
-    # triplets [T, 3] of image ids: query, positive, negative; image 9 is nobody's query
+    # triplets [T, 3] of image ids: query, positive, negative
     trip = np.array([[0, 1, 9], [1, 2, 9], [2, 3, 9], [3, 0, 9], [4, 9, 5], [5, 4, 9], [6, 7, 8], [7, 6, 8],
                      [8, 9, 6], [9, 8, 7]])
-    train, val = image_data.split_by_query(trip, 0.2, seed=0)
+    paths = [f"/data/things/{i}.png" for i in range(10)]  # one class of 10 query images
+    train, val = image_data.split_by_query(trip, paths, 0.2)
     held = set(trip[val, 0])
-    assert len(held) == 2 and val.sum() == 2 and not (train & val).any()
+    # image_data.heldout_images' rule: SHA-1 of "things/1.png" and "things/3.png" falls below 0.2
+    assert held == {1, 3} and held == {i for i in range(10) if image_data.heldout_images(paths, 0.2)[i]}
+    assert val.sum() == 2 and not (train & val).any()
     assert not np.isin(trip[train], list(held)).any()  # no held-out query trains as p or n either
     dropped = int((~train & ~val).sum())
     assert dropped > 0 and f"{dropped} of 10 training triplets use a held-out query image" in capsys.readouterr().err
@@ -305,7 +308,9 @@ def test_label_free_csv_refuses_mining_and_trains_with_val_fraction(tmp_path, ca
     assert "need class labels" in err and not (tmp_path / "o").exists()
     train("--triplets", csv, "--val-fraction", "0.34", "--output-dir", tmp_path / "o2", *TINY)
     record = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["val_triplets"] == 2 and record["step"] == 1  # 2 of 6 queries held out; 4 train triplets
+    # 2 of the 6 queries held out (the SHA-1 of imported/1.png and imported/2.png is below 0.34); 4 train triplets
+    assert record["val_triplets"] == 2 and record["step"] == 1
+    assert list(image_data.heldout_images(files[:6], 0.34)) == [False, True, True, False, False, False]
 
     # The search tools work on a model trained without labels (issue: imported triplets).
     from deepranking import cli as cu

@@ -149,7 +149,11 @@ def test_val_fraction_heldout(class_folder, tmp_path):
     run_main(["--data-dir", str(class_folder), "--val-fraction", "0.34", "--output", str(out)])
     q, p, n = image_data.read_triplet_csv(out)
     hq, hp, hn = image_data.read_triplet_csv(tmp_path / "train_heldout.csv")
-    assert len(set(hq)) == 3 * 2                     # round(0.34 * 6) per class
+    paths = image_data.list_class_folder(class_folder).paths
+    # image_data.heldout_images' rule: the images whose SHA-1 of "<class>/<file>" is below 0.34, 3 per class here
+    assert set(hq) == {x for x, h in zip(paths, image_data.heldout_images(paths, 0.34)) if h}
+    held_per_class = np.unique([image_data.label_from_path(x) for x in hq], return_counts=True)[1]
+    assert held_per_class.tolist() == [3, 3, 3]
     assert not set(hq) & set(np.concatenate([q, p, n]))
     for cols in [(q, p, n), (hq, hp, hn)]:
         lab = [np.array([image_data.label_from_path(x) for x in c]) for c in cols]
@@ -165,20 +169,37 @@ def test_val_fraction_pair_is_written_all_or_none(class_folder, tmp_path):
     run_main(argv)
     before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in tmp_path.glob("*.csv")}  # a rewrite: new inode
     held = image_data.read_triplet_csv(tmp_path / "train_heldout.csv")[0]
-    only_held = next(x for x in held if x not in set(np.concatenate(image_data.read_triplet_csv(out))))
-    victim = Path(only_held)
-    victim.rename(victim.with_name(f"{victim.stem},{victim.suffix}"))  # sorts where it was: the same split
+    assert not set(held) & set(np.concatenate(image_data.read_triplet_csv(out)))
+    paths = image_data.list_class_folder(class_folder).paths
+
+    def renamed(x: str) -> str:
+        return str(Path(x).with_name(f"{Path(x).stem},{Path(x).suffix}"))
+
+    # a held-out image that its new name leaves held out (the rule hashes the file name)
+    victim = Path(next(x for x in sorted(set(held))
+                       if image_data.heldout_images([renamed(x) if p == x else p for p in paths], 0.34)[
+                           paths.index(x)]))
+    victim.rename(renamed(str(victim)))
     with pytest.raises(UserError, match="commas, quotes or newlines"):
         run_main(argv + ["--force"])
     assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in tmp_path.glob("*.csv")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "photos"])  # no temporary left
 
 
-def test_val_fraction_too_small_writes_nothing(class_folder, tmp_path):
+def test_val_fraction_of_classes_too_small_writes_nothing(tmp_path):
+    """Every class keeps 2 images (a query and a positive): classes of 2 give none, whatever the fraction."""
+    pairs = write_class_folder(tmp_path / "pairs", n_classes=3, per_class=2)
     out = tmp_path / "train.csv"
-    with pytest.raises(UserError, match="holds out no image"):
-        run_main(["--data-dir", str(class_folder), "--val-fraction", "0.01", "--output", str(out)])
+    with pytest.raises(UserError, match="holds out no image .every class keeps at least 2 images"):
+        run_main(["--data-dir", str(pairs), "--val-fraction", "0.9", "--output", str(out)])
     assert not out.exists() and not (tmp_path / "train_heldout.csv").exists()
+
+
+def test_a_tiny_val_fraction_still_holds_out_one_image_per_class(class_folder, tmp_path):
+    out = tmp_path / "train.csv"
+    run_main(["--data-dir", str(class_folder), "--val-fraction", "0.01", "--output", str(out)])
+    held = image_data.read_triplet_csv(tmp_path / "train_heldout.csv")[0]
+    assert sorted(image_data.label_from_path(x) for x in set(held)) == ["class00", "class01", "class02"]
 
 
 def test_single_class_and_singleton_classes_rejected(tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 import eval as eval_script
 import gen_embeddings
-from deepranking import cli, embedding_io, image_data, retrieval
+from deepranking import cli, embedding_io, image_data, retrieval, scoring
 from deepranking.cli import UserError
 from deepranking.embedding_io import read_embeddings
 from deepranking.image_data import list_class_folder
@@ -117,7 +117,7 @@ def test_self_protocol_fetches_enough_neighbours_for_the_largest_class(tmp_path)
 def test_small_neighbour_budget_gives_the_same_metrics(tmp_path, monkeypatch):
     emb = write_line(tmp_path / "test.txt")
     eval_main("--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", tmp_path / "a")
-    monkeypatch.setattr(eval_script, "NEIGHBOUR_BUDGET", 1)  # one query per block
+    monkeypatch.setattr(scoring, "NEIGHBOUR_BUDGET", 1)  # one query per block
     eval_main("--protocol", "self", "--test-embeddings", emb, "--k", 2, "--output-dir", tmp_path / "b")
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     assert a == {**b, "test_embeddings": a["test_embeddings"]}

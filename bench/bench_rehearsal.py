@@ -11,7 +11,7 @@ Then, each stage a separate process as a user runs it, with its own image cache 
 1. make_sample_data.py, transform_validation.py, triplet_sampler.py (train: 100,000 1x1
    triplets; val: 10,000);
 2. train_net.py with the recommended CPU recipe (bench_time_to_quality.OUR_RECIPE: small-cnn
-   at 32 px since stop 26, resnet18 before) with its cosine schedule sized to the budget
+   at 32 px) with its cosine schedule sized to the budget
    (``--recipe-epochs``), stopped by ``--time-limit`` if it has not ended;
 3. gen_embeddings.py (all 110,000 images), eval.py (10,000 queries against 100,000,
    precision@30), query.py for one image twice (the first builds the saved index);

@@ -59,7 +59,7 @@ OUR_RECIPE = [
     "--mining", "batch-hard",  # every image an anchor with its hardest positive and negative
     "--margin", "0.2",  # a margin of 1.0 with hard mining collapses from scratch
     "--id-loss-weight", "1.0",  # class loss next to the ranking loss: the part that matters most (ablations)
-    # cosine lr decay to 0 over 11 epochs (1,727 steps; small-cnn 281-298 s on 2 free cores, stop 26), chosen
+    # cosine lr decay to 0 over 11 epochs (1,727 steps; small-cnn 281-298 s on 2 free cores, AMD EPYC), chosen
     # for resnet18 on seed 0 and kept: small-cnn at 4 epochs is no better than resnet18, at 11 it is
     "--epochs", "11", "--lr-schedule", "cosine",
 ]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of RESULTS.md section 4 in one short run (a few minutes on one H100/H200),
-# for a session that is lent a GPU machine:
+# on a machine with one CUDA GPU:
 #   * training images/s of the classic loop, our pipeline and the bare model, the pipeline's
 #     fraction of the bare model's forward+backward throughput (target >= 0.80) and each one's
 #     peak GPU memory, at the paper's setting (resnet101, 224 px, conv1..layer3 frozen) and at

@@ -709,17 +709,7 @@ def pk_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int, rank: 
         raise ValueError(f"PK batches need P >= 1 and K >= 1, got P={p}, K={k}")
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-d integer array, got {labels.dtype} {labels.shape}")
-    ids = np.arange(len(labels), dtype=np.int64) if images is None else np.unique(np.asarray(images, dtype=np.int64))
-    classes, inverse = np.unique(labels[ids], return_inverse=True)
-    if len(classes) < p:
-        raise TooFewClassesError(f"P x K batches need at least P={p} classes, but the training images have "
-                                 f"{len(classes)}; use fewer classes per batch (--pk-classes)")
-    order = np.argsort(inverse, kind="stable")
-    members = np.split(ids[order], np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1])  # [C] arrays
-
+    classes, members = _class_members(labels, images, p)
     rng = np.random.default_rng([seed, epoch, 0x504B])  # "PK": its own stream, apart from epoch_batches'
     chunks = [_class_chunks(rng, m, k) for m in members]  # [C] arrays [m_c, k]
     used = np.zeros(len(classes), dtype=np.int64)
@@ -745,6 +735,21 @@ def pk_batches(labels: np.ndarray, p: int, k: int, seed: int, epoch: int, rank: 
         used[top] += 1
         left[top] -= 1
     return batches[rank::world]
+
+
+def _class_members(labels: np.ndarray, images: np.ndarray | None, p: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(class ids [C], the image ids of each class [C arrays]) of ``images`` (default all), in id order;
+    TooFewClassesError when fewer than ``p`` classes are there."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+    ids = np.arange(len(labels), dtype=np.int64) if images is None else np.unique(np.asarray(images, dtype=np.int64))
+    classes, inverse = np.unique(labels[ids], return_inverse=True)
+    if len(classes) < p:
+        raise TooFewClassesError(f"P x K batches need at least P={p} classes, but the training images have "
+                                 f"{len(classes)}; use fewer classes per batch (--pk-classes)")
+    order = np.argsort(inverse, kind="stable")
+    return classes, np.split(ids[order], np.cumsum(np.bincount(inverse, minlength=len(classes)))[:-1])
 
 
 class PKBatchSampler:

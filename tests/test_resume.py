@@ -5,19 +5,10 @@ update, and an output folder holding only an interrupted start is taken over by 
 import json
 
 import pytest
-import torch
 
 import train_net
 from deepranking import checkpoint, cli, resume
-from test_train_net import TINY, csvs, train  # noqa: F401  (csvs is a fixture)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train_net import TINY, _one_thread, csvs, train  # noqa: F401  (fixtures: one torch thread, the CSVs)
 
 
 def with_new_flag(parser_factory):

@@ -48,13 +48,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="TinyImageNet root (or a folder of class folders); default: the bundled sample")
     p.add_argument("--download", action="store_true",
                    help="download TinyImageNet into --data-dir first (needs internet)")
-    p.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where every output goes")
-    p.add_argument("--epochs", type=argtypes.positive_int, default=DEMO_EPOCHS, help="training epochs")
-    p.add_argument("--arch", default=DEMO_ARCH, help="backbone architecture")
-    p.add_argument("--weights", default="none", help="backbone weights: none, imagenet or a state-dict path")
-    p.add_argument("--image-size", type=argtypes.positive_int, default=DEMO_IMAGE_SIZE, help="training image size")
-    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed for every stage")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/demo"),
+                   help="where every output goes (default: %(default)s)")
+    p.add_argument("--epochs", type=argtypes.positive_int, default=DEMO_EPOCHS,
+                   help="training epochs (default: %(default)s)")
+    p.add_argument("--arch", default=DEMO_ARCH, help="train_net.py --arch (default: %(default)s)")
+    p.add_argument("--weights", default="none",
+                   help="backbone weights: none, imagenet or a state-dict path (default: %(default)s)")
+    p.add_argument("--image-size", type=argtypes.positive_int, default=DEMO_IMAGE_SIZE,
+                   help="training image size (default: %(default)s)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed for every stage (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
     return p
 

@@ -35,23 +35,28 @@ COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings ha
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-embeddings", type=Path, default=Path("train_embedding.txt"),
-                   help="database embedding file (train split)")
+                   help="database embedding file: the train split (default: %(default)s)")
     p.add_argument("--test-embeddings", type=Path, default=Path("test_embedding.txt"),
-                   help="query embedding file (val split)")
-    p.add_argument("--k", type=argtypes.positive_int, default=30, help="neighbours per query (top-k)")
-    p.add_argument("--output-dir", type=Path, default=Path("eval_results"), help="where results go")
+                   help="query embedding file: the val split, or with --protocol self the one file "
+                        "(default: %(default)s)")
+    p.add_argument("--k", type=argtypes.positive_int, default=30,
+                   help="neighbours per query, the k of precision@k and hit@k (default: %(default)s)")
+    p.add_argument("--output-dir", type=Path, default=Path("eval_results"),
+                   help="where results go (default: %(default)s)")
     p.add_argument("--queries", nargs="*", default=None,
                    help="test images to draw: row indices into the test file or image paths")
     p.add_argument("--num-demo-queries", type=argtypes.non_negative_int, default=5,
-                   help="random test queries to draw when --queries is not given")
+                   help="random test queries to draw when --queries is not given (default: %(default)s)")
     p.add_argument("--triplets", type=Path, default=None, help="triplet CSV to score (fraction ranked correctly)")
     p.add_argument("--max-train-queries", type=argtypes.positive_int, default=10_000,
-                   help="train precision uses a seeded subset of at most this many train queries")
+                   help="train precision uses a seeded subset of at most this many train queries "
+                        "(default: %(default)s)")
     p.add_argument("--chunk-size", type=argtypes.positive_int, default=None,
                    help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
                         "distance block within 256 MB)")
-    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed for the train subset and demo queries")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=argtypes.seed, default=0,
+                   help="seed for the train subset and demo queries (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--protocol", choices=scoring.PROTOCOLS, default="split",
                    help="split (default): the test file queries the train database, plus train precision; "
                         "self: the test file queries itself, each query's own row excluded (leave-one-out: the "

@@ -66,9 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="TinyImageNet root (train/ and val/) or a folder of class folders (train only; "
                         "default: %(default)s)")
     p.add_argument("--train-output", type=Path, default=Path("train_embedding.txt"),
-                   help="embeddings of the train split (.txt CSV, or .npz/.npy binary)")
+                   help="embeddings of the train split, the database (.txt CSV, or .npz/.npy binary; "
+                        "default: %(default)s)")
     p.add_argument("--test-output", type=Path, default=Path("test_embedding.txt"),
-                   help="embeddings of the val split (the queries at evaluation)")
+                   help="embeddings of the val split, the queries at evaluation (default: %(default)s)")
     p.add_argument("--splits", default=None,
                    help="comma-separated splits to embed, from train,val (default: train,val; "
                         "val is skipped with a message when the dataset has none)")

@@ -92,19 +92,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "or a CSV/TSV with columns query,positive,negative")
     p.add_argument("--output-dir", required=True,
                    help="output folder; an existing one is continued (images reused), never wiped")
-    p.add_argument("--csv", default="triplets.csv", help="name of the triplet CSV written in --output-dir")
+    p.add_argument("--csv", default="triplets.csv",
+                   help="name of the triplet CSV written in --output-dir (default: %(default)s)")
     p.add_argument("--format", choices=("auto", "lines", "csv", "tsv"), default="auto",
                    help="input format (auto: CSV/TSV if the first line holds 2+ image columns or the "
-                   "header, else 4-line records)")
-    p.add_argument("--workers", type=argtypes.positive_int, default=8, help="parallel downloads")
+                   "header, else 4-line records; default: %(default)s)")
+    p.add_argument("--workers", type=argtypes.positive_int, default=8, help="parallel downloads (default: %(default)s)")
     p.add_argument("--retries", type=argtypes.non_negative_int, default=3,
-                   help="retries per URL after connection errors, timeouts, 408/429 and 5xx (not after 404 etc.)")
+                   help="retries per URL after connection errors, timeouts, 408/429 and 5xx (not after 404 etc.; "
+                   "default: %(default)s)")
     p.add_argument("--timeout", type=argtypes.positive_float, default=20.0,
-                   help="seconds per network operation (connect, each read)")
+                   help="seconds per network operation (connect, each read; default: %(default)s)")
     p.add_argument("--backoff", type=argtypes.positive_float, default=0.5,
-                   help="first retry delay in seconds; doubles per retry, plus up to 100%% seeded jitter")
+                   help="first retry delay in seconds; doubles per retry, plus up to 100%% seeded jitter "
+                   "(default: %(default)s)")
     p.add_argument("--max-bytes", type=argtypes.positive_int, default=10_000_000,
-                   help="largest accepted download per image (checked on Content-Length and while streaming)")
+                   help="largest accepted download per image in bytes (checked on Content-Length and while "
+                   "streaming; default: %(default)s)")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-request URLs that failed permanently (404, not an image, ...) in an earlier run")
     p.add_argument("--val-fraction", type=argtypes.fraction, default=0.0,

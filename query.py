@@ -46,25 +46,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="checkpoint that made the embeddings")
     p.add_argument("--embeddings", type=Path, required=True,
                    help="database embedding file from gen_embeddings.py (.txt, .npz or .npy)")
-    p.add_argument("--top", type=argtypes.positive_int, default=10, help="neighbours to show per query")
+    p.add_argument("--top", type=argtypes.positive_int, default=10,
+                   help="neighbours to show per query (default: %(default)s)")
     p.add_argument("--grid", type=Path, default=None,
                    help="also write a PNG grid of the results (and its table: the same name with .csv)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --grid file and its .csv")
     p.add_argument("--exclude-self", action="store_true",
                    help="leave out database rows that are the query image itself")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=argtypes.positive_int, default=256, help="query images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=256,
+                   help="query images per forward pass (default: %(default)s)")
     p.add_argument("--ann", choices=ANN_CHOICES, default="auto",
                    help="exact search, FAISS cluster search (pip install faiss-cpu), or auto "
-                        "(FAISS above 200,000 rows when installed)")
+                        "(FAISS above 200,000 rows when installed; default: %(default)s)")
     p.add_argument("--nprobe", type=argtypes.positive_int, default=DEFAULT_NPROBE,
-                   help="FAISS: clusters searched per query (more = slower, closer to exact)")
+                   help="FAISS: clusters searched per query (more = slower, closer to exact; default: %(default)s)")
     p.add_argument("--nlist", type=argtypes.positive_int, default=None,
                    help="FAISS: clusters in the index (default about 4 * sqrt(rows))")
     p.add_argument("--index", type=Path, default=None,
                    help="FAISS: keep the built index in this file (and its key in FILE.key) and reuse it while "
                         "--embeddings is the file it was built from")
-    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the FAISS k-means")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the FAISS k-means (default: %(default)s)")
     p.add_argument("--no-saved-index", action="store_true",
                    help="read --embeddings itself instead of the saved index beside it (<file>.index/, "
                         "built by the first query and rebuilt whenever the database changes)")

@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
-    data.add_argument("--triplets", type=Path, default=DEFAULT_TRIPLETS, help="training triplet CSV")
+    data.add_argument("--triplets", type=Path, default=DEFAULT_TRIPLETS,
+                      help="training triplet CSV (default: %(default)s)")
     data.add_argument("--val-triplets", type=Path, default=None,
                       help=f"validation triplet CSV (default: {DEFAULT_VAL_TRIPLETS} next to --triplets, "
                            "skipped with a warning if absent)")
@@ -101,109 +102,144 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                       help="hold out about this fraction of each class's training query images for validation "
                            "instead; training triplets that use one of them as positive or negative are left out "
                            f"(counted); {image_data.HELDOUT_RULE}")
-    data.add_argument("--image-size", type=argtypes.bounded_int(32), default=IMAGE_SIZE, help="net input side (>= 32)")
+    data.add_argument("--image-size", type=argtypes.bounded_int(32), default=IMAGE_SIZE,
+                      help="net input side, >= 32 (default: %(default)s)")
     data.add_argument("--cache-size", type=argtypes.non_negative_int, default=CACHE_SIZE,
-                      help="side of the decoded-image cache (0: the images' own size when small, else --image-size)")
+                      help="side of the decoded-image cache (0: the images' own size when small, else "
+                           "--image-size; default: %(default)s)")
     data.add_argument("--batch-sampler", choices=("csv", "pk"), default=BATCH_SAMPLER,
                       help="csv: batches of --batch-size CSV triplets; pk: P classes x K images drawn from the CSV's "
-                           "training images (needs class folders and --mining batch-hard or semi-hard)")
-    data.add_argument("--pk-classes", type=argtypes.bounded_int(2), default=PK_CLASSES, help="P: classes per pk batch")
+                           "training images (needs class folders and --mining batch-hard or semi-hard; "
+                           "default: %(default)s)")
+    data.add_argument("--pk-classes", type=argtypes.bounded_int(2), default=PK_CLASSES,
+                      help="P: classes per pk batch (default: %(default)s)")
     data.add_argument("--pk-images", type=argtypes.bounded_int(2), default=PK_IMAGES,
-                      help="K: images per class in a pk batch (classes with fewer are drawn with replacement)")
+                      help="K: images per class in a pk batch (classes with fewer are drawn with replacement; "
+                           "default: %(default)s)")
     data.add_argument("--num-workers", type=argtypes.non_negative_int, default=NUM_WORKERS,
                       help="DataLoader worker processes (0: gather in the main process; images decoded on the fly, "
-                           "over --cache-budget, get at least min(8, CPU cores))")
+                           "over --cache-budget, get at least min(8, CPU cores); default: %(default)s)")
     embedding.add_cache_budget_flag(data, CACHE_BUDGET)
     data.add_argument("--shift", type=argtypes.fraction, default=SHIFT,
                       help="augmentation: shift each training image by up to this fraction of --image-size in x and "
-                           "y (border pixels repeated), after the random flip (0: flips only)")
+                           "y (border pixels repeated), after the random flip (0: flips only; default: %(default)s)")
     data.add_argument("--erase", type=argtypes.probability, default=ERASE,
                       help="augmentation: with this probability, set one random rectangle (2-33%% of the image) "
-                           "of each training image to the mean colour, after flip and shift (0: never)")
+                           "of each training image to the mean colour, after flip and shift (0: never; "
+                           "default: %(default)s)")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--arch", choices=backbones.ARCHITECTURES, default=ARCH, help="backbone architecture")
-    model.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
+    model.add_argument("--arch", choices=backbones.ARCHITECTURES, default=ARCH,
+                       help="deep path: a torchvision ResNet, or small-cnn for small images (28-64 px) trained "
+                            "from scratch, which has no ImageNet weights (default: %(default)s)")
+    model.add_argument("--weights", default=WEIGHTS,
+                       help="imagenet (torchvision's pretrained weights; offline, it says where to put the file), "
+                            "none (random, seeded), or a state dict or checkpoint file (default: %(default)s)")
     model.add_argument("--train-from", choices=backbones.TRAIN_FROM_STAGES, default=TRAIN_FROM,
-                       help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen")
+                       help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen "
+                            "(default: %(default)s)")
     model.add_argument("--shallow", choices=deep_rank_net.SHALLOW_MODES, default=SHALLOW,
                        help="shallow paths beside the deep one: paper = the image average-pooled 4x and 8x, then "
                             "conv + max pool (every pixel counts); classic = the classic ports' stride-16/32 convs "
-                            "(to reproduce their numbers); none = the deep path alone")
+                            "(to reproduce their numbers); none = the deep path alone (default: %(default)s)")
     # old spellings: --no-multiscale / --single-scale = --shallow none, --multiscale = --shallow paper
     model.add_argument("--no-multiscale", "--single-scale", dest="shallow", action="store_const", const="none",
                        help=argparse.SUPPRESS)
     model.add_argument("--multiscale", dest="shallow", action="store_const", const="paper", help=argparse.SUPPRESS)
-    model.add_argument("--embedding-dim", type=argtypes.positive_int, default=EMBEDDING_DIM, help="embedding size")
+    model.add_argument("--embedding-dim", type=argtypes.positive_int, default=EMBEDDING_DIM,
+                       help="embedding size (default: %(default)s)")
 
 
 def _loss_flags(p: argparse.ArgumentParser) -> None:
     loss = p.add_argument_group("loss")
-    loss.add_argument("--margin", type=argtypes.positive_float, default=MARGIN, help="gap g of the hinge loss (> 0)")
+    loss.add_argument("--margin", type=argtypes.positive_float, default=MARGIN,
+                      help="gap g of the hinge loss max(0, g + D(q,p) - D(q,n)), > 0 (default: %(default)s)")
     loss.add_argument("--mining", choices=tuple(losses.MINERS), default=MINING,
                       help="online mining inside each batch (needs class folders): batch-hard = every image an "
                            "anchor with its hardest positive and negative; hard-negative = each triplet's negative "
                            "replaced by the batch's closest; semi-hard = negatives farther than the positive but "
-                           "inside the margin (pairs without one are dropped)")
+                           "inside the margin (pairs without one are dropped); default: %(default)s")
     loss.add_argument("--id-loss-weight", type=argtypes.non_negative_float, default=ID_LOSS_WEIGHT,
-                      help="weight of a class (cosine softmax) loss added to the ranking loss (needs class folders)")
+                      help="weight of a class (cosine softmax) loss added to the ranking loss (needs class folders; "
+                           "default: %(default)s)")
     loss.add_argument("--id-loss-scale", type=argtypes.positive_float, default=ID_LOSS_SCALE,
-                      help="temperature of the class loss's cosine logits")
+                      help="scale of the class loss's cosine logits: logits = scale * cos (default: %(default)s)")
     loss.add_argument("--id-loss-margin", type=argtypes.fraction, default=ID_LOSS_MARGIN,
-                      help="cosine margin subtracted from the true class in the class loss (CosFace; 0: none)")
+                      help="cosine margin subtracted from the true class in the class loss (CosFace; 0: none; "
+                           "default: %(default)s)")
     loss.add_argument("--id-loss-smoothing", type=argtypes.fraction, default=ID_LOSS_SMOOTHING,
-                      help="label smoothing of the class loss (0: one-hot targets)")
+                      help="label smoothing of the class loss (0: one-hot targets; default: %(default)s)")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=argtypes.positive_int, default=EPOCHS, help="training epochs")
-    opt.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER, help="optimizer")
-    opt.add_argument("--batch-size", type=argtypes.positive_int, default=BATCH_SIZE, help="triplets per step")
-    opt.add_argument("--lr", type=argtypes.positive_float, default=LEARNING_RATE, help="learning rate (> 0)")
+    opt.add_argument("--epochs", type=argtypes.positive_int, default=EPOCHS,
+                     help="passes over the triplet CSV (default: %(default)s)")
+    opt.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER,
+                     help="optimizer; rms = RMSprop (default: %(default)s)")
+    opt.add_argument("--batch-size", type=argtypes.positive_int, default=BATCH_SIZE,
+                     help="CSV triplets per step (default: %(default)s)")
+    opt.add_argument("--lr", type=argtypes.positive_float, default=LEARNING_RATE,
+                     help="learning rate, > 0 (default: %(default)s)")
     opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LR_SCHEDULE,
                      help="constant, or cosine decay to 0 over all --epochs (--max-steps/--time-limit "
-                          "stop early without shortening it)")
+                          "stop early without shortening it; default: %(default)s)")
     opt.add_argument("--warmup-steps", type=argtypes.non_negative_int, default=WARMUP_STEPS,
-                     help="linear learning-rate warm-up over the first N optimizer steps")
-    opt.add_argument("--momentum", type=argtypes.unit_interval, default=MOMENTUM, help="momentum (sgd, rms), in [0, 1)")
-    opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=NESTEROV, help="Nesterov momentum (sgd)")
-    opt.add_argument("--weight-decay", type=argtypes.non_negative_float, default=WEIGHT_DECAY, help="weight decay (>= 0)")
+                     help="linear learning-rate warm-up over the first N optimizer steps (default: %(default)s)")
+    opt.add_argument("--momentum", type=argtypes.unit_interval, default=MOMENTUM,
+                     help="momentum (sgd, rms), in [0, 1) (default: %(default)s)")
+    opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=NESTEROV,
+                     help="Nesterov momentum (sgd; default: %(default)s)")
+    opt.add_argument("--weight-decay", type=argtypes.non_negative_float, default=WEIGHT_DECAY,
+                     help="weight decay, >= 0: L2 in the gradient for sgd, adam and rms, decoupled for adamw "
+                          "(default: %(default)s)")
     opt.add_argument("--ema-decay", type=argtypes.unit_interval, default=EMA_DECAY,
                      help="keep an exponential moving average of the weights with this decay, in [0, 1); "
-                          "checkpoints, validation and every later stage use the average (0: off)")
+                          "checkpoints, validation and every later stage use the average (0: off; "
+                          "default: %(default)s)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     both = argparse.BooleanOptionalAction
     run = p.add_argument_group("run")
-    run.add_argument("--output-dir", type=Path, default=Path("."), help="where checkpoints and logs go")
+    run.add_argument("--output-dir", type=Path, default=Path("."),
+                     help="where checkpoints and logs go (default: the current folder)")
     run.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint (temp_<epoch>.model)")
     run.add_argument("--force", action="store_true",
                      help="start afresh: delete an earlier run's checkpoints, metrics.jsonl and curves")
-    run.add_argument("--seed", type=argtypes.seed, default=SEED, help="random seed (init, triplet order, flips)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=argtypes.seed, default=SEED,
+                     help="random seed (init, triplet order, flips; default: %(default)s)")
+    run.add_argument("--device", default="auto",
+                     help="auto (a GPU when there is one), cpu, cuda or cuda:N (default: %(default)s)")
     run.add_argument("--amp", choices=runtime.AMP_CHOICES, default=AMP,
                      help="mixed precision: auto = bf16 on CUDA (fp16 with loss scaling on GPUs without bf16), "
-                          "fp32 on CPU")
+                          "fp32 on CPU (default: %(default)s)")
     run.add_argument("--deterministic", action=both, default=DETERMINISTIC,
-                     help="deterministic algorithms and cuDNN flags (bit-identical GPU reruns, slower)")
-    run.add_argument("--compile", action=both, default=COMPILE, help="torch.compile the model")
+                     help="deterministic algorithms and cuDNN flags (bit-identical GPU reruns, slower; "
+                          "default: %(default)s)")
+    run.add_argument("--compile", action=both, default=COMPILE, help="torch.compile the model (default: %(default)s)")
     run.add_argument("--max-steps", type=argtypes.positive_int, default=None,
-                     help="stop after this many optimizer steps in total (the run's, resumes included)")
+                     help="stop after this many optimizer steps in total (the run's, resumes included; "
+                          "default: no limit)")
     run.add_argument("--time-limit", type=argtypes.positive_float, default=None,
-                     help="stop after this many seconds of training in total (the run's, resumes included)")
+                     help="stop after this many seconds of training in total (the run's, resumes included; "
+                          "default: no limit)")
     run.add_argument("--save-every", type=argtypes.non_negative_int, default=SAVE_EVERY,
-                     help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only)")
+                     help="also save temp_<epoch>.model every N steps mid-epoch (0: end of epoch only; "
+                          "default: %(default)s)")
     run.add_argument("--keep-checkpoints", type=argtypes.non_negative_int, default=KEEP_CHECKPOINTS,
-                     help="keep only the newest N temp_<epoch>.model files (0: every epoch's, as the classic code)")
-    run.add_argument("--log-every", type=argtypes.positive_int, default=LOG_EVERY, help="steps between log records")
+                     help="keep only the newest N temp_<epoch>.model files (0: every epoch's, as the classic "
+                          "code; default: %(default)s)")
+    run.add_argument("--log-every", type=argtypes.positive_int, default=LOG_EVERY,
+                     help="steps between metrics.jsonl records, the only steps that read values back from a GPU "
+                          "(default: %(default)s)")
     run.add_argument("--weight-growth-warning", type=argtypes.positive_float, default=WEIGHT_GROWTH_WARNING,
-                     help="warn when the trained weights' norm grows this many times (a too-high lr)")
+                     help="warn when the trained weights' norm grows this many times (a too-high lr; "
+                          "default: %(default)s)")
     run.add_argument("--collapse-distance", type=argtypes.non_negative_float, default=COLLAPSE_DISTANCE,
-                     help="warn when the mean pairwise distance in a batch falls below this")
+                     help="warn when the mean pairwise distance in a batch falls below this (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -25,11 +25,12 @@ def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
     --cache-budget, --no-progress."""
     from pathlib import Path
 
-    p.add_argument("--batch-size", type=argtypes.positive_int, default=256, help=batch_help)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=256, help=batch_help + " (default: %(default)s)")
     p.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank)")
+                   help="auto, cpu, cuda or cuda:N (under torchrun: cuda = one GPU per rank; default: %(default)s)")
     p.add_argument("--amp", choices=runtime.AMP_CHOICES, default="auto",
-                   help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU")
+                   help="mixed precision: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU "
+                        "(default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="decoded-image cache folder (default $DEEP_RANK_CACHE_DIR or ~/.cache/deep-ranking)")
     add_cache_budget_flag(p)

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deepranking import argtypes, cli, file_io
+from deepranking import argtypes, cli, file_io, image_data
 from deepranking.cli import UserError
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -244,11 +244,13 @@ def tinted_subset(data: dict, n_tints: int, train_per_class: int | None, val_per
     without repeats, drawn anew for each tint, so one grey image may appear in several tints but
     never twice in one), grey value times the t-th hue (:func:`tint_colours`): uint8 [N, H, W, 3].
     Train images still come from the source's train split and val from its val split.
+    ``parent_names``: each class's garment, the parent in the hierarchy.csv the layout writes.
     """
     colours = tint_colours(n_tints)  # [T, 3]
     n_classes = len(data["class_names"])
     out = {"class_names": [f"{name} hue {round(360 * t / n_tints):03d}"
-                           for name in data["class_names"] for t in range(n_tints)]}
+                           for name in data["class_names"] for t in range(n_tints)],
+           "parent_names": [name for name in data["class_names"] for _ in range(n_tints)]}  # the garment
     for k, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         rng = np.random.default_rng((seed, k, n_tints))
         grey, labels = data[f"{split}_images"], data[f"{split}_labels"].astype(np.int64)
@@ -345,6 +347,7 @@ def write_tiny_imagenet_layout(
     quality: int = JPEG_QUALITY,
     workers: int | None = None,
     progress: bool = True,
+    parents: Sequence[str] | None = None,
 ) -> list[str]:
     """Write images in TinyImageNet's layout under ``root``; return the wnids.
 
@@ -352,7 +355,9 @@ def write_tiny_imagenet_layout(
     resized to ``size`` x ``size`` with bicubic interpolation and saved as RGB
     JPEG. Labels: int [N] indexing ``class_names``. Train images of a class are
     numbered in the given order; val images are numbered in an order shuffled
-    with ``seed`` (classes interleaved, as in the real val split).
+    with ``seed`` (classes interleaved, as in the real val split). ``parents``: each class's
+    parent (a group of classes), written as ``hierarchy.csv`` (``class,parent``, class = wnid)
+    for eval.py's graded relevance.
 
     The dataset is built in a temporary sibling folder and moved into place at
     the end, so a failure leaves any existing ``root`` untouched. An existing
@@ -370,6 +375,8 @@ def write_tiny_imagenet_layout(
         (tmp / "words.txt").write_text(
             "".join(f"{w}\t{name}\n" for w, name in zip(wnids, class_names)), encoding="utf-8"
         )
+        if parents is not None:
+            _write_hierarchy(tmp / image_data.HIERARCHY_FILE, wnids, parents)
         jobs = _train_jobs(tmp, wnids, train_images, train_labels, size)
         jobs += _val_jobs(tmp, wnids, val_images, val_labels, size, seed)
         if workers is None:
@@ -380,6 +387,17 @@ def write_tiny_imagenet_layout(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return wnids
+
+
+def _write_hierarchy(path: Path, wnids: list[str], parents: Sequence[str]) -> None:
+    """``class,parent`` rows, one per class (image_data.read_class_hierarchy reads them)."""
+    import csv
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["class", "parent"])
+    writer.writerows(zip(wnids, parents))
+    path.write_text(text.getvalue(), encoding="utf-8")
 
 
 def _train_jobs(tmp: Path, wnids: list[str], images: np.ndarray, labels: np.ndarray,
@@ -541,6 +559,7 @@ def main(args) -> None:
         root, data["train_images"], data["train_labels"], data["val_images"], data["val_labels"],
         data["class_names"], size=args.size, seed=args.seed, force=args.force,
         quality=args.quality, workers=args.workers, progress=not args.no_progress,
+        parents=data.get("parent_names"),
     )
     print(f"wrote {root}: {len(data['train_labels'])} train + {len(data['val_labels'])} val images, "
           f"{len(wnids)} classes, {args.size}x{args.size} RGB JPEG, from {desc} "

@@ -848,17 +848,57 @@ def read_class_names(path: str | os.PathLike, wanted=None) -> dict[str, str]:
 
 def find_words_file(image_paths: Sequence[str]) -> Path | None:
     """The words.txt of a dataset, looked for in the folders above its first image (up to 5 levels)."""
+    return find_dataset_file(image_paths, WORDS_FILE)
+
+
+def find_dataset_file(image_paths: Sequence[str], name: str) -> Path | None:
+    """A dataset-wide file (words.txt, hierarchy.csv) in the folders above the first image (up to 5 levels)."""
     if not len(image_paths):
         return None
     folder = Path(image_paths[0]).parent
     for _ in range(_WORDS_SEARCH_DEPTH):
-        candidate = folder / WORDS_FILE
+        candidate = folder / name
         if candidate.is_file():
             return candidate
         if folder.parent == folder:
             break
         folder = folder.parent
     return None
+
+
+HIERARCHY_FILE = "hierarchy.csv"  # class,parent: graded relevance in eval.py (same class > same parent > other)
+
+
+def read_class_hierarchy(path: str | os.PathLike) -> dict[str, str]:
+    """``class id -> parent`` from a CSV with the header ``class,parent`` (one row per class).
+
+    The class ids are the class folder names (TinyImageNet's wnids); a parent is any text naming
+    a group of classes (``Coat`` for ``Coat hue 036``, a WordNet hypernym for a wnid). A missing
+    header, an empty field, a row of other than two fields or a class given twice is a UserError
+    naming the file and line.
+    """
+    import csv
+
+    path = check_input_file(path, "class hierarchy file")
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"class hierarchy file {display_path(path)} is not UTF-8 text ({exc.reason})")
+    if not rows or [c.strip() for c in rows[0]] != ["class", "parent"]:
+        raise UserError(f"class hierarchy file {display_path(path)} must start with the header 'class,parent'")
+    parents: dict[str, str] = {}
+    for number, row in enumerate(rows[1:], 2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"{display_path(path)} line {number}: expected 'class,parent', got {','.join(row)[:60]!r}")
+        cls, parent = row[0].strip(), row[1].strip()
+        if cls in parents:
+            raise UserError(f"{display_path(path)} line {number}: class {cls!r} is listed twice")
+        parents[cls] = parent
+    if not parents:
+        raise UserError(f"class hierarchy file {display_path(path)} lists no class")
+    return parents
 
 
 def display_name(label, names: dict[str, str]) -> str:

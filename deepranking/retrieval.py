@@ -401,6 +401,38 @@ def map_at_r(query_labels, neighbour_labels, r_per_query) -> float:
     return _mean_over_scored(map_at_r_per_query(query_labels, neighbour_labels, r_per_query))
 
 
+# Graded relevance (a class hierarchy): the gain of a neighbour of the query's class, of another class
+# under the same parent, of anything else. Linear gains, as Jarvelin & Kekalainen's DCG.
+GAIN_SAME_CLASS, GAIN_SAME_PARENT = 2.0, 1.0
+
+
+def graded_gains(query_labels, neighbour_labels, query_parents, neighbour_parents) -> np.ndarray:
+    """float [Q, K]: GAIN_SAME_CLASS for a neighbour of the query's class, GAIN_SAME_PARENT for one of
+    another class with the same parent, 0 otherwise."""
+    same_class = matches(query_labels, neighbour_labels)
+    same_parent = matches(query_parents, neighbour_parents)
+    return np.where(same_class, GAIN_SAME_CLASS, np.where(same_parent, GAIN_SAME_PARENT, 0.0))
+
+
+def ndcg_at_k_per_query(gains, n_same_class, n_same_parent, k: int) -> np.ndarray:
+    """float [Q]: NDCG@k = DCG@k / ideal DCG@k, DCG@k = sum_{j<=k} gain_j / log2(j + 1).
+
+    ``gains`` [Q, >= k] (:func:`graded_gains`); the ideal ranking of query i puts its
+    ``n_same_class[i]`` other items of its class first, then its ``n_same_parent[i]`` items of
+    sibling classes (same parent, other class). NaN where the ideal DCG is 0 (nothing relevant).
+    """
+    g = np.asarray(gains, dtype=np.float64)
+    _check_k(g, k)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))  # [k]
+    dcg = (g[:, :k] * discount).sum(1)
+    pos = np.arange(k)[None, :]
+    c = np.asarray(n_same_class, dtype=np.int64)[:, None]
+    p = np.asarray(n_same_parent, dtype=np.int64)[:, None]
+    ideal = np.where(pos < c, GAIN_SAME_CLASS, np.where(pos < c + p, GAIN_SAME_PARENT, 0.0))
+    idcg = (ideal * discount).sum(1)
+    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), np.nan)
+
+
 def precision_at_k_per_query(query_labels, neighbour_labels, k: int) -> np.ndarray:
     """float [Q]: fraction of each query's first k neighbours sharing its class."""
     nb = np.asarray(neighbour_labels)

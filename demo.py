@@ -124,7 +124,7 @@ def main(args) -> None:
                "--device", args.device, *force], test_emb, args.force)
 
     metrics_path = out / "metrics.json"
-    run_stage("6. evaluate top-30 precision and draw retrieval pictures",
+    run_stage("6. evaluate top-30 precision, draw retrieval pictures, write report.html",
               ["eval.py", "--train-embeddings", str(train_emb), "--test-embeddings", str(test_emb),
                "--triplets", str(val_csv), "--output-dir", str(out), "--seed", str(args.seed), *force],
               metrics_path, args.force)
@@ -135,6 +135,11 @@ def main(args) -> None:
     print(f"  train top-{metrics['k']} precision: {metrics['train_precision_at_k']:.4f}")
     print(f"  hit@{metrics['k']} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
     print(f"  metrics: {metrics_path}")
+    report = out / "report.html"
+    if report.exists():
+        print(f"  report (open in a browser): {report}")
+    else:  # metrics.json reused from an evaluation that wrote no report
+        print(f"  report: none in {out} (its evaluation predates report.html; pass --force to redo it)")
     pictures = sorted(p.name for p in out.glob("*.png"))
     print(f"  pictures: {', '.join(pictures)}")
 

@@ -27,10 +27,10 @@ from deepranking import argtypes, cli, file_io, runtime
 from deepranking import embedding_io
 from deepranking import image_data
 from deepranking import plots
-from deepranking import report as html_report
 from deepranking import retrieval
 from deepranking import scoring
 from deepranking.cli import UserError
+from deepranking.report import write_report
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
 COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
@@ -259,9 +259,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
         plots.precision_at_k(stage / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
-        html_report.write_report(stage / "report.html", result, train, test, index, names=names,
-                                 self_search=self_search, command=sys.argv, chunk_size=args.chunk_size,
-                                 progress=progress)
+        write_report(stage / "report.html", result, train, test, index, names, sys.argv, args.chunk_size, progress)
         file_io.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
     for n, p in retrieval_pictures(out).items():
         if n >= len(queries):  # an earlier run's extra pictures and their tables (--force): not this run's
@@ -287,9 +285,8 @@ def report(args, train, test, queries: list[int], device) -> dict:
     best = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
     worst = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
     print(f"best classes:  {best}\nworst classes: {worst}")
-    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
+    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png, report.html and "
           f"{len(queries)} retrieval picture(s) in {out}")
-    print(f"report: {out / 'report.html'}")
     return metrics
 
 

@@ -148,5 +148,6 @@ def summary(out: Path, metrics_path: Path, seconds: float) -> None:
     pictures = sorted(p.name for p in out.glob("*.png"))
     print(f"  pictures: {', '.join(pictures)}")
 
+
 if __name__ == "__main__":
     cli.run(main, get_args_parser())

@@ -207,3 +207,16 @@ def test_leave_one_out_never_shows_a_query_as_its_own_neighbour(tmp_path):
     page = report.write_report(tmp_path / "report.html", result, qs, qs, index, progress=False)
     assert len(page.worst) + len(page.best) == 24 and all(len(v.neighbours) == 5 for v in page.worst)
     assert "database" not in dict(page.provenance)  # one file, its own database
+
+
+def test_a_stray_report_without_metrics_is_not_replaced_without_force(tmp_path, capsys):
+    from test_eval import run
+
+    train, test = write_files(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("someone's page")
+    code, captured = run(capsys, "--train-embeddings", train, "--test-embeddings", test, "--output-dir", out,
+                         "--k", 2)
+    assert code == 2 and "report.html" in captured.err and "--force" in captured.err
+    assert (out / "report.html").read_text() == "someone's page"

@@ -7,8 +7,10 @@ fraction of its k nearest train images (Euclidean) sharing its class, averaged.
 Train precision@k: train images query the train database, excluding themselves.
 Also hit@k (at least one match in k: what the classic code called "accuracy"),
 recall@1, MAP@R and, with --triplets, the fraction of triplets ranked correctly.
-Writes metrics.json, per_class_precision.csv, precision_at_k.png and
-retrieval_<i>.png (query, 10 closest and 10 farthest) into --output-dir.
+Writes metrics.json, per_class_precision.csv, precision_at_k.png,
+retrieval_<i>.png (query, 10 closest and 10 farthest) and report.html (all of it
+on one self-contained page, with the worst and best queries and the most confused
+class pairs) into --output-dir.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from deepranking import plots
 from deepranking import retrieval
 from deepranking import scoring
 from deepranking.cli import UserError
+from deepranking.report import write_report
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
 COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
@@ -158,7 +162,7 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, na
                      title=f"{Path(test.paths[qi]).name}")
 
 
-TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv")  # beside metrics.json
+TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv", "report.html")  # beside metrics.json
 
 
 def retrieval_pictures(out: Path) -> dict[int, Path]:
@@ -260,6 +264,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
         plots.precision_at_k(stage / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
+        write_report(stage / "report.html", result, train, test, index, names, sys.argv, args.chunk_size, progress)
         file_io.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
     for n, p in retrieval_pictures(out).items():
         if n >= len(queries):  # an earlier run's extra pictures and their tables (--force): not this run's
@@ -285,7 +290,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
     best = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
     worst = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
     print(f"best classes:  {best}\nworst classes: {worst}")
-    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
+    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png, report.html and "
           f"{len(queries)} retrieval picture(s) in {out}")
     return metrics
 

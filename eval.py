@@ -8,7 +8,9 @@ Train precision@k: train images query the train database, excluding themselves.
 Also hit@k (at least one match in k: what the classic code called "accuracy"),
 recall@1, MAP@R and, with --triplets, the fraction of triplets ranked correctly.
 Writes metrics.json, per_class_precision.csv, precision_at_k.png and
-retrieval_<i>.png (query, 10 closest and 10 farthest) into --output-dir.
+retrieval_<i>.png (query, 10 closest and 10 farthest) into --output-dir. Where classes
+have fewer than k other images, precision@k's ceiling (the mean of min(k, R) / k) is
+printed and recorded beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from deepranking import scoring
 from deepranking.cli import UserError
 
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
+SHOWN_CLASSES = 5  # classes in each of the best and worst lists printed
 COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
 
 
@@ -261,28 +264,52 @@ def report(args, train, test, queries: list[int], device) -> dict:
             p.unlink()
             plots.data_path(p).unlink(missing_ok=True)
 
-    k = args.k
-    se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries
-    if self_search:
-        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} queries, "
-              f"each against the other {len(test) - 1} of {args.test_embeddings})")
-    else:
-        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} val queries, "
-              f"{len(train)} db)")
-    if metrics["train_precision_at_k"] is not None:
-        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}  "
-              f"({metrics['num_train_queries']} train queries, self excluded)")
-    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
-    print(f"recall@1: {_fmt(metrics['recall_at_1'])}   R-precision: {_fmt(metrics['r_precision'])}   "
-          f"MAP@R: {_fmt(metrics['map_at_r'])}")
-    if metrics["triplet_accuracy"] is not None:
-        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
-    best = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
-    worst = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
-    print(f"best classes:  {best}\nworst classes: {worst}")
+    print_summary(args, metrics, table, train, test)
     print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
           f"{len(queries)} retrieval picture(s) in {out}")
     return metrics
+
+
+def print_summary(args, metrics: dict, table, train, test) -> None:
+    """The figures on stdout. Where classes have fewer than k other images, precision@k cannot reach 1:
+    its ceiling (mean min(k, R) / k) is printed beside it and R-precision, which has none, comes first."""
+    k, self_search = args.k, args.protocol == "self"
+    capped = metrics["test_precision_at_k_max"] < 1
+    ranks = (f"recall@1: {_fmt(metrics['recall_at_1'])}   R-precision: {_fmt(metrics['r_precision'])}   "
+             f"MAP@R: {_fmt(metrics['map_at_r'])}")
+    if capped:
+        print(ranks)
+    se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries
+    ceiling = ""
+    if capped:
+        small = len(metrics["classes_below_k"])
+        classes = f"{small} classes have" if small > 1 else "1 class has"
+        ceiling = (f" (max achievable {metrics['test_precision_at_k_max']:.2f}: {classes} fewer than {k} "
+                   f"{'other images' if self_search else 'images in the database'})")
+    if self_search:
+        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f} ± {se}{ceiling}  ({len(test)} "
+              f"queries, each against the other {len(test) - 1} of {args.test_embeddings})")
+    else:
+        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f} ± {se}{ceiling}  ({len(test)} val queries, "
+              f"{len(train)} db)")
+    if metrics["train_precision_at_k"] is not None:
+        train_max = metrics["train_precision_at_k_max"]
+        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}"
+              f"{f' (max achievable {train_max:.2f})' if train_max < 1 else ''}  "
+              f"({metrics['num_train_queries']} train queries, self excluded)")
+    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
+    if not capped:
+        print(ranks)
+    if metrics["triplet_accuracy"] is not None:
+        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
+    best, worst = scoring.best_and_worst(table, SHOWN_CLASSES)
+
+    def listed(rows) -> str:
+        return ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in rows.iterrows())
+    if len(worst):
+        print(f"best classes:  {listed(best)}\nworst classes: {listed(worst)}")
+    else:  # too few classes for two lists that do not share one
+        print(f"classes, best first: {listed(best)}")
 
 
 def main(args) -> None:

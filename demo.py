@@ -128,17 +128,27 @@ def main(args) -> None:
                "--device", args.device, *force], test_emb, args.force)
 
     metrics_path = out / "metrics.json"
-    run_stage("6. evaluate top-30 precision and draw retrieval pictures",
+    run_stage("6. evaluate top-30 precision, draw retrieval pictures, write report.html",
               ["eval.py", "--train-embeddings", str(train_emb), "--test-embeddings", str(test_emb),
                "--triplets", str(val_csv), "--output-dir", str(out), "--seed", str(args.seed), *force],
               metrics_path, args.force)
 
+    summary(out, metrics_path, time.perf_counter() - started)
+
+
+def summary(out: Path, metrics_path: Path, seconds: float) -> None:
+    """The demo's last words: the headline figures and where the results are."""
     metrics = json.loads(metrics_path.read_text())
-    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Results in {out}/:")
+    print(f"\nDemo finished in {seconds:.0f} s. Results in {out}/:")
     print(f"  test top-{metrics['k']} precision : {metrics['test_precision_at_k']:.4f}")
     print(f"  train top-{metrics['k']} precision: {metrics['train_precision_at_k']:.4f}")
     print(f"  hit@{metrics['k']} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
     print(f"  metrics: {metrics_path}")
+    report = out / "report.html"
+    if report.exists():
+        print(f"  report (open in a browser): {report}")
+    else:  # metrics.json reused from an evaluation that wrote no report
+        print(f"  report: none in {out} (its evaluation predates report.html; pass --force to redo it)")
     pictures = sorted(p.name for p in out.glob("*.png"))
     print(f"  pictures: {', '.join(pictures)}")
 

@@ -7,8 +7,18 @@ fraction of its k nearest train images (Euclidean) sharing its class, averaged.
 Train precision@k: train images query the train database, excluding themselves.
 Also hit@k (at least one match in k: what the classic code called "accuracy"),
 recall@1, MAP@R and, with --triplets, the fraction of triplets ranked correctly.
-Writes metrics.json, per_class_precision.csv, precision_at_k.png and
-retrieval_<i>.png (query, 10 closest and 10 farthest) into --output-dir.
+Writes metrics.json, per_class_precision.csv, precision_at_k.png,
+retrieval_<i>.png (query, 10 closest and 10 farthest) and report.html (all of it
+on one self-contained page, with the worst and best queries and the most confused
+class pairs) into --output-dir. Where classes
+have fewer than k other images, precision@k's ceiling (the mean of min(k, R) / k) is
+printed and recorded beside it.
+
+A file not named on the command line is taken only where it belongs with the named one:
+the test_embedding.txt beside --train-embeddings (or train_embedding.txt beside
+--test-embeddings), of the same model and dataset. Without one, a dataset with no val
+split (a plain folder of class folders) is evaluated leave-one-out (--protocol self) with
+a line saying so; anything else is refused, naming the flag to pass.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +38,23 @@ from deepranking import plots
 from deepranking import retrieval
 from deepranking import scoring
 from deepranking.cli import UserError
+from deepranking.report import write_report
 
+TRAIN_NAME, TEST_NAME = "train_embedding.txt", "test_embedding.txt"  # gen_embeddings.py's default outputs
 PICTURE_NEIGHBOURS = 10  # closest / farthest shown per demo query
+SHOWN_CLASSES = 5  # classes in each of the best and worst lists printed
 COLLAPSE_DISTANCE = 1e-6  # mean pairwise distance below which the embeddings have collapsed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-embeddings", type=Path, default=Path("train_embedding.txt"),
-                   help="database embedding file: the train split (default: %(default)s)")
-    p.add_argument("--test-embeddings", type=Path, default=Path("test_embedding.txt"),
-                   help="query embedding file: the val split, or with --protocol self the one file "
-                        "(default: %(default)s)")
+    p.add_argument("--train-embeddings", type=Path, default=None,
+                   help=f"database embedding file (train split; default: {TRAIN_NAME}, beside --test-embeddings "
+                        "when that is given)")
+    p.add_argument("--test-embeddings", type=Path, default=None,
+                   help=f"query embedding file (val split; default: the {TEST_NAME} beside --train-embeddings, "
+                        "used only if it comes from the same model and dataset; without one, a dataset with no val "
+                        "split is evaluated leave-one-out, --protocol self, and anything else is refused)")
     p.add_argument("--k", type=argtypes.positive_int, default=30,
                    help="neighbours per query, the k of precision@k and hit@k (default: %(default)s)")
     p.add_argument("--output-dir", type=Path, default=Path("eval_results"),
@@ -59,9 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--protocol", choices=scoring.PROTOCOLS, default="split",
                    help="split (default): the test file queries the train database, plus train precision; "
-                        "self: the test file queries itself, each query's own row excluded (leave-one-out: the "
-                        "unseen-class protocol of CUB-200/Cars196/SOP, Musgrave et al. 2020); "
-                        "--train-embeddings is not read")
+                        "self: one file queries itself, each query's own row excluded (leave-one-out: the "
+                        "unseen-class protocol of CUB-200/Cars196/SOP, Musgrave et al. 2020): --test-embeddings, "
+                        "else a named --train-embeddings")
     p.add_argument("--words", type=Path, default=None,
                    help="words.txt (id TAB name, synonyms) giving class names for the console, the per-class "
                         "table and the pictures (default: a words.txt found above the images, if any)")
@@ -72,6 +88,76 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluate even when the train and test files hold the same images, or share some "
                         "(a warning, not an error: each shared query then finds itself)")
     return p
+
+
+def default_inputs(args) -> None:
+    """Fill in the embedding files (and protocol) not named on the command line; never pair files silently.
+
+    A default file is used only where it belongs with the named (or default) other one: the
+    database is the train_embedding.txt beside a named --test-embeddings, the queries the
+    test_embedding.txt beside --train-embeddings, and only when :func:`unpaired` finds nothing
+    against them. Without such a test file, a database whose dataset has no val split (a plain
+    folder of class folders), or any database under --protocol self, is evaluated leave-one-out,
+    with a line saying so; anything else is refused, naming the flag to pass. --protocol self
+    with only --train-embeddings queries that file against itself.
+    """
+    if args.test_embeddings is not None:
+        if args.protocol == "split" and args.train_embeddings is None:
+            args.train_embeddings = args.test_embeddings.parent / TRAIN_NAME
+            why = unpaired(args.test_embeddings, args.train_embeddings)
+            if why is not None:
+                raise UserError(f"{args.train_embeddings} (the default --train-embeddings, beside "
+                                f"{args.test_embeddings}) {why}: pass --train-embeddings FILE, the train split's "
+                                f"embeddings from the same model, or --protocol self to evaluate "
+                                f"{args.test_embeddings} by itself")
+        return
+    if args.protocol == "self" and args.train_embeddings is not None:  # the one file named is the one queried
+        args.test_embeddings = args.train_embeddings
+        return
+    train = args.train_embeddings if args.train_embeddings is not None else Path(TRAIN_NAME)
+    test = train.parent / TEST_NAME
+    if args.train_embeddings is None and not train.exists():
+        if args.protocol == "self" and test.is_file():  # one file, queried against itself: no pair to check
+            args.test_embeddings = test
+            return
+        raise UserError(f"no {TRAIN_NAME} here (the default --train-embeddings): pass --train-embeddings FILE "
+                        f"(gen_embeddings.py writes {TRAIN_NAME} and {TEST_NAME})")
+    file_io.check_input_file(train, "embedding file", allow_empty=False)
+    why = unpaired(train, test)
+    if why is None:
+        args.train_embeddings, args.test_embeddings = train, test
+        return
+    if args.protocol == "self" or image_data.has_val_split(_images_root(train)) is False:
+        print(f"no test split for {train} ({test} {why}): evaluating {train} leave-one-out, each image querying "
+              f"the others (--protocol self)", file=sys.stderr)
+        args.protocol, args.train_embeddings, args.test_embeddings = "self", train, train
+        return
+    raise UserError(f"{test} (the default --test-embeddings, beside {train}) {why}: pass --test-embeddings FILE, "
+                    f"the val split's embeddings from the same model, or --protocol self to evaluate {train} "
+                    f"leave-one-out")
+
+
+def _images_root(path: Path) -> str | None:
+    """The class folder an embedding file's record says it lists (None: no record)."""
+    record, _ = embedding_io.read_record(path)
+    return ((record or {}).get("images") or {}).get("root")
+
+
+def unpaired(named: Path, default: Path) -> str | None:
+    """Why ``default`` (a file nobody named) is not the pair of ``named``: it is missing, or its record
+    names another model, or images of another dataset (the split folders are not siblings); None
+    when nothing says so (files without records pair as before, with eval's warning)."""
+    if not default.is_file():
+        return "does not exist"
+    records = [embedding_io.read_record(p)[0] or {} for p in (named, default)]
+    models = [r.get("model") for r in records]
+    if all(models) and models[0]["id"] != models[1]["id"]:
+        return (f"comes from {embedding_io.describe_model(models[1])}, not {named}'s "
+                f"{embedding_io.describe_model(models[0])}")
+    roots = [(r.get("images") or {}).get("root") for r in records]
+    if all(roots) and Path(roots[0]).parent != Path(roots[1]).parent:
+        return f"lists images of another dataset ({roots[1]}, not beside {named}'s {roots[0]})"
+    return None
 
 
 def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddings, train_name: str,
@@ -158,7 +244,7 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, na
                      title=f"{Path(test.paths[qi]).name}")
 
 
-TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv")  # beside metrics.json
+TABLES = ("per_class_precision.csv", "precision_at_k.png", "precision_at_k.csv", "report.html")  # beside metrics.json
 
 
 def retrieval_pictures(out: Path) -> dict[int, Path]:
@@ -260,34 +346,59 @@ def report(args, train, test, queries: list[int], device) -> dict:
         plots.precision_at_k(stage / "precision_at_k.png", curve["k"], curves)  # + precision_at_k.csv
         for n, qi in enumerate(queries):
             draw_query(stage / f"retrieval_{n}.png", qi, train, test, index, names, exclude_self=self_search)
+        write_report(stage / "report.html", result, train, test, index, names, sys.argv, args.chunk_size, progress)
         file_io.atomic_write_text(stage / metrics_path.name, json.dumps(metrics, indent=2) + "\n")
     for n, p in retrieval_pictures(out).items():
         if n >= len(queries):  # an earlier run's extra pictures and their tables (--force): not this run's
             p.unlink()
             plots.data_path(p).unlink(missing_ok=True)
 
-    k = args.k
-    se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries
-    if self_search:
-        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} queries, "
-              f"each against the other {len(test) - 1} of {args.test_embeddings})")
-    else:
-        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f} ± {se}  ({len(test)} val queries, "
-              f"{len(train)} db)")
-    if metrics["train_precision_at_k"] is not None:
-        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}  "
-              f"({metrics['num_train_queries']} train queries, self excluded)")
-    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
-    print(f"recall@1: {_fmt(metrics['recall_at_1'])}   R-precision: {_fmt(metrics['r_precision'])}   "
-          f"MAP@R: {_fmt(metrics['map_at_r'])}")
-    if metrics["triplet_accuracy"] is not None:
-        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
-    best = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.head(5).iterrows())
-    worst = ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in table.tail(5).iloc[::-1].iterrows())
-    print(f"best classes:  {best}\nworst classes: {worst}")
-    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png and "
+    print_summary(args, metrics, table, train, test)
+    print(f"wrote {metrics_path}, {out / 'per_class_precision.csv'}, precision_at_k.png, report.html and "
           f"{len(queries)} retrieval picture(s) in {out}")
     return metrics
+
+
+def print_summary(args, metrics: dict, table, train, test) -> None:
+    """The figures on stdout. Where classes have fewer than k other images, precision@k cannot reach 1:
+    its ceiling (mean min(k, R) / k) is printed beside it and R-precision, which has none, comes first."""
+    k, self_search = args.k, args.protocol == "self"
+    capped = metrics["test_precision_at_k_max"] < 1
+    ranks = (f"recall@1: {_fmt(metrics['recall_at_1'])}   R-precision: {_fmt(metrics['r_precision'])}   "
+             f"MAP@R: {_fmt(metrics['map_at_r'])}")
+    if capped:
+        print(ranks)
+    se = _fmt(metrics["test_precision_at_k_se"])  # standard error over the queries
+    ceiling = ""
+    if capped:
+        small = len(metrics["classes_below_k"])
+        classes = f"{small} classes have" if small > 1 else "1 class has"
+        ceiling = (f" (max achievable {metrics['test_precision_at_k_max']:.2f}: {classes} fewer than {k} "
+                   f"{'other images' if self_search else 'images in the database'})")
+    if self_search:
+        print(f"precision@{k} (leave-one-out): {metrics['test_precision_at_k']:.4f} ± {se}{ceiling}  ({len(test)} "
+              f"queries, each against the other {len(test) - 1} of {args.test_embeddings})")
+    else:
+        print(f"test precision@{k}:  {metrics['test_precision_at_k']:.4f} ± {se}{ceiling}  ({len(test)} val queries, "
+              f"{len(train)} db)")
+    if metrics["train_precision_at_k"] is not None:
+        train_max = metrics["train_precision_at_k_max"]
+        print(f"train precision@{k}: {metrics['train_precision_at_k']:.4f}"
+              f"{f' (max achievable {train_max:.2f})' if train_max < 1 else ''}  "
+              f"({metrics['num_train_queries']} train queries, self excluded)")
+    print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
+    if not capped:
+        print(ranks)
+    if metrics["triplet_accuracy"] is not None:
+        print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
+    best, worst = scoring.best_and_worst(table, SHOWN_CLASSES)
+
+    def listed(rows) -> str:
+        return ", ".join(f"{r['name']} {r['precision_at_k']:.2f}" for _, r in rows.iterrows())
+    if len(worst):
+        print(f"best classes:  {listed(best)}\nworst classes: {listed(worst)}")
+    else:  # too few classes for two lists that do not share one
+        print(f"classes, best first: {listed(best)}")
 
 
 def main(args) -> None:
@@ -295,6 +406,7 @@ def main(args) -> None:
     metrics_path = out / "metrics.json"
     file_io.check_output_path(metrics_path, args.force, "metrics file")  # also proves it writable, at once
     check_old_outputs(out, args.force)
+    default_inputs(args)
     device = runtime.pick_device(args.device)
     test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
     # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.

@@ -34,12 +34,13 @@ import numpy as np
 
 from deep_rank_net import model_from_checkpoint
 from deepranking import argtypes, cli, distributed, embedding, file_io, runtime
-from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint
+from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint, newest_epoch_checkpoint
 from deepranking.cli import UserError
 from deepranking.embedding_io import EmbeddingFile, files_of, write_embedding_files
 from deepranking.preprocessing import Preprocessing
 from deepranking.reference_features import FEATURE_KINDS, feature_record, reference_features
 
+DEFAULT_DATA_DIR = Path("tiny-imagenet-200")
 SPLIT_OUTPUT = {"train": "train_output", "val": "test_output"}  # split -> args attribute
 
 
@@ -62,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--features pixels|backbone: the side the features see (default 32 | 224)")
     p.add_argument("--cache-size", type=argtypes.positive_int, default=None,
                    help="--features pixels|backbone: the decoded-image cache side (default: --image-size)")
-    p.add_argument("--data-dir", type=Path, default=Path("tiny-imagenet-200"),
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="TinyImageNet root (train/ and val/) or a folder of class folders (train only; "
                         "default: %(default)s)")
     p.add_argument("--train-output", type=Path, default=Path("train_embedding.txt"),
@@ -113,7 +114,9 @@ def plan_jobs(args) -> list[SplitJob]:
 
     splits, val_optional = parse_splits(args.splits)
     if not args.data_dir.is_dir():
-        raise UserError(f"dataset folder not found: {args.data_dir}")
+        default = (" (the default --data-dir: pass --data-dir DATA, a folder of class folders or a TinyImageNet root)"
+                   if args.data_dir == DEFAULT_DATA_DIR else "")
+        raise UserError(f"dataset folder not found: {args.data_dir}{default}")
     outputs = {s: Path(getattr(args, SPLIT_OUTPUT[s])) for s in splits}
     if len(splits) == 2:  # the same file, or a companion (.meta.json, .meta.csv) of one the other's data file
         train_files = {p.resolve() for p in files_of(outputs["train"])}
@@ -126,8 +129,10 @@ def plan_jobs(args) -> list[SplitJob]:
     jobs = []
     for split in splits:
         if split == "val" and val_optional and not (args.data_dir / "val").is_dir():
+            older = (f"; the older {outputs['val']} there is left as it is, and eval.py will not pair it with "
+                     f"this {outputs['train']}") if outputs["val"].exists() and "train" in outputs else ""
             print(f"no val split in {args.data_dir} (a plain class folder is the train split): "
-                  f"not writing {outputs['val']}", file=sys.stderr)
+                  f"not writing {outputs['val']}{older}", file=sys.stderr)
             continue
         file_io.check_output_path(outputs[split], args.force, f"{split} embeddings output")
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
@@ -144,6 +149,18 @@ def shard_file(output: Path, rank: int) -> Path:
 # ----------------------------------------------------------------------------
 # Features: a trained model, or a reference row that needs no training
 # ----------------------------------------------------------------------------
+
+
+def default_model() -> Path:
+    """The default --model, FINAL_NAME in the current folder, or one line naming the flag to pass
+    (and the FINAL_NAME files one or two folders down: train_net.py writes it in --output-dir)."""
+    path = Path(FINAL_NAME)
+    if path.exists() or newest_epoch_checkpoint(path.parent) is not None:  # load_checkpoint explains the latter
+        return path
+    found = sorted(Path().glob(f"*/{FINAL_NAME}")) + sorted(Path().glob(f"*/*/{FINAL_NAME}"))
+    seen = f"; found {', '.join(map(str, found[:3]))}{' ...' if len(found) > 3 else ''}" if found else ""
+    raise UserError(f"no {FINAL_NAME} in the current folder (the default --model{seen}): pass --model PATH, "
+                    f"the checkpoint train_net.py wrote in its --output-dir")
 
 
 def load_features(args, device, env: distributed.DistEnv):
@@ -163,10 +180,13 @@ def load_features(args, device, env: distributed.DistEnv):
         if reference_flags:
             raise UserError(f"{', '.join(reference_flags)} go with --features pixels or backbone; --features "
                             f"model uses the checkpoint's own architecture and preprocessing")
-        path = args.model if args.model is not None else Path(FINAL_NAME)
+        path = args.model if args.model is not None else default_model()
         ckpt = load_checkpoint(path)
         model, spec = model_from_checkpoint(ckpt, device)
         fingerprint = model_fingerprint(ckpt, spec.to_dict(), path) if env.main else None
+        if args.model is None and env.main:  # a file nobody named: say which one, and how old
+            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            print(f"model: {path} (the default --model; step {ckpt.get('step')}, saved {saved})", file=sys.stderr)
         return model, spec, fingerprint
     if args.model is not None:
         raise UserError(f"--model goes with --features model; --features {args.features} needs no checkpoint")

@@ -9,7 +9,10 @@ classic ``temp_net<epoch>.model``) and ``deepranknet.model`` at the end (in
 ``--resume temp_<epoch>.model`` continues a run exactly where it stopped (a stop by
 --max-steps, --time-limit or Ctrl-C prints the file to pass); a checkpoint of other
 settings is refused with the flags to pass. Under ``torchrun --nproc_per_node N`` it
-trains with DistributedDataParallel (rank 0 writes every file).
+trains with DistributedDataParallel (rank 0 writes every file). Once steps 3-8 are timed it
+prints the step time with the epoch and run estimate (on a CPU, with hours to go, a pointer to
+README.md's CPU recipe); with output not on a terminal, a progress line every minute replaces
+the bar (deepranking/progress.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn as nn
 
 import deep_rank_net
 from deepranking import argtypes, backbones, cli, distributed, embedding, file_io, image_cache, image_data, losses, resume, runtime
+from deepranking import progress
 from deepranking import checkpoint
 from deepranking.checkpoint import Checkpointer, load_checkpoint
 from deepranking.cli import UserError
@@ -312,6 +316,7 @@ class Run:
     start_weight_norm: float | None = None  # of the trained parameters, when this process started
     warned: set = field(default_factory=set)  # warnings given once
     images_per_s: float = math.nan  # of the last finished epoch
+    forecast: progress.Forecast | None = None  # rank 0: times the first steps, then prints the run's estimate
 
     @property
     def total_steps(self) -> int:  # the lr schedule's length, whatever stops the run earlier
@@ -334,6 +339,8 @@ def train(run: Run) -> None:
     args = run.args
     # Ctrl-C and SIGTERM (a scheduler's preemption) alike: stop after the step with a resumable checkpoint
     handler = _on_interrupt(run)
+    if run.env.main:
+        run.forecast = progress.Forecast(lambda seconds, measured: announce_forecast(run, seconds, measured))
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} \
         if cli.in_main_thread() else {}
     try:
@@ -365,7 +372,8 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
     run.sampler.set_epoch(epoch, run.step_in_epoch)
     total = run.step_in_epoch + len(run.sampler)
     bar = cli.progress(run.loader, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="step", enabled=run.env.main and not args.no_progress)
+                       unit="step", enabled=run.env.main and not args.no_progress, forecast=run.forecast,
+                       left_label="left in epoch")
     t0, images_seen = time.perf_counter(), 0
     for batch, order in bar:
         stats = training_step(run, batch, order, epoch)
@@ -445,6 +453,21 @@ def end_epoch(run: Run, epoch: int) -> None:
     run.epoch, run.step_in_epoch = epoch + 1, 0
     run.epoch_stats.reset()
     run.saver.save(run.saver.epoch_path(epoch), lambda: training_checkpoint(run))
+
+
+def announce_forecast(run: Run, seconds_per_step: float, measured: str) -> None:
+    """Rank 0, once the first steps are timed: the epoch and run estimate (progress.training_forecast),
+    with a pointer to the CPU recipe when a CPU run has hours left."""
+    args = run.args
+    run_steps, scope = run.total_steps, f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+    if args.max_steps is not None and args.max_steps < run_steps:
+        run_steps, scope = args.max_steps, f"--max-steps {args.max_steps}"
+    seconds_left = seconds_per_step * max(run_steps - run.step, 0)
+    if args.time_limit is not None:
+        seconds_left = min(seconds_left, max(args.time_limit - run.train_seconds(), 0.0))
+    for line in progress.training_forecast(seconds_per_step, measured, run.steps_per_epoch, run_steps, scope,
+                                           seconds_left, on_cpu=run.device.type == "cpu"):
+        progress.say(line)
 
 
 def stop(run: Run, reason: str) -> None:
@@ -729,7 +752,7 @@ def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
         warn_once(run, "growth", f"step {run.step}: the trained weights' norm grew {norm / run.start_weight_norm:.3g}x "
                   f"since this run started ({run.start_weight_norm:.3g} -> {norm:.3g}): the learning rate is "
                   f"probably too high (--lr {run.args.lr}); try a lower --lr")
-    bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+    bar.set_postfix(refresh=False, loss=f"{means.get('loss', math.nan):.4f}", **{"img/s": f"{images_per_s:.0f}"})
 
 
 def write_window(run: Run, epoch: int, images_per_s: float) -> dict:

@@ -92,11 +92,12 @@ def warn(message: str) -> None:
 
 
 def progress(iterable=None, enabled: bool = True, **kwargs):
-    """A tqdm progress bar on stderr, drawn only when stderr is a terminal (a log file gets none)."""
-    from tqdm import tqdm
+    """A tqdm progress bar on stderr when stderr is a terminal; in a log file instead a plain line
+    every ``progress.STEADY_INTERVAL_S`` seconds (see :class:`deepranking.progress.Progress`,
+    which also takes a ``forecast=``)."""
+    from deepranking.progress import Progress
 
-    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr,
-                **kwargs)
+    return Progress(iterable, enabled=enabled, **kwargs)
 
 
 def arg_error(message: str):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from deepranking import argtypes, cli, image_cache, image_data, runtime
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing, preprocess
+from deepranking.progress import loop_forecast
 
 
 def add_embedding_flags(p, batch_help: str = "images per forward pass") -> None:
@@ -97,7 +98,8 @@ def embed_images(
 ) -> np.ndarray:
     """Embed uint8 images [N,H,W,3] (array or memmap); returns float32 [N, D], unit rows.
 
-    ``precision`` defaults to the --amp auto policy of the device.
+    ``precision`` defaults to the --amp auto policy of the device. ``progress``: a bar (steady
+    lines in a log file) and, after the first batches, the time the whole set will take.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = precision or runtime.resolve_precision(device, "auto")
@@ -105,7 +107,9 @@ def embed_images(
     was_training = model.training
     model.eval()
     chunks = []
-    bar = cli.progress(total=len(images), desc=desc, unit="img", enabled=progress)
+    # with progress: also, once the first batches are timed, how long all of them will take
+    forecast = loop_forecast(desc, len(images), "img") if progress else None
+    bar = cli.progress(total=len(images), desc=desc, unit="img", enabled=progress, forecast=forecast)
     with torch.inference_mode(), bar:
         for batch in _batches(images, batch_size, pin=device.type == "cuda"):
             x = preprocess(batch.to(device, non_blocking=True), spec, memory_format=layout)  # [b,3,S,S]

@@ -234,6 +234,16 @@ def image_stamps(paths: Sequence[str]) -> np.ndarray:
     return out
 
 
+def has_val_split(train_dir: str | os.PathLike | None) -> bool | None:
+    """Whether the dataset whose train split is the class folder ``train_dir`` (as resolve_split_dir
+    gives it, and embedding files record it) has a val split beside it, as TinyImageNet's layout
+    does; a plain folder of class folders has none. None when ``train_dir`` is unknown or gone."""
+    if train_dir is None or not Path(train_dir).is_dir():
+        return None
+    train_dir = Path(train_dir)
+    return train_dir.name == "train" and (train_dir.parent / "val").is_dir()
+
+
 def resolve_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
     """The folder of class folders for ``split`` ("train" or "val").
 

@@ -1,8 +1,9 @@
 """Scoring an embedding database: an index + query labels -> every metric, per query and summarised.
 
 The one place that turns neighbour searches into the figures eval.py writes to
-metrics.json (precision@k with its standard error, hit@k, recall@1, R-precision,
-MAP@R, the precision@1..k curve, train precision) and that the benches report.
+metrics.json (precision@k with its standard error and its ceiling on classes smaller
+than k + 1, hit@k, recall@1, R-precision, MAP@R, the precision@1..k curve, train
+precision) and that the benches report.
 The metrics themselves are the pure functions of :mod:`retrieval`; this module
 decides how deep each query searches, scores queries in bounded blocks and
 summarises them.
@@ -56,6 +57,30 @@ def same_class_counts(q_codes: np.ndarray, db_codes: np.ndarray, self_search: bo
     counts = np.bincount(db_codes, minlength=int(max(db_codes.max(initial=0), q_codes.max(initial=0))) + 1)
     r = counts[q_codes].astype(np.int64)
     return r - 1 if self_search else r
+
+
+def achievable_precision(r: np.ndarray, k: int) -> np.ndarray:
+    """The best precision@k each query can reach, min(k, R) / k (R: same_class_counts): float64 [Q].
+
+    A query whose class has fewer than k other database items scores below 1 even when every
+    one of them comes first; the mean is the ceiling to read precision@k against.
+    """
+    return np.minimum(np.asarray(r, dtype=np.int64).clip(min=0), k) / k
+
+
+def classes_below_k(names: np.ndarray, q_codes: np.ndarray, r: np.ndarray, k: int) -> list[str]:
+    """The query classes with fewer than k same-class database items (R < k), whose precision@k
+    cannot reach 1, sorted."""
+    return sorted({str(names[c]) for c in q_codes[np.asarray(r) < k]})
+
+
+def best_and_worst(table, n: int):
+    """(best, worst) rows of a per-class table sorted best first (retrieval.per_class_mean): the first
+    ``n`` and the last ``n``, worst first. With fewer than 2n classes the two would share classes,
+    so every class is shown once instead: (the whole table, best first; an empty table)."""
+    if len(table) < 2 * n:
+        return table, table.iloc[0:0]
+    return table.head(n), table.tail(n).iloc[::-1]
 
 
 def check_k(k: int, n_database: int, self_search: bool) -> None:
@@ -146,6 +171,8 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
         "test_precision_at_k": float(s["precision"].mean()),
         # Another draw of as many queries moves the figure by about this much; None with one query.
         "test_precision_at_k_se": none_if_nan(retrieval.standard_error(s["precision"])),
+        # the mean of min(k, R) / k: below 1 when classes have fewer than k other database items
+        "test_precision_at_k_max": float(achievable_precision(r, k).mean()),
         "hit_at_k": float(s["hit"].mean()),
         "recall_at_1": mean_or_none(s["recall_at_1"]),
         "r_precision": mean_or_none(s["r_precision"]),
@@ -155,15 +182,18 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
         "num_database": len(db_emb),
         "num_lone_queries": int((r <= 0).sum()),
         "lone_classes": lone,
+        "classes_below_k": classes_below_k(names, q_codes, r, k),
     }
     table = retrieval.per_class_mean(query_labels, s["precision"])
     if not self_search and max_train_queries > 0 and len(db_emb) - 1 >= k:
         t, n_train = train_precision(index, db_emb, db_codes, k, max_train_queries, seed, chunk_size, progress)
         metrics["train_precision_at_k"] = float(t["precision"].mean())
+        metrics["train_precision_at_k_max"] = float(t["achievable"].mean())
         metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
         metrics["num_train_queries"] = n_train
     else:
         metrics["train_precision_at_k"] = None
+        metrics["train_precision_at_k_max"] = None
         metrics["num_train_queries"] = 0
     per_query = {name: values for name, values in s.items() if name != "curve"}
     return Evaluation(metrics, per_query, table, lone)
@@ -173,9 +203,11 @@ def train_precision(index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: n
                     max_queries: int, seed: int, chunk_size: int | None = None,
                     progress: bool = True) -> tuple[dict, int]:
     """Train precision: a seeded subset of at most ``max_queries`` database rows queries the
-    database, each its own row excluded. Returns (score_queries' arrays, the number of queries)."""
+    database, each its own row excluded. Returns (score_queries' arrays plus "achievable", each
+    query's achievable_precision, the number of queries)."""
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(len(db_emb), size=min(len(db_emb), max_queries), replace=False))
     t = score_queries(index, db_emb[sub], db_codes[sub], db_codes, k, np.zeros(len(sub), dtype=np.int64),
                       sub, chunk_size, progress, desc="scoring train queries")
+    t["achievable"] = achievable_precision(same_class_counts(db_codes[sub], db_codes, True), k)
     return t, int(len(sub))

@@ -156,3 +156,20 @@ def test_queries_by_index_and_by_path_as_the_file_spells_it(tmp_path):
         pick("2")
     with pytest.raises(UserError, match="--queries image is not in .*: ²"):
         pick("²")  # a superscript digit is not an index (int() would raise ValueError)
+
+
+def test_small_classes_print_the_precision_ceiling_and_r_precision_first(tmp_path, capsys):
+    train, test = write_files(tmp_path)  # classes of 3 database images each
+    out = tmp_path / "out"
+    eval_script.main(eval_script.get_args_parser().parse_args(
+        ["--train-embeddings", str(train), "--test-embeddings", str(test), "--k", "4", "--output-dir", str(out),
+         "--num-demo-queries", "0", "--no-progress"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("recall@1: 0.5000   R-precision: ")  # R-precision has no ceiling: first
+    assert lines[1] == ("test precision@4:  0.5000 ± 0.2500 (max achievable 0.75: 2 classes have fewer than 4 "
+                        "images in the database)  (2 val queries, 6 db)")
+    assert lines[2].startswith("train precision@4: ") and "(max achievable 0.50)" in lines[2]
+    assert lines[4] == "classes, best first: a 0.75, b 0.25"  # 2 classes: each once
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["test_precision_at_k_max"], m["train_precision_at_k_max"], m["classes_below_k"]) == (0.75, 0.5,
+                                                                                                  ["a", "b"])

@@ -199,3 +199,24 @@ def test_torchrun_two_processes_equals_single_process(tmp_path, tiny_imagenet, c
         np.testing.assert_allclose(a.emb, b.emb, atol=1e-5)
     # shards removed; the text file's companion holds its model record (.npz holds it inside)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.npz", "train.txt", "train.txt.meta.json"]
+
+
+def test_a_log_file_shows_the_embedding_estimate_and_a_line_at_each_interval(tmp_path, tiny_imagenet, checkpoint,
+                                                                             capsys, monkeypatch):
+    """Output not on a terminal (captured): after batches 3-8 the time the split will take, and a progress
+    line per STEADY_INTERVAL_S (0 here: every batch) instead of a bar."""
+    from deepranking import progress
+
+    monkeypatch.setattr(progress, "STEADY_INTERVAL_S", 0.0)
+    gen_embeddings.main(gen_embeddings.get_args_parser().parse_args(
+        ["--model", str(checkpoint), "--data-dir", str(tiny_imagenet), "--train-output", str(tmp_path / "a.txt"),
+         "--test-output", str(tmp_path / "b.txt"), "--batch-size", "2", "--device", "cpu"]))
+    err = capsys.readouterr().err.splitlines()
+    estimates = [line for line in err if "(measured over batches 3-8)" in line]
+    # the train split's 12 batches are timed; the val split's 5 end before batch 8
+    assert len(estimates) == 1 and estimates[0].startswith("embedding: ") and estimates[0].endswith(" for 24 img")
+    steady = [line for line in err if line.startswith("embedding: img ")]
+    assert [line.split(",")[0] for line in steady] == (
+        [f"embedding: img {n}/24 ({n / 24:.0%})" for n in range(2, 25, 2)]
+        + [f"embedding: img {n}/9 ({n / 9:.0%})" for n in (2, 4, 6, 8, 9)])
+    assert all(" left" in line for line in steady)

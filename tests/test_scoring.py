@@ -96,3 +96,38 @@ def test_eval_writes_what_the_library_function_returns(tmp_path):
     result = scoring.evaluate(DB, DB_LABELS, QUERIES, QUERY_LABELS, 2, retrieval.ExactIndex(DB, "cpu"),
                               max_train_queries=10_000, seed=3, progress=False)
     assert {k: written[k] for k in result.metrics} == json.loads(json.dumps(result.metrics))
+
+
+def test_achievable_precision_and_the_classes_below_k_by_hand():
+    # R = 3 other items of the class with k = 4: at most 3 of the 4 right; R = 0 (lone): none; R >= k: all
+    np.testing.assert_array_equal(scoring.achievable_precision(np.array([3, 0, 10, 4]), 4), [0.75, 0.0, 1.0, 1.0])
+    names = np.array(["a", "b", "c"])
+    assert scoring.classes_below_k(names, np.array([0, 1, 2, 0]), np.array([3, 0, 10, 3]), 4) == ["a", "b"]
+    assert scoring.classes_below_k(names, np.array([2]), np.array([10]), 4) == []
+
+
+def test_precision_at_k_beside_its_ceiling_on_classes_smaller_than_k():
+    result = scoring.evaluate(DB, DB_LABELS, QUERIES, QUERY_LABELS, 4, max_train_queries=10, device="cpu",
+                              progress=False)
+    m = result.metrics
+    # Query a at 0.1: 0, 1, 2 (a), 3 (b) -> 3/4, its best; query b at 5: 2, 1, 0 (a; 0 and 3 tie at 5,
+    # the lower index first), 3 (b) -> 1/4. Both classes have R = 3 < 4: the ceiling is 3/4.
+    assert result.per_query["precision"].tolist() == [0.75, 0.25]
+    assert m["test_precision_at_k_max"] == 0.75 and m["classes_below_k"] == ["a", "b"]
+    assert m["train_precision_at_k_max"] == 0.5  # a database row has 2 others of its class: 2/4
+    # k within every class: no ceiling
+    m2 = scoring.evaluate(DB, DB_LABELS, QUERIES, QUERY_LABELS, 2, max_train_queries=10, device="cpu",
+                          progress=False).metrics
+    assert (m2["test_precision_at_k_max"], m2["train_precision_at_k_max"], m2["classes_below_k"]) == (1.0, 1.0, [])
+    # Leave-one-out on LINE at k = 2: a and b have R = 2 (1 each), c is alone (0): 6/7
+    m3 = scoring.evaluate(LINE, LABELS, LINE, LABELS, 2, protocol="self", device="cpu", progress=False).metrics
+    assert m3["test_precision_at_k_max"] == pytest.approx(6 / 7) and m3["classes_below_k"] == ["c"]
+    assert m3["train_precision_at_k_max"] is None
+
+
+def test_best_and_worst_lists_never_show_a_class_twice():
+    table = retrieval.per_class_mean(list("abcdefg"), [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    best, worst = scoring.best_and_worst(table, 5)  # 7 classes < 2 x 5: every class once, best first
+    assert best["class"].tolist() == list("abcdefg") and len(worst) == 0
+    best, worst = scoring.best_and_worst(table, 3)  # 7 >= 2 x 3: two lists that share none
+    assert best["class"].tolist() == ["a", "b", "c"] and worst["class"].tolist() == ["g", "f", "e"]

@@ -1035,3 +1035,40 @@ def test_a_metrics_line_cut_short_by_a_kill_is_skipped_on_resume(csvs, tmp_path,
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == list(range(1, 11))
+
+
+def test_a_log_file_shows_the_estimate_and_a_line_at_each_interval(csvs, tmp_path, capsys, monkeypatch):
+    """Output not on a terminal (captured here): no bar, but the measured step time with the epoch and run
+    estimate once steps 3-8 are timed, and a progress line per STEADY_INTERVAL_S (set to 0: every step)."""
+    from deepranking import progress
+
+    monkeypatch.setattr(progress, "STEADY_INTERVAL_S", 0.0)
+    tiny = [a for a in TINY if a not in ("--batch-size", "5", "--no-progress")]
+    train("--triplets", csvs[0], "--batch-size", 2, "--epochs", 2, "--log-every", 4, "--output-dir", tmp_path, *tiny)
+    err = capsys.readouterr().err.splitlines()
+    estimate = [line for line in err if line.startswith("step time ")]
+    assert len(estimate) == 1 and " s (measured over steps 3-8): epoch ≈ " in estimate[0]
+    assert estimate[0].endswith(" (2 epochs)")
+    steady = [line for line in err if line.startswith("epoch ") and "left in epoch" in line]
+    assert len(steady) == 24  # 12 steps an epoch, a line after each
+    assert steady[0].startswith("epoch 1/2: step 1/12 (8%), ")
+    assert steady[4].startswith("epoch 1/2: step 5/12 (42%), ") and ", loss " in steady[4]  # the step-4 log record
+    assert steady[-1].startswith("epoch 2/2: step 12/12 (100%), ")
+    assert not any("CPU recipe" in line for line in err)  # a run of seconds
+
+
+def test_a_cpu_run_forecast_to_take_hours_names_the_cpu_recipe(csvs, tmp_path, capsys, monkeypatch):
+    """The warning comes from the measured step time x the steps left; the threshold (2 h) is lowered
+    to below this run's length instead of running one for hours."""
+    from deepranking import progress
+
+    monkeypatch.setattr(progress, "LONG_CPU_RUN_S", 1e-3)
+    train("--triplets", csvs[0], "--batch-size", 2, "--max-steps", 10, "--output-dir", tmp_path,
+          *[a for a in TINY if a not in ("--batch-size", "5")])  # --no-progress: the estimate still comes
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("step time ")][0].endswith("(--max-steps 10)")
+    warning = [line for line in err if line.startswith("warning: this run will take about")]
+    assert len(warning) == 1 and warning[0].endswith(
+        "more on the CPU; the recommended CPU recipe in README.md (small-cnn at 32 px, trained from scratch) "
+        "gives a useful model in minutes on a CPU")
+    assert not any("left in epoch" in line for line in err)  # --no-progress: no progress lines

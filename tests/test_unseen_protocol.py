@@ -277,7 +277,7 @@ def test_eval_shows_names_and_keeps_ids_in_files(tmp_path, capsys, tiny_imagenet
         ["--train-embeddings", str(tmp_path / "train.txt"), "--test-embeddings", str(tmp_path / "test.txt"),
          "--k", "3", "--output-dir", str(out), "--no-progress", "--num-demo-queries", "1"]))
     printed = capsys.readouterr().out
-    assert "best classes:  thing 0 1.00, thing 1 1.00, thing 2 1.00" in printed  # words.txt names
+    assert "classes, best first: thing 0 1.00, thing 1 1.00, thing 2 1.00" in printed  # words.txt names, each once
     table = (out / "per_class_precision.csv").read_text().splitlines()
     assert table[0] == "class,name,n_queries,precision_at_k"
     assert table[1] == "n00000000,thing 0,3,1.000000"  # the wnid stays in the file

@@ -78,6 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "self: one file queries itself, each query's own row excluded (leave-one-out: the "
                         "unseen-class protocol of CUB-200/Cars196/SOP, Musgrave et al. 2020): --test-embeddings, "
                         "else a named --train-embeddings")
+    p.add_argument("--hierarchy", type=Path, default=None,
+                   help="class,parent CSV (one row per class id) for graded relevance: parent-level precision@k "
+                        "and NDCG@k (same class 2 > same parent 1 > other 0) beside the class-level figures "
+                        "(default: a hierarchy.csv found above the images, as make_sample_data.py --tints writes)")
     p.add_argument("--words", type=Path, default=None,
                    help="words.txt (id TAB name, synonyms) giving class names for the console, the per-class "
                         "table and the pictures (default: a words.txt found above the images, if any)")
@@ -271,16 +275,46 @@ def check_old_outputs(out: Path, force: bool) -> None:
 def class_names(args, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> tuple[dict, Path | None]:
     """(class id -> human name, the words.txt read): --words, else a words.txt above the images, else none."""
     wanted = set(map(str, train.labels)) | set(map(str, test.labels))
-    if args.words is not None:
-        return image_data.read_class_names(args.words, wanted), args.words
-    path = image_data.find_words_file(test.paths) or image_data.find_words_file(train.paths)
+    names, path = dataset_file(args.words, image_data.WORDS_FILE, "--words", "class names", train, test,
+                               lambda p: image_data.read_class_names(p, wanted))
+    return names or {}, path
+
+
+def class_hierarchy(args, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> tuple[dict | None,
+                                                                                                   Path | None]:
+    """(class -> parent, the file read): --hierarchy, else a hierarchy.csv above the images, else none."""
+    labels = set(map(str, train.labels)) | set(map(str, test.labels))
+
+    def read(path: Path) -> dict:
+        parents = image_data.read_class_hierarchy(path)
+        missing = sorted(labels - set(parents))
+        if missing:
+            raise UserError(f"{path} gives no parent for {len(missing)} class(es) of the embeddings, "
+                            f"e.g. {missing[0]!r}")
+        return parents
+
+    parents, path = dataset_file(args.hierarchy, image_data.HIERARCHY_FILE, "--hierarchy", "class hierarchy",
+                                 train, test, read)
+    if parents is not None and args.hierarchy is None:
+        print(f"class hierarchy: {path} (found above the images): parent-level precision@{args.k} and "
+              f"NDCG@{args.k} too")
+    return parents, path
+
+
+def dataset_file(named: Path | None, file_name: str, flag: str, what: str, train, test, read):
+    """(read(file), file) of a dataset-wide file: the one ``named`` on the command line (its errors stop
+    eval.py), else one called ``file_name`` above the images (its errors are a warning: it is optional
+    and may be there by chance), else (None, None)."""
+    if named is not None:
+        return read(named), named
+    path = image_data.find_dataset_file(test.paths, file_name) or image_data.find_dataset_file(train.paths, file_name)
     if path is None:
-        return {}, None
+        return None, None
     try:
-        return image_data.read_class_names(path, wanted), path
-    except UserError as exc:  # names are optional: a file found by chance must not stop the evaluation
-        cli.warn(f"class names not used: {exc} (found above the images; give --words FILE to name another)")
-        return {}, None
+        return read(path), path
+    except UserError as exc:
+        cli.warn(f"{what} not used: {exc} (found above the images; give {flag} FILE to name another)")
+        return None, None
 
 
 def _shown_classes(classes: list[str], names: dict, limit: int = 10) -> str:
@@ -322,10 +356,11 @@ def report(args, train, test, queries: list[int], device) -> dict:
     self_search = args.protocol == "self"
     progress = not args.no_progress
     names, words = class_names(args, train, test)
+    parents, hierarchy = class_hierarchy(args, train, test)
     index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
     result = scoring.evaluate(train.emb, train.labels, test.emb, test.labels, args.k, index, protocol=args.protocol,
                               max_train_queries=args.max_train_queries, seed=args.seed, chunk_size=args.chunk_size,
-                              progress=progress)
+                              progress=progress, parents=parents)
     metrics, table, lone = result.metrics, result.table, result.lone
     warn_degenerate(args, train, test, lone, names)
     metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
@@ -333,6 +368,8 @@ def report(args, train, test, queries: list[int], device) -> dict:
                     "test_embeddings": str(args.test_embeddings),
                     "triplets": str(args.triplets) if args.triplets else None,
                     "class_names": str(words) if words else None})
+    if hierarchy is not None:
+        metrics["hierarchy"] = str(hierarchy)
     table.insert(1, "name", [image_data.display_name(c, names) for c in table["class"]])
 
     with file_io.staged_outputs(out, last=metrics_path.name) as stage:  # the set is written all or none
@@ -389,6 +426,9 @@ def print_summary(args, metrics: dict, table, train, test) -> None:
     print(f"hit@{k} (classic 'accuracy'): {metrics['hit_at_k']:.4f}")
     if not capped:
         print(ranks)
+    if "ndcg_at_k" in metrics:
+        print(f"parent-level precision@{k}: {metrics['parent_precision_at_k']:.4f}   "
+              f"NDCG@{k}: {_fmt(metrics['ndcg_at_k'])}  (class hierarchy {metrics['hierarchy']})")
     if metrics["triplet_accuracy"] is not None:
         print(f"triplet accuracy ({args.triplets}): {metrics['triplet_accuracy']:.4f}")
     best, worst = scoring.best_and_worst(table, SHOWN_CLASSES)

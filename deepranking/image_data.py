@@ -856,11 +856,6 @@ def read_class_names(path: str | os.PathLike, wanted=None) -> dict[str, str]:
     return names
 
 
-def find_words_file(image_paths: Sequence[str]) -> Path | None:
-    """The words.txt of a dataset, looked for in the folders above its first image (up to 5 levels)."""
-    return find_dataset_file(image_paths, WORDS_FILE)
-
-
 def find_dataset_file(image_paths: Sequence[str], name: str) -> Path | None:
     """A dataset-wide file (words.txt, hierarchy.csv) in the folders above the first image (up to 5 levels)."""
     if not len(image_paths):

@@ -82,8 +82,18 @@ DEFINITIONS = {
     "triplets": ("triplets", "the triplet CSV scored"),
     "class_names": ("class names", "the words.txt that names the classes"),
     "precision_at_k_curve": ("precision@k curve", "precision@1 … precision@{k}, averaged over the queries"),
+    "test_precision_at_k_max": ("max precision@{k}", "the highest precision@{k} these classes allow: the mean of "
+                                                     "min({k}, R) / {k}, below 1 where classes are smaller than {k}"),
+    "train_precision_at_k_max": ("max train precision@{k}", "the same ceiling for the train queries"),
+    "classes_below_k": ("classes below k", "the classes with fewer than {k} other database images"),
+    "parent_precision_at_k": ("parent precision@{k}", "the fraction of a query's {k} nearest under its class's "
+                                                      "parent in the class hierarchy (any sibling class counts)"),
+    "ndcg_at_k": ("NDCG@{k}", "graded relevance of the {k} nearest: same class 2, same parent 1, other 0, "
+                              "discounted by log2(rank + 1), over the best order the database allows"),
+    "hierarchy": ("class hierarchy", "the class,parent file behind the parent-level figures"),
 }
-HEADLINE = ("test_precision_at_k", "hit_at_k", "recall_at_1", "r_precision", "map_at_r", "train_precision_at_k")
+HEADLINE = ("test_precision_at_k", "hit_at_k", "recall_at_1", "r_precision", "map_at_r", "train_precision_at_k",
+            "parent_precision_at_k", "ndcg_at_k")
 
 
 @dataclass

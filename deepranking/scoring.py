@@ -91,9 +91,31 @@ def check_k(k: int, n_database: int, self_search: bool) -> None:
                         f"{' besides the query' if self_search else ''})")
 
 
+@dataclass
+class Grades:
+    """A class hierarchy as codes: the parent code of each class code, int [C], and, per query, the
+    database items of another class under its parent, int [Q] (the ideal ranking's gain-1 items)."""
+
+    parent_of: np.ndarray
+    siblings: np.ndarray
+
+
+def class_grades(names: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray, parents: dict) -> Grades:
+    """Grades of the queries from ``parents`` (class name -> parent, image_data.read_class_hierarchy);
+    UserError naming a class the hierarchy does not list."""
+    missing = [str(n) for n in names if str(n) not in parents]
+    if missing:
+        raise UserError(f"the class hierarchy gives no parent for {len(missing)} class(es) of the embeddings, "
+                        f"e.g. {missing[0]!r}")
+    _, parent_of = np.unique([parents[str(n)] for n in names], return_inverse=True)
+    per_parent = np.bincount(parent_of[db_codes], minlength=int(parent_of.max(initial=0)) + 1)
+    per_class = np.bincount(db_codes, minlength=len(names))
+    return Grades(parent_of, per_parent[parent_of[q_codes]] - per_class[q_codes])
+
+
 def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray,
                   k: int, r: np.ndarray, exclude_rows: np.ndarray | None = None, chunk_size: int | None = None,
-                  progress: bool = True, desc: str = "scoring") -> dict:
+                  progress: bool = True, desc: str = "scoring", grades: Grades | None = None) -> dict:
     """Per-query metrics of ``queries`` against ``index`` (whose labels are ``db_codes``).
 
     Each query fetches max(k, max R) neighbours (R: see same_class_counts), enough for
@@ -101,14 +123,17 @@ def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.
     time, so the [block, depth] neighbour indices and labels stay within the budget
     whatever the number of queries (ExactIndex bounds its own [chunk, N] distance block).
     Returns float arrays [Q]: precision (at k), hit (at k), recall_at_1, r_precision,
-    map_at_r (NaN where R = 0), and "curve": precision@1..k averaged over all queries.
+    map_at_r (NaN where R = 0), and "curve": precision@1..k averaged over all queries. With
+    ``grades`` (a class hierarchy) also parent_precision (at k: neighbours under the query's parent)
+    and ndcg (at k, graded gains; NaN where nothing in the database is relevant).
     """
     n_q = len(queries)
     available = len(index) - (1 if exclude_rows is not None else 0)
     depth = int(min(available, max(k, int(r.max(initial=0)), 1)))
     block = max(1, NEIGHBOUR_BUDGET // depth)
-    out = {name: np.empty(n_q, dtype=np.float64) for name in ("precision", "hit", "recall_at_1", "r_precision",
-                                                                "map_at_r")}
+    names = ("precision", "hit", "recall_at_1", "r_precision", "map_at_r")
+    out = {name: np.empty(n_q, dtype=np.float64)
+           for name in names + (("parent_precision", "ndcg") if grades is not None else ())}
     curve = np.zeros(k, dtype=np.float64)
     ks = list(range(1, k + 1))
     with cli.progress(total=n_q, desc=desc, unit="query", enabled=progress, leave=False) as bar:
@@ -123,6 +148,11 @@ def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.
             out["r_precision"][s:e] = retrieval.r_precision_per_query(ql, nb, rr)
             out["map_at_r"][s:e] = retrieval.map_at_r_per_query(ql, nb, rr)
             curve += np.asarray(retrieval.precision_at_k_curve(ql, nb, ks)) * (e - s)
+            if grades is not None:
+                pq, pnb = grades.parent_of[ql], grades.parent_of[nb[:, :k]]
+                out["parent_precision"][s:e] = retrieval.precision_at_k_per_query(pq, pnb, k)
+                gains = retrieval.graded_gains(ql, nb[:, :k], pq, pnb)
+                out["ndcg"][s:e] = retrieval.ndcg_at_k_per_query(gains, r[s:e], grades.siblings[s:e], k)
             bar.update(e - s)
     out["curve"] = curve / max(n_q, 1)
     return out
@@ -140,7 +170,8 @@ def none_if_nan(value: float) -> float | None:
 
 def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels, k: int,
              index: retrieval.ExactIndex | None = None, *, protocol: str = "split", max_train_queries: int = 0,
-             seed: int = 0, chunk_size: int | None = None, device=None, progress: bool = True) -> Evaluation:
+             seed: int = 0, chunk_size: int | None = None, device=None, progress: bool = True,
+             parents: dict | None = None) -> Evaluation:
     """Every metric of the queries ``query_emb`` [Q, d] (labels [Q]) against the database ``db_emb`` [N, d]
     (labels [N]), searched through ``index`` (default: an ExactIndex over ``db_emb`` on ``device``).
 
@@ -149,7 +180,8 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
     excluded). protocol "self": the queries are the database (pass the same arrays twice), each
     query's own row excluded (leave-one-out, Musgrave et al. 2020's unseen-class protocol).
     Recall@1, R-precision and MAP@R leave out queries with R = 0 (Musgrave's "lone" queries);
-    precision@k and hit@k count every query (the classic protocol).
+    precision@k and hit@k count every query (the classic protocol). ``parents`` (class -> parent, a
+    class hierarchy) adds parent-level precision@k and NDCG@k (same class 2 > same parent 1 > other 0).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -162,8 +194,9 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
     names, db_codes, q_codes = label_codes(db_labels, query_labels)
     r = same_class_counts(q_codes, db_codes, self_search)
     exclude = np.arange(len(query_emb)) if self_search else None
+    grades = class_grades(names, q_codes, db_codes, parents) if parents is not None else None
     s = score_queries(index, query_emb, q_codes, db_codes, k, r, exclude, chunk_size, progress,
-                      desc="scoring queries")
+                      desc="scoring queries", grades=grades)
     lone = sorted({str(names[c]) for c in q_codes[r <= 0]})
     metrics = {
         "protocol": protocol,
@@ -183,20 +216,35 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
         "num_lone_queries": int((r <= 0).sum()),
         "lone_classes": lone,
         "classes_below_k": classes_below_k(names, q_codes, r, k),
+        **_graded_metrics(s),
     }
     table = retrieval.per_class_mean(query_labels, s["precision"])
-    if not self_search and max_train_queries > 0 and len(db_emb) - 1 >= k:
-        t, n_train = train_precision(index, db_emb, db_codes, k, max_train_queries, seed, chunk_size, progress)
-        metrics["train_precision_at_k"] = float(t["precision"].mean())
-        metrics["train_precision_at_k_max"] = float(t["achievable"].mean())
-        metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
-        metrics["num_train_queries"] = n_train
-    else:
-        metrics["train_precision_at_k"] = None
-        metrics["train_precision_at_k_max"] = None
-        metrics["num_train_queries"] = 0
+    wanted = not self_search and max_train_queries > 0 and len(db_emb) - 1 >= k
+    _add_train_precision(metrics, index, db_emb, db_codes, k, max_train_queries if wanted else 0, seed,
+                         chunk_size, progress)
     per_query = {name: values for name, values in s.items() if name != "curve"}
     return Evaluation(metrics, per_query, table, lone)
+
+
+def _add_train_precision(metrics: dict, index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: np.ndarray,
+                         k: int, max_queries: int, seed: int, chunk_size: int | None, progress: bool) -> None:
+    """metrics' train_precision_at_k, its ceiling, its curve and query count (None, 0 with no queries)."""
+    if max_queries <= 0:
+        metrics.update(train_precision_at_k=None, train_precision_at_k_max=None, num_train_queries=0)
+        return
+    t, n_train = train_precision(index, db_emb, db_codes, k, max_queries, seed, chunk_size, progress)
+    metrics["train_precision_at_k"] = float(t["precision"].mean())
+    metrics["train_precision_at_k_max"] = float(t["achievable"].mean())
+    metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
+    metrics["num_train_queries"] = n_train
+
+
+def _graded_metrics(scores: dict) -> dict:
+    """Parent-level precision@k and NDCG@k of score_queries' arrays, when it had a hierarchy."""
+    if "ndcg" not in scores:
+        return {}
+    return {"parent_precision_at_k": float(scores["parent_precision"].mean()),
+            "ndcg_at_k": mean_or_none(scores["ndcg"])}
 
 
 def train_precision(index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: np.ndarray, k: int,

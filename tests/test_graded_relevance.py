@@ -86,3 +86,74 @@ def test_tinted_layout_writes_each_hue_under_its_garment(tmp_path):
     found = image_data.find_dataset_file([str(root / "train" / wnids[0] / "images" / "x.JPEG")],
                                          image_data.HIERARCHY_FILE)
     assert found == root / image_data.HIERARCHY_FILE
+
+
+def write_graded_database(root):
+    """Two parents: A = {a1, a2}, B = {b1}; 1-d embeddings on a line; one a1 query at x = 2.4."""
+    from PIL import Image
+
+    from deepranking import embedding_io
+
+    imgs = root / "data" / "imgs"
+    imgs.mkdir(parents=True)
+    paths = []
+    for i in range(7):
+        p = imgs / f"{i}.png"
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(p)
+        paths.append(str(p))
+    db = np.array([[0, 0], [1, 0], [3, 0], [4, 0], [10, 0], [11, 0]], dtype=np.float32)
+    embedding_io.write_embeddings(root / "train.txt", paths[:6], ["a1", "a1", "a2", "a2", "b1", "b1"], db,
+                                  progress=False)
+    embedding_io.write_embeddings(root / "test.txt", paths[6:], ["a1"], np.array([[2.4, 0]], np.float32),
+                                  progress=False)
+    return root / "train.txt", root / "test.txt"
+
+
+def run_eval(capsys, *argv):
+    import eval as eval_script
+    from deepranking import cli
+
+    try:
+        cli.run(eval_script.main, eval_script.get_args_parser(), [str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def test_eval_reports_graded_figures_from_the_hierarchy_above_the_images(tmp_path, capsys):
+    import json
+
+    train, test = write_graded_database(tmp_path)
+    (tmp_path / "data" / "hierarchy.csv").write_text("class,parent\na1,A\na2,A\nb1,B\n")
+    code, out = run_eval(capsys, "--train-embeddings", train, "--test-embeddings", test, "--k", 3,
+                         "--output-dir", tmp_path / "out", "--no-progress")
+    assert code == 0, out.err
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # nearest to 2.4: 3 (a2), 1 (a1), 4 (a2): class precision 1/3, all three under parent A
+    assert m["test_precision_at_k"] == pytest.approx(1 / 3)
+    assert m["parent_precision_at_k"] == pytest.approx(1.0)
+    dcg = 1 + 2 / math.log2(3) + 1 / math.log2(4)  # gains 1, 2, 1
+    ideal = 2 + 2 / math.log2(3) + 1 / math.log2(4)  # two other a1, then the a2 siblings
+    assert m["ndcg_at_k"] == pytest.approx(dcg / ideal)
+    assert m["hierarchy"] == str(tmp_path / "data" / "hierarchy.csv")
+    assert "class hierarchy: " in out.out and "NDCG@3: 0.7342" in out.out
+    assert "NDCG@3" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_hierarchy_that_misses_a_class(tmp_path, capsys):
+    train, test = write_graded_database(tmp_path)
+    partial = tmp_path / "data" / "hierarchy.csv"
+    partial.write_text("class,parent\na1,A\na2,A\n")
+    # named on the command line: refused in one line, nothing written
+    code, out = run_eval(capsys, "--train-embeddings", train, "--test-embeddings", test, "--k", 3,
+                         "--hierarchy", partial, "--output-dir", tmp_path / "named")
+    assert code == 2 and "gives no parent for 1 class(es) of the embeddings, e.g. 'b1'" in out.err
+    assert "Traceback" not in out.err and not (tmp_path / "named").exists()
+    # found above the images: optional, so a warning and the class-level figures alone
+    code, out = run_eval(capsys, "--train-embeddings", train, "--test-embeddings", test, "--k", 3,
+                         "--output-dir", tmp_path / "found", "--no-progress")
+    assert code == 0 and "class hierarchy not used" in out.err and "--hierarchy FILE" in out.err
+    import json
+
+    assert "ndcg_at_k" not in json.loads((tmp_path / "found" / "metrics.json").read_text())

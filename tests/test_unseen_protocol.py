@@ -236,8 +236,8 @@ def test_read_class_names(tmp_path):
         image_data.read_class_names(tmp_path / "bad.txt")
     deep = tmp_path / "train" / "n99" / "images"
     deep.mkdir(parents=True)
-    assert image_data.find_words_file([str(deep / "x.JPEG")]) == words
-    assert image_data.find_words_file(["/nonexistent/a/b.png"]) is None
+    assert image_data.find_dataset_file([str(deep / "x.JPEG")], image_data.WORDS_FILE) == words
+    assert image_data.find_dataset_file(["/nonexistent/a/b.png"], image_data.WORDS_FILE) is None
 
 
 def test_words_file_with_a_bom_and_a_stray_words_file(tmp_path, capsys):

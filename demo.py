@@ -50,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="download TinyImageNet into --data-dir first (needs internet)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where every output goes")
     p.add_argument("--epochs", type=cli.positive_int, default=DEMO_EPOCHS, help="training epochs")
-    p.add_argument("--arch", default=DEMO_ARCH, help="backbone architecture")
+    p.add_argument("--arch", default=DEMO_ARCH, help="backbone: any train_net.py --arch (small-cnn, resnet18, "
+                                                     "convnext_tiny, ...)")
     p.add_argument("--weights", default="none", help="backbone weights: none, imagenet or a state-dict path")
     p.add_argument("--image-size", type=cli.positive_int, default=DEMO_IMAGE_SIZE, help="training image size")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed for every stage")

@@ -122,23 +122,28 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                            "of each training image to the mean colour, after flip and shift (0: never)")
 
 
-def train_from_stage(text: str) -> str:
-    """--train-from: a stage name or blockN (whether the backbone has that block is checked when it is built)."""
-    try:
-        backbones.check_train_from(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
-    return text
+def checked_by(check):
+    """An argparse type keeping the text that ``check`` accepts; its UserError becomes argparse's message.
+    (--train-from blockN: whether the backbone has that block is checked when it is built.)"""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+        return text
+
+    return parse
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--arch", default=ARCH,
+    model.add_argument("--arch", type=checked_by(backbones.check_arch), default=ARCH,
                        help="backbone: small-cnn, any torchvision classification model (resnet18, convnext_tiny, "
                             "efficientnet_b0, regnet_y_800mf, swin_t, vit_b_16, ...), or timm:<name> (pip install "
                             "timm); its pretrained weights' mean and std normalise the images")
     model.add_argument("--weights", default=WEIGHTS, help="imagenet, none, or a local state-dict file")
-    model.add_argument("--train-from", type=train_from_stage, default=TRAIN_FROM,
+    model.add_argument("--train-from", type=checked_by(backbones.check_train_from), default=TRAIN_FROM,
                        help=f"first backbone stage to train ({', '.join(backbones.TRAIN_FROM_STAGES)}; for a ViT "
                             "also blockN); earlier ones (and their BatchNorm) are frozen")
     model.add_argument("--shallow", choices=deep_rank_net.SHALLOW_MODES, default=SHALLOW,

@@ -1,6 +1,6 @@
 """Any torchvision classification model (or timm:<name>) as the deep path: built headless, its stages
-and --train-from, its weights (--weights PATH, the offline ImageNet message), its pixels, and
-train_net.py / gen_embeddings.py with it. Small models, random weights, tiny images, CPU."""
+and --train-from, its weights (--weights PATH; the offline ImageNet message is in test_backbones.py),
+its pixels, and train_net.py / gen_embeddings.py with it. Small models, random weights, tiny images, CPU."""
 
 from __future__ import annotations
 

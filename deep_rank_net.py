@@ -2,16 +2,18 @@
 
 Model (Wang et al. 2014, "Learning Fine-grained Image Similarity with Deep Ranking")::
 
-    image [B,3,S,S] ─ ResNet (to global avg pool) [B,F] ─ Linear(F, D) ─ L2 ───────────────────┐
+    image [B,3,S,S] ─ backbone (to pooled features) [B,F] ─ Linear(F, D) ─ L2 ──────────────────┐
                     ├ shallow path 1 ─ [B,96,4,4] ─ flatten [B,1536] ─ L2 ──────────────────────┤ concat
                     └ shallow path 2 ─ [B,96,4,4] ─ flatten [B,1536] ─ L2 ──────────────────────┘ [B,D+3072]
                                                               ─ Linear(D+3072, D) ─ L2 ─> [B,D]
 
 The deep path is a headless backbone from ``deepranking.backbones`` (which architectures exist,
-their stages, their ``--weights``): F is 512 (resnet18/34), 2048 (resnet50/101/152) or 256
+their stages, their ``--weights``): F is 512 (resnet18/34), 2048 (resnet50/101/152), 256
 (``small-cnn``: a VGG-style net for small images trained from scratch, the CPU recipe's deep
-path). ``train_from`` freezes the backbone stages before it. The shallow paths come in three
-geometries, ``shallow=``:
+path), or the pooled feature size of any other torchvision classification model or
+``timm:<name>`` (768 for convnext_tiny and vit_b_16, 1280 for efficientnet_b0, ...; a ViT is
+built for ``image_size``). ``train_from`` freezes the backbone stages before it. The shallow
+paths come in three geometries, ``shallow=``:
 
 ``"paper"`` (the default) — as in the paper, each path sees the WHOLE image sub-sampled,
 4x (path 1) and 8x (path 2); sub-sampling is average pooling (``AvgPool2d(f,
@@ -61,8 +63,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepranking.backbones import (TRAIN_FROM_STAGES, check_state_dict, check_arch, frozen_module_names,
-                                   headless_backbone, load_backbone_weights)
+from deepranking.backbones import (check_state_dict, check_train_from, freeze, frozen_names, headless_backbone,
+                                   load_backbone_weights)
 from deepranking import checkpoint
 from deepranking.checkpoint import strip_wrapper_prefixes
 from deepranking.cli import UserError
@@ -127,6 +129,8 @@ class DeepRankNet(nn.Module):
     "paper" (default), "classic" (the classic ports' strided convs, for their
     checkpoints) or "none" (deep path only). ``multiscale`` is the older switch:
     False = "none"; left None (or True) with ``shallow`` None, the paths are "paper".
+    ``image_size``: the input side, for backbones built for one (ViTs) and refused at sides they
+    cannot run at; None builds a ViT at its default side.
     """
 
     def __init__(
@@ -137,13 +141,12 @@ class DeepRankNet(nn.Module):
         weights: str | None = "none",
         train_from: str = "layer4",
         shallow: str | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         weights = "none" if weights is None else weights  # torchvision's spelling of "no weights"
         shallow = resolve_shallow(shallow, multiscale)
-        check_arch(arch)
-        if train_from not in TRAIN_FROM_STAGES:
-            raise UserError(f"unknown train_from stage {train_from!r} (choose from {', '.join(TRAIN_FROM_STAGES)})")
+        check_train_from(train_from)
         if int(embedding_dim) < 1:
             raise UserError(f"embedding_dim must be >= 1, got {embedding_dim}")
         self.config = {
@@ -153,8 +156,10 @@ class DeepRankNet(nn.Module):
             "shallow": shallow,
             "train_from": train_from,
         }
-        self.backbone, feature_dim = headless_backbone(arch)
-        self.embed = nn.Linear(feature_dim, embedding_dim)
+        backbone = headless_backbone(arch, image_size)  # refuses an unknown arch or a size it cannot run at
+        frozen = frozen_names(backbone, train_from)  # refuses a blockN it has not, before loading weights
+        self.backbone = backbone.module
+        self.embed = nn.Linear(backbone.feature_dim, embedding_dim)
         # Created in the same order as before "paper" existed: same seed -> same classic weights.
         if shallow == "classic":
             self.shallow1 = nn.Conv2d(3, SHALLOW_CHANNELS, kernel_size=8, stride=16, padding=1)
@@ -170,17 +175,14 @@ class DeepRankNet(nn.Module):
             self.fuse = nn.Linear(embedding_dim + 2 * SHALLOW_DIM, embedding_dim)
         if weights != "none":
             load_backbone_weights(self.backbone, arch, weights)
-        self._frozen = frozen_module_names(train_from)
-        for name in self._frozen:
-            for p in getattr(self.backbone, name).parameters():
-                p.requires_grad_(False)
+        self._frozen = freeze(self.backbone, frozen)  # the modules kept in eval mode
         self.train()
 
     def train(self, mode: bool = True):
         """Like nn.Module.train, but frozen stages stay in eval mode so their BN stats never move."""
         super().train(mode)
         for name in self._frozen:
-            getattr(self.backbone, name).eval()
+            self.backbone.get_submodule(name).eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -219,7 +221,7 @@ class DeepRankNet(nn.Module):
 
 def build_model(*args, **kwargs) -> DeepRankNet:
     """``DeepRankNet(*args, **kwargs)``: the name the programs and benches build the model by
-    (arguments in DeepRankNet's order: arch, embedding_dim, multiscale, weights, train_from, shallow)."""
+    (arguments in DeepRankNet's order: arch, embedding_dim, multiscale, weights, train_from, shallow, image_size)."""
     return DeepRankNet(*args, **kwargs)
 
 
@@ -237,7 +239,8 @@ def model_from_checkpoint(ckpt: dict, device: Any = "cpu") -> tuple[DeepRankNet,
         raise UserError(f"checkpoint model_config is incomplete or invalid: {exc!r}")
     shallow = config_shallow(cfg)  # old files: multiscale True -> "classic", False -> "none"
     spec = checkpoint.checkpoint_preprocessing(ckpt)
-    model = DeepRankNet(arch, dim, weights="none", train_from=cfg.get("train_from", "layer4"), shallow=shallow)
+    model = DeepRankNet(arch, dim, weights="none", train_from=cfg.get("train_from", "layer4"), shallow=shallow,
+                        image_size=spec.image_size)
     state = strip_wrapper_prefixes(ckpt["model"])
     check_state_dict(model.state_dict(), state, arch, "checkpoint weights")
     model.load_state_dict(state)

@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="where every output goes (default: %(default)s)")
     p.add_argument("--epochs", type=argtypes.positive_int, default=DEMO_EPOCHS,
                    help="training epochs (default: %(default)s)")
-    p.add_argument("--arch", default=DEMO_ARCH, help="train_net.py --arch (default: %(default)s)")
+    p.add_argument("--arch", default=DEMO_ARCH, help="backbone: any train_net.py --arch (small-cnn, resnet18, "
+                                                     "convnext_tiny, ...; default: %(default)s)")
     p.add_argument("--weights", default="none",
                    help="backbone weights: none, imagenet or a state-dict path (default: %(default)s)")
     p.add_argument("--image-size", type=argtypes.positive_int, default=DEMO_IMAGE_SIZE,

@@ -51,16 +51,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=FEATURE_KINDS, default="model",
                    help="model (default): the --model checkpoint; reference rows with no training: pixels "
                         "(the image at --image-size, default 32, raw RGB flattened) or backbone (--arch's "
-                        "global-average-pooled backbone features with --weights, at --image-size, default 224); "
+                        "pooled backbone features with --weights, at --image-size, default its weights' side, "
+                        "224 for most); "
                         "every row L2-normalised")
     p.add_argument("--arch", default=None,
-                   help="--features backbone: resnet18|34|50|101|152 (default resnet18), or small-cnn with "
-                        "--weights PATH|none (it has no ImageNet weights)")
+                   help="--features backbone: any torchvision classification model (default resnet18; "
+                        "convnext_tiny, efficientnet_b0, vit_b_16, ...), timm:<name> (pip install timm), or "
+                        "small-cnn with --weights PATH|none (it has no ImageNet weights)")
     p.add_argument("--weights", default=None,
-                   help="--features backbone: imagenet (default), none (random, seeded) or PATH (a torchvision "
-                        "state dict, or a deep-ranking checkpoint's backbone)")
+                   help="--features backbone: imagenet (default), none (random, seeded) or PATH (a state dict "
+                        "of the backbone, or a deep-ranking checkpoint's backbone)")
     p.add_argument("--image-size", type=argtypes.positive_int, default=None,
-                   help="--features pixels|backbone: the side the features see (default 32 | 224)")
+                   help="--features pixels|backbone: the side the features see (default 32 | the side of "
+                        "the backbone's weights, 224 for most)")
     p.add_argument("--cache-size", type=argtypes.positive_int, default=None,
                    help="--features pixels|backbone: the decoded-image cache side (default: --image-size)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
@@ -163,14 +166,18 @@ def default_model() -> Path:
                     f"the checkpoint train_net.py wrote in its --output-dir")
 
 
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 def load_features(args, device, env: distributed.DistEnv):
     """(model in eval mode, its Preprocessing, its fingerprint on rank 0 / None) for ``--features``.
 
     model: the checkpoint's net and preprocessing. pixels: the image at ``--image-size``
     (default PIXEL_SIZE = 32) from a ``--cache-size`` cache (default: the image size), raw
-    0..255 RGB values flattened. backbone: ``--arch``'s global-average-pooled backbone features
-    with ``--weights imagenet|PATH|none`` at ``--image-size`` (default 224), ImageNet
-    normalisation. embed_images L2-normalises every row. A reference row's preprocessing is
+    0..255 RGB values flattened. backbone: ``--arch``'s pooled backbone features with
+    ``--weights imagenet|PATH|none`` at ``--image-size`` (default: the side of its pretrained
+    weights, 224 for most), normalised with their mean and std. embed_images L2-normalises every row. A reference row's preprocessing is
     explicit and recorded in its fingerprint exactly as a checkpoint's (plus "features").
     """
     reference_flags = [flag for flag, value in (("--arch", args.arch), ("--weights", args.weights),
@@ -198,7 +205,8 @@ def load_features(args, device, env: distributed.DistEnv):
     if env.main:
         fingerprint = {**model_fingerprint(feature_record(model, spec), spec.to_dict()), "features": dict(model.config)}
         what = ("raw pixels (0..255 RGB, flattened)" if args.features == "pixels" else
-                f"{model.config['arch']} pooled features (weights {model.config['weights']}, ImageNet mean/std)")
+                f"{model.config['arch']} pooled features (weights {model.config['weights']}, "
+                f"mean {_rounded(spec.mean)}, std {_rounded(spec.std)})")
         print(f"features: {what}, {spec.image_size} px images from a {spec.cache_size} px cache, "
               f"{model.config['embedding_dim']} dims, L2-normalised", file=sys.stderr)
     return model, spec, fingerprint

@@ -58,7 +58,8 @@ MARGIN = 1.0  # --margin: gap g in max(0, g + D(q,p) - D(q,n)); unit-norm embedd
 IMAGE_SIZE = 224  # --image-size: TinyImageNet's 64 px images are upsampled on the device, as classic
 CACHE_SIZE = 0  # --cache-size: side of the decoded-image cache; 0 = the images' own size when small, else IMAGE_SIZE
 EMBEDDING_DIM = 4096  # --embedding-dim: the paper's embedding size
-ARCH = "resnet101"  # --arch: backbone; resnet18 for a quick CPU run, small-cnn for small images from scratch
+ARCH = "resnet101"  # --arch: backbone; resnet18 for a quick CPU run, small-cnn for small images from scratch,
+# any torchvision classification model (convnext_tiny, efficientnet_b0, vit_b_16, ...) or timm:<name>
 WEIGHTS = "imagenet"  # --weights: imagenet | none | path to a state dict; pretrained converges far faster
 TRAIN_FROM = "layer4"  # --train-from: train layer4 + heads; earlier stages (and their BatchNorm) stay frozen
 SHALLOW = "paper"  # --shallow: paper (the image sub-sampled 4x and 8x, as the paper) | classic (the classic ports' strided convs) | none
@@ -133,17 +134,32 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
                            "default: %(default)s)")
 
 
+def checked_by(check):
+    """An argparse type keeping the text that ``check`` accepts; its UserError becomes argparse's message.
+    (--train-from blockN: whether the backbone has that block is checked when it is built.)"""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+        return text
+
+    return parse
+
+
 def _model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--arch", choices=backbones.ARCHITECTURES, default=ARCH,
-                       help="deep path: a torchvision ResNet, or small-cnn for small images (28-64 px) trained "
-                            "from scratch, which has no ImageNet weights (default: %(default)s)")
+    model.add_argument("--arch", type=checked_by(backbones.check_arch), default=ARCH,
+                       help="backbone: small-cnn, any torchvision classification model (resnet18, convnext_tiny, "
+                            "efficientnet_b0, regnet_y_800mf, swin_t, vit_b_16, ...), or timm:<name> (pip install "
+                            "timm); its pretrained weights' mean and std normalise the images (default: %(default)s)")
     model.add_argument("--weights", default=WEIGHTS,
                        help="imagenet (torchvision's pretrained weights; offline, it says where to put the file), "
                             "none (random, seeded), or a state dict or checkpoint file (default: %(default)s)")
-    model.add_argument("--train-from", choices=backbones.TRAIN_FROM_STAGES, default=TRAIN_FROM,
-                       help="first backbone stage to train; earlier ones (and their BatchNorm) are frozen "
-                            "(default: %(default)s)")
+    model.add_argument("--train-from", type=checked_by(backbones.check_train_from), default=TRAIN_FROM,
+                       help=f"first backbone stage to train ({', '.join(backbones.TRAIN_FROM_STAGES)}; for a ViT "
+                            "also blockN); earlier ones (and their BatchNorm) are frozen (default: %(default)s)")
     model.add_argument("--shallow", choices=deep_rank_net.SHALLOW_MODES, default=SHALLOW,
                        help="shallow paths beside the deep one: paper = the image average-pooled 4x and 8x, then "
                             "conv + max pool (every pixel counts); classic = the classic ports' stride-16/32 convs "
@@ -529,7 +545,7 @@ def cache_images(args, data: image_data.TripletData, env, ckpt: dict | None) -> 
                   or image_cache.choose_cache_size(paths, args.image_size))
     images = image_cache.cache_images(paths, cache_size, progress=env.main and not args.no_progress,
                                       budget=args.cache_budget)  # a cache, or StreamedImages over the budget
-    return images, Preprocessing(image_size=args.image_size, cache_size=cache_size)
+    return images, backbones.backbone_preprocessing(args.arch, args.image_size, cache_size)
 
 
 class Trainee(nn.Module):
@@ -562,7 +578,7 @@ def build_net(args, resuming: bool, device: torch.device) -> deep_rank_net.DeepR
     """The seeded net (pretrained weights unless resuming: the checkpoint brings its own)."""
     runtime.seed_everything(args.seed)
     net = deep_rank_net.build_model(args.arch, args.embedding_dim, None, "none" if resuming else args.weights,
-                                    args.train_from, shallow=args.shallow)
+                                    args.train_from, shallow=args.shallow, image_size=args.image_size)
     return net.to(device).to(memory_format=runtime.memory_format(device))
 
 

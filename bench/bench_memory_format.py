@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import deep_rank_net
-from deepranking import argtypes, backbones, cli
+from deepranking import argtypes, cli
 from deepranking.preprocessing import preprocess
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -28,7 +28,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
+    p.add_argument("--arch", default="resnet18", help="a train_net.py --arch (default resnet18)")
     p.add_argument("--sizes", type=comma_list(argtypes.bounded_int(32)), default=[32, 64], help="image sides")
     p.add_argument("--images", type=argtypes.positive_int, default=192, help="images per timed pass")
     p.add_argument("--batch", type=argtypes.positive_int, default=96, help="images per forward")
@@ -39,7 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def timed_pass(images: torch.Tensor, size: int, layout, train: bool, batch: int, arch: str) -> float:
     torch.manual_seed(0)
-    model = deep_rank_net.build_model(arch, 128, None, "none", "conv1").to(memory_format=layout).train(train)
+    model = deep_rank_net.build_model(arch, 128, None, "none", "conv1", image_size=size)
+    model = model.to(memory_format=layout).train(train)
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         x = preprocess(images[i:i + batch], size, memory_format=layout)

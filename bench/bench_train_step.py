@@ -38,7 +38,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=backbones.ARCHITECTURES)
+    p.add_argument("--arch", default="resnet18", help="a train_net.py --arch (default resnet18); the padding-skipping convs are a ResNet's")
     p.add_argument("--sizes", type=comma_list(argtypes.bounded_int(32)), default=[32, 64], help="image sides")
     p.add_argument("--batch", type=argtypes.positive_int, default=96, help="images per step (the recipe: 32 triplets)")
     p.add_argument("--optim", choices=OPTIMIZERS, default="adam", help="optimizer of the timed steps")

@@ -4,8 +4,10 @@
 a checkpoint's model (``FEATURE_KINDS``):
 
 * ``pixels`` (:class:`PixelFeatures`): the raw 0..255 RGB values at ``PIXEL_SIZE`` px, flattened;
-* ``backbone`` (:class:`BackboneFeatures`): a backbone's global-average-pooled features
-  (``deepranking.backbones``, by default resnet18 with ImageNet weights at 224 px).
+* ``backbone`` (:class:`BackboneFeatures`): a backbone's pooled features, its classifier's input
+  (``deepranking.backbones``: any of its architectures; by default resnet18 with ImageNet weights),
+  at the side its pretrained weights were evaluated at (224 px for most) and normalised with their
+  mean and std.
 
 Each comes with its explicit ``Preprocessing``, like a checkpoint's, and ``feature_record``
 gives it a checkpoint's shape, so its fingerprint identifies it the same way.
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from deepranking.backbones import check_arch, headless_backbone, load_backbone_weights
+from deepranking.backbones import backbone_preprocessing, headless_backbone, load_backbone_weights, native_image_size
 from deepranking.cli import UserError
 from deepranking.preprocessing import Preprocessing
 
@@ -27,7 +29,7 @@ FEATURE_KINDS = ("model", "pixels", "backbone")  # gen_embeddings.py --features
 # smallest size train_net.py accepts — so the pixel row sees the same pixels as a model trained at
 # 32 px, and the kNN over it stays cheap; a small image also blurs away pixel-level noise.
 PIXEL_SIZE = 32
-BACKBONE_IMAGE_SIZE = 224  # the input size torchvision's ImageNet weights were trained at
+BACKBONE_IMAGE_SIZE = 224  # the input side of a backbone whose weights name none (small-cnn)
 # Pixel values as they are (0..255): preprocess subtracts mean*255 and divides by std*255.
 RAW_MEAN = (0.0, 0.0, 0.0)
 RAW_STD = (1 / 255, 1 / 255, 1 / 255)
@@ -48,16 +50,16 @@ class PixelFeatures(nn.Module):
 
 
 class BackboneFeatures(nn.Module):
-    """A backbone's global-average-pooled features [B, F] (a ResNet: F = 512 or 2048), no head."""
+    """A backbone's pooled features [B, F] (a ResNet: F = 512 or 2048; a ViT: its class token), no head."""
 
-    def __init__(self, arch: str = "resnet18", weights: str = "imagenet"):
+    def __init__(self, arch: str = "resnet18", weights: str = "imagenet", image_size: int | None = None):
         super().__init__()
-        check_arch(arch)
-        backbone, feature_dim = headless_backbone(arch)
+        built = headless_backbone(arch, image_size)
         if weights != "none":
-            load_backbone_weights(backbone, arch, weights)
-        self.backbone = backbone
-        self.config = {"features": "backbone", "arch": arch, "weights": str(weights), "embedding_dim": feature_dim}
+            load_backbone_weights(built.module, arch, weights)
+        self.backbone = built.module
+        self.config = {"features": "backbone", "arch": arch, "weights": str(weights),
+                       "embedding_dim": built.feature_dim}
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,17 +77,18 @@ def reference_features(kind: str, arch: str = "resnet18", weights: str = "imagen
                        device: Any = "cpu") -> tuple[nn.Module, Preprocessing]:
     """(feature extractor in eval mode, its preprocessing) for ``kind`` "pixels" or "backbone".
 
-    pixels: ``image_size`` default PIXEL_SIZE, raw values; backbone: default BACKBONE_IMAGE_SIZE,
-    ImageNet normalisation (what the ImageNet weights expect). The cache side defaults to the
-    image size. The Preprocessing is explicit, like a checkpoint's.
+    pixels: ``image_size`` default PIXEL_SIZE, raw values; backbone: default the side its
+    pretrained weights were evaluated at (``native_image_size``, else BACKBONE_IMAGE_SIZE), their
+    mean and std (``backbone_preprocessing``). The cache side defaults to the image size. The
+    Preprocessing is explicit, like a checkpoint's.
     """
     if kind == "pixels":
         size = int(image_size or PIXEL_SIZE)
         return PixelFeatures(size).to(device).eval(), pixel_preprocessing(size, cache_size)
     if kind == "backbone":
-        size = int(image_size or BACKBONE_IMAGE_SIZE)
-        return (BackboneFeatures(arch, weights).to(device).eval(),
-                Preprocessing(image_size=size, cache_size=int(cache_size or size)))
+        size = int(image_size or native_image_size(arch) or BACKBONE_IMAGE_SIZE)
+        return (BackboneFeatures(arch, weights, size).to(device).eval(),
+                backbone_preprocessing(arch, size, int(cache_size or size)))
     raise UserError(f"unknown reference features {kind!r} (choose pixels or backbone)")
 
 

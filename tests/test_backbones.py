@@ -14,7 +14,7 @@ from deepranking.cli import UserError
 
 def with_weights(arch: str, weights: str) -> torch.nn.Module:
     """A headless backbone with ``weights`` loaded, as the model and the reference features build theirs."""
-    backbone, _ = backbones.headless_backbone(arch)
+    backbone = backbones.headless_backbone(arch).module
     backbones.load_backbone_weights(backbone, arch, weights)
     return backbone
 
@@ -95,18 +95,20 @@ def test_small_cnn_keeps_full_resolution_in_its_first_stage_and_pools_to_256():
 
 
 def test_unknown_arch_is_a_user_error():
-    with pytest.raises(UserError, match="unknown architecture 'vgg16'.*resnet18.*small-cnn"):
-        backbones.check_arch("vgg16")
+    with pytest.raises(UserError, match="unknown architecture 'vgg17'.*small-cnn.*resnet18.*list_models"):
+        backbones.check_arch("vgg17")
     backbones.check_arch("small-cnn")
+    backbones.check_arch("vgg16")
 
 
 # ---------------------------------------------------------------- stages
 
 
-def test_frozen_module_names_are_the_stages_before_train_from():
-    assert backbones.frozen_module_names("conv1") == []
-    assert backbones.frozen_module_names("layer2") == ["conv1", "bn1", "layer1"]
-    assert backbones.frozen_module_names("head") == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+def test_frozen_names_are_the_stages_before_train_from():
+    resnet = backbones.headless_backbone("resnet18")
+    assert backbones.frozen_names(resnet, "conv1") == []
+    assert backbones.frozen_names(resnet, "layer2") == ["conv1", "bn1", "layer1"]
+    assert backbones.frozen_names(resnet, "head") == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
 
 
 # ---------------------------------------------------------------- weights
@@ -144,17 +146,20 @@ def test_bad_weights_files(tmp_path):
         with_weights("resnet18", str(garbage))
 
 
-def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, file", [("resnet18", "resnet18-f37072fd.pth"),
+                                        ("mobilenet_v3_small", "mobilenet_v3_small-047dcff4.pth"),
+                                        ("vit_b_16", "vit_b_16-c867db91.pth")])
+def test_imagenet_weights_offline_message(tmp_path, monkeypatch, arch, file):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    assert backbones.expected_weights_file("resnet18") == expected
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / file
+    assert backbones.expected_weights_file(arch) == expected
     with pytest.raises(UserError) as err:
-        with_weights("resnet18", "imagenet")
+        with_weights(arch, "imagenet")
     message = str(err.value)
     assert str(expected) in message and "--weights none" in message and "--weights PATH" in message
     assert "\n" not in message
@@ -162,7 +167,7 @@ def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
     expected.parent.mkdir(parents=True, exist_ok=True)
     expected.write_bytes(b"partial download")
     with pytest.raises(UserError, match="corrupt.*delete"):
-        with_weights("resnet18", "imagenet")
+        with_weights(arch, "imagenet")
 
 
 def test_imagenet_weights_are_the_best_torchvision_offers():

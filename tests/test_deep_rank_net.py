@@ -81,7 +81,7 @@ def test_weights_none_is_the_string_none():
 
 def test_bad_arch_and_stage_are_user_errors():
     with pytest.raises(UserError, match="unknown architecture"):
-        drn.DeepRankNet("vgg16", DIM)
+        drn.DeepRankNet("vgg17", DIM)
     with pytest.raises(UserError, match="train_from"):
         drn.DeepRankNet("resnet18", DIM, train_from="layer9")
 

@@ -43,5 +43,5 @@ def test_backbone_features_and_their_record():
 def test_unknown_kind_and_arch_are_user_errors():
     with pytest.raises(UserError, match="unknown reference features 'model'"):
         reference_features("model")
-    with pytest.raises(UserError, match="unknown architecture 'vgg16'"):
-        reference_features("backbone", "vgg16", "none")
+    with pytest.raises(UserError, match="unknown architecture 'vgg17'"):
+        reference_features("backbone", "vgg17", "none")

@@ -370,7 +370,8 @@ def test_nan_between_log_steps_never_reaches_a_checkpoint(csvs, tmp_path, capsys
 @pytest.mark.parametrize("extra,message", [
     (["--margin", "0"], "expected a positive number"),
     (["--lr", "-1"], "expected a positive number"),
-    (["--arch", "vgg16"], "invalid choice"),
+    (["--arch", "vgg17"], "unknown architecture 'vgg17' (did you mean vgg19 or vgg16 or vgg13?)"),
+    (["--train-from", "layer9"], "unknown train_from stage 'layer9'"),
     (["--optim", "foo"], "invalid choice"),
     (["--mining", "hard"], "invalid choice"),
     (["--id-loss-weight", "-1"], "expected a non-negative number"),

@@ -156,11 +156,15 @@ def comma_list(item_type):
     return parse
 
 
-def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: int, seed: int) -> Path:
-    """Fashion-MNIST at 64 px in TinyImageNet's layout (val restructured into class folders); reused if present."""
+def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: int, seed: int,
+                  tints: int = 0) -> Path:
+    """Fashion-MNIST at 64 px in TinyImageNet's layout (val restructured into class folders); reused if present.
+    ``tints`` > 0: the fine-grained set, each garment in that many hues (make_sample_data.py --tints), with
+    its hierarchy.csv (hue under garment)."""
     if not (data / "wnids.txt").exists():
         run("make_sample_data.py", "--source", source, "--output", data, "--size", 64, "--seed", seed,
-            "--train-per-class", train_per_class, "--val-per-class", val_per_class, "--no-progress")
+            "--train-per-class", train_per_class, "--val-per-class", val_per_class, "--no-progress",
+            *(["--tints", tints] if tints else []))
         run("transform_validation.py", "--data-dir", data)
     return data
 
@@ -186,6 +190,8 @@ class Evaluator:
         self.train = image_data.list_class_folder(data / "train")
         self.val = image_data.list_class_folder(data / "val")
         self.k, self.device = k, device
+        hierarchy = data / image_data.HIERARCHY_FILE  # graded figures too (parent precision@k, NDCG@k)
+        self.parents = image_data.read_class_hierarchy(hierarchy) if hierarchy.exists() else None
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def spec(self, spec_or_size):
@@ -209,13 +215,18 @@ class Evaluator:
                                       for p in (self.train.paths, self.val.paths))
         return self._cache[side]
 
-    def per_query(self, db: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """float [Q]: each val query's precision@k against the train images (scoring.evaluate, as eval.py)."""
+    def scores(self, db: np.ndarray, queries: np.ndarray) -> dict:
+        """float [Q] arrays of each val query against the train images (scoring.evaluate, as eval.py):
+        "precision" (at k) and, with a class hierarchy, "parent_precision" and "ndcg" (at k)."""
         from deepranking import scoring
 
         result = scoring.evaluate(db, self.train.label_names, queries, self.val.label_names, self.k,
-                                  device=self.device, progress=False)
-        return result.per_query["precision"]
+                                  device=self.device, progress=False, parents=self.parents)
+        return result.per_query
+
+    def per_query(self, db: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """float [Q]: each val query's precision@k against the train images."""
+        return self.scores(db, queries)["precision"]
 
     def score(self, db: np.ndarray, queries: np.ndarray) -> float:
         return float(self.per_query(db, queries).mean())
@@ -233,15 +244,23 @@ class Evaluator:
 
     def model_per_query(self, model, spec_or_size) -> np.ndarray:
         """float [Q]: per-query precision@k of ``model`` (mean: ``model``; spread: retrieval.standard_error)."""
+        return self.model_scores(model, spec_or_size)["precision"]
+
+    def model_scores(self, model, spec_or_size) -> dict:
+        """:meth:`scores` of ``model`` with its Preprocessing (a checkpoint's) or a bare image size."""
         spec = self.spec(spec_or_size)
         train_images, val_images = self.images(spec)
-        return self.per_query(self.embed(model, train_images, spec), self.embed(model, val_images, spec))
+        return self.scores(self.embed(model, train_images, spec), self.embed(model, val_images, spec))
 
     def raw_pixels(self) -> float:
+        return float(self.raw_pixel_scores()["precision"].mean())
+
+    def raw_pixel_scores(self) -> dict:
+        """:meth:`scores` of the 64 px images flattened and unit-normalised (the reference row)."""
         train_images, val_images = self.images(64)
 
         def flat(x: np.ndarray) -> np.ndarray:  # [N, H, W, 3] uint8 -> unit rows [N, H*W*3]
             v = x.reshape(len(x), -1).astype(np.float32)
             return v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
 
-        return self.score(flat(train_images), flat(val_images))
+        return self.scores(flat(train_images), flat(val_images))

@@ -76,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
     p.add_argument("--train-per-class", type=argtypes.positive_int, default=500, help="train images per class")
     p.add_argument("--val-per-class", type=argtypes.positive_int, default=100, help="val images per class")
+    p.add_argument("--tints", type=argtypes.non_negative_int, default=0,
+                   help="the fine-grained set: every garment in this many hues (20: 200 classes, TinyImageNet's "
+                        "count; make_sample_data.py --tints), scored also by parent (garment) precision@k and "
+                        "NDCG@k; 0: the 10 grey classes")
     p.add_argument("--ours", default="", help="extra train_net.py flags appended to OUR_RECIPE (quoted string)")
     p.add_argument("--k", type=argtypes.positive_int, default=30, help="k of precision@k")
     p.add_argument("--target", type=argtypes.fraction, default=0.88,
@@ -90,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def prepare(root: Path, args) -> tuple[Path, Path]:
     """Fashion-MNIST in TinyImageNet layout (64 px) and a 1x1 training triplet CSV."""
-    data = fashion_mnist(root / "fashion_mnist", args.source, args.train_per_class, args.val_per_class, args.seed)
+    name = f"fashion_mnist_tints{args.tints}" if args.tints else "fashion_mnist"
+    data = fashion_mnist(root / name, args.source, args.train_per_class, args.val_per_class, args.seed, args.tints)
     csv = root / "train_1x1.csv"
     if not csv.exists():
         run("triplet_sampler.py", "--training", 1, "--data-dir", data, "--num_pos_images", 1,
@@ -170,10 +175,12 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         ckpt = load_checkpoint(ckpt_path)
         model, spec = deep_rank_net.model_from_checkpoint(ckpt, evaluator.device)
         batch = int(ckpt["args"]["batch_size"])
-        per_query = evaluator.model_per_query(model, spec)  # [Q]
+        scores = evaluator.model_scores(model, spec)  # per-query arrays [Q]
+        per_query = scores["precision"]
         results.append(dict(recipe="ours", seconds=float(ckpt["train_seconds"]), wall_seconds=wall,
                             steps=int(ckpt["step"]), images=3 * int(ckpt["step"]) * batch, train_peak_mb=peak_mb,
-                            precision=float(per_query.mean()), precision_se=retrieval.standard_error(per_query)))
+                            precision=float(per_query.mean()), precision_se=retrieval.standard_error(per_query),
+                            **graded_means(scores)))
         if "train_model" in ckpt:  # --ema-decay: the same run's last-step weights, a paired comparison
             trained, _ = deep_rank_net.model_from_checkpoint({**ckpt, "model": ckpt["train_model"]}, evaluator.device)
             results[-1]["precision_train_weights"] = float(evaluator.model_per_query(trained, spec).mean())
@@ -181,6 +188,14 @@ def run_ours(csv: Path, root: Path, evaluator: Evaluator, times: list[float], ar
         if ckpt_path.name == "deepranknet.model":  # all epochs done within the budget
             break
     return results
+
+
+def graded_means(scores: dict) -> dict:
+    """parent_precision and ndcg (at k) over the queries, when the data has a class hierarchy."""
+    if "ndcg" not in scores:
+        return {}
+    return {"parent_precision": float(scores["parent_precision"].mean()),
+            "ndcg": float(np.nanmean(scores["ndcg"]))}
 
 
 def main(args) -> None:
@@ -196,8 +211,9 @@ def main(args) -> None:
         root.mkdir(parents=True, exist_ok=True)
         data, csv = prepare(root, args)
         evaluator = Evaluator(data, args.k, device)
-        raw = evaluator.raw_pixels()
-        print(f"  raw pixels: precision@{args.k} {raw:.4f}", file=sys.stderr)
+        raw_scores = evaluator.raw_pixel_scores()
+        raw, raw_graded = float(raw_scores["precision"].mean()), graded_means(raw_scores)
+        print(f"  raw pixels: precision@{args.k} {raw:.4f} {raw_graded}", file=sys.stderr)
         rows = []
         if "classic" in args.recipes:
             rows += run_classic(csv, evaluator, times, args)
@@ -205,14 +221,15 @@ def main(args) -> None:
             rows += run_ours(csv, root, evaluator, times, args)
     summary = dict(device=str(device), torch_threads=torch.get_num_threads(), budget=args.budget,
                    train_images=len(evaluator.train.paths), val_images=len(evaluator.val.paths), k=args.k,
-                   raw_pixels_precision=raw, our_recipe=OUR_RECIPE + args.ours.split(), classic=CLASSIC, rows=rows)
+                   tints=args.tints, raw_pixels_precision=raw, raw_pixels_graded=raw_graded, our_recipe=OUR_RECIPE + args.ours.split(), classic=CLASSIC, rows=rows)
     with file_io.atomic_path(args.output_dir / "time_to_quality.json") as tmp_json:
         tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
     series = {f"{r} recipe": ([x["seconds"] for x in rows if x["recipe"] == r],
                               [x["precision"] for x in rows if x["recipe"] == r]) for r in args.recipes}
     series["raw pixels"] = ([0, args.budget], [raw, raw])
     plots.line_chart(args.output_dir / "time_to_quality.png", series,
-                     title=f"Fashion-MNIST, test precision@{args.k} vs training time ({device}, from scratch)",
+                     title=f"Fashion-MNIST{f' x {args.tints} hues' if args.tints else ''}, test precision@{args.k} "
+                           f"vs training time ({device}, from scratch)",
                      xlabel="training seconds", ylabel=f"precision@{args.k}", y_range=(0.5, 1.0),
                      hline=(args.target, f"target {args.target:g}"))
     print(f"{len(evaluator.train.paths)} train / {len(evaluator.val.paths)} val images, device {device}, "
@@ -225,6 +242,10 @@ def main(args) -> None:
               f"{se:>7} {r['train_peak_mb']:>14.0f}")
     print("(train peak MB: the classic loop's rise in this process while training; ours: train_net.py's own peak;"
           " s.e.: the standard error over the val queries: another draw of queries moves the figure this much)")
+    for r in [dict(recipe="raw pixels", seconds=0, **raw_graded)] + rows:
+        if "ndcg" in r:
+            print(f"{r['recipe']} at {r['seconds']:.0f} s: parent (garment) precision@{args.k} "
+                  f"{r['parent_precision']:.4f}, NDCG@{args.k} {r['ndcg']:.4f}")
     for r in rows:
         if "precision_train_weights" in r:
             print(f"{r['recipe']} at {r['seconds']:.0f} s: the weight average (--ema-decay) {r['precision']:.4f}, "

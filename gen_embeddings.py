@@ -117,9 +117,10 @@ def plan_jobs(args) -> list[SplitJob]:
 
     splits, val_optional = parse_splits(args.splits)
     if not args.data_dir.is_dir():
+        what = "is a file, not a folder" if args.data_dir.exists() else "not found"
         default = (" (the default --data-dir: pass --data-dir DATA, a folder of class folders or a TinyImageNet root)"
                    if args.data_dir == DEFAULT_DATA_DIR else "")
-        raise UserError(f"dataset folder not found: {args.data_dir}{default}")
+        raise UserError(f"dataset folder {what}: {args.data_dir}{default}")
     outputs = {s: Path(getattr(args, SPLIT_OUTPUT[s])) for s in splits}
     if len(splits) == 2:  # the same file, or a companion (.meta.json, .meta.csv) of one the other's data file
         train_files = {p.resolve() for p in files_of(outputs["train"])}
@@ -145,8 +146,18 @@ def plan_jobs(args) -> list[SplitJob]:
 
 
 def shard_file(output: Path, rank: int) -> Path:
-    """Where rank ``rank`` leaves its shard: a hidden .npy beside the final output."""
-    return output.parent / f".{output.name}.shard{rank}.npy"
+    """Where rank ``rank`` (this process) leaves its shard: a temporary of the output, beside it,
+    ``.<name>.<pid>.shard<rank>.npy``, which the next run removes if this one is killed."""
+    return output.parent / f"{file_io.temp_prefix(output)}shard{rank}.npy"
+
+
+def write_shard(path: Path, emb: np.ndarray) -> None:
+    try:
+        with open(path, "wb") as f:
+            np.save(f, emb)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {cli.os_reason(exc)}")
 
 
 # ----------------------------------------------------------------------------
@@ -230,9 +241,9 @@ def embed_shard(paths: list[str], model, spec: Preprocessing, args, device, env:
     return emb, time.perf_counter() - start
 
 
-def merge_shards(job: SplitJob, world_size: int) -> np.ndarray:
-    """Rank 0: the shards of every rank, concatenated in rank (= original) order."""
-    parts = [np.load(shard_file(job.output, r), allow_pickle=False) for r in range(world_size)]
+def merge_shards(job: SplitJob, shards: list[str]) -> np.ndarray:
+    """Rank 0: the shards of every rank (their files, in rank = original order), concatenated."""
+    parts = [np.load(shard, allow_pickle=False) for shard in shards]
     emb = np.concatenate(parts)
     if len(emb) != len(job.paths):
         raise UserError(f"merged {len(emb)} embeddings for {len(job.paths)} images of {job.split}")
@@ -247,24 +258,25 @@ def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distri
     bounds = distributed.shard_bounds(len(job.paths), env.world_size)
     lo, hi = bounds[env.rank], bounds[env.rank + 1]
 
+    shard = shard_file(job.output, env.rank)
+
     def work():
         emb, seconds = embed_shard(job.paths[lo:hi], model, spec, args, device, env, progress)
         if env.active:
-            with file_io.atomic_path(shard_file(job.output, env.rank), suffix=".npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, emb)
+            write_shard(shard, emb)
         return emb, seconds
 
     emb, seconds = distributed.run_agreed(env, work)
     if env.active:
+        shards = distributed.all_gather(env, str(shard))  # each rank names its own (its pid is in the name)
         try:
             if env.main:
-                emb = merge_shards(job, env.world_size)
+                emb = merge_shards(job, shards)
         finally:
             distributed.barrier(env)  # every shard is read before any is removed
             if env.main:
-                for r in range(env.world_size):
-                    shard_file(job.output, r).unlink(missing_ok=True)
+                for name in shards:
+                    Path(name).unlink(missing_ok=True)
     return hi - lo, seconds, (emb if env.main else None)
 
 

@@ -23,7 +23,10 @@ An existing DIR is continued: images already there (and decodable) are reused,
 URLs that failed permanently in an earlier run are not requested again (unless
 ``--retry-failed``), the rest are fetched. Images are written atomically
 (temporary file + ``os.replace``), so an interrupted run never leaves a partial
-file under a final name; just run the same command again.
+file under a final name; just run the same command again (it removes the partial
+``.<stem>.<pid>.<random>.part`` files a killed run left). ``--timeout`` bounds each
+network operation and ``--deadline`` each image's whole download (a server that sends a
+byte at a time); a full disk stops the import with one line saying so.
 
 What is fetched: only http and https URLs whose host resolves to public addresses
 only (no loopback, private, link-local, CGNAT, multicast, reserved, ... address),
@@ -63,6 +66,7 @@ from deepranking import argtypes, cli, file_io
 from deepranking.cli import UserError
 from deepranking import image_data
 from deepranking import preprocessing
+from deepranking.downloads import Deadline, DeadlineMixin, WriteError, stream_into
 from deepranking.image_data import is_image_file
 
 USER_AGENT = "deep-ranking-import-triplets/1.0 (+python-urllib; research dataset download)"
@@ -71,6 +75,7 @@ FAILURES_NAME = "failures.csv"
 MALFORMED_NAME = "malformed.csv"
 IMAGES_DIR = "images"
 MAX_BACKOFF_S = 60.0
+DEADLINE_S = 120.0  # --deadline: one image (at most --max-bytes, 10 MB) in 2 minutes, retries included
 SHOWN_PROBLEMS = 20  # malformed records / failures printed on stderr; the rest are in the CSV reports
 
 # PIL format -> file extension we store (all in image_data.IMAGE_EXTENSIONS);
@@ -103,6 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "default: %(default)s)")
     p.add_argument("--timeout", type=argtypes.positive_float, default=20.0,
                    help="seconds per network operation (connect, each read; default: %(default)s)")
+    p.add_argument("--deadline", type=argtypes.positive_float, default=DEADLINE_S,
+                   help="seconds for each image's whole download, its retries included (a server that sends a "
+                        "byte at a time never hits --timeout; default: %(default)s)")
     p.add_argument("--backoff", type=argtypes.positive_float, default=0.5,
                    help="first retry delay in seconds; doubles per retry, plus up to 100%% seeded jitter "
                    "(default: %(default)s)")
@@ -194,14 +202,26 @@ def parse_ref(cell: str, base_dir: Path) -> Ref | str:
         scheme = parsed.scheme.lower()
         if scheme == "file":
             path = Path(urllib.request.url2pathname(parsed.path))
-            return Ref(str(path.resolve()), "file", cell) if _is_file(path) else f"file not found: {cell}"
+            return Ref(str(path.resolve()), "file", cell) if _is_file(path) else f"file {_file_problem(path)}: {cell}"
         if scheme in ("http", "https") and host:
             return Ref(cell, "url")
         return f"not an http(s) URL: {cell}"
     path = _local_path(cell, base_dir)
     if _is_file(path):
         return Ref(str(path.resolve()), "file", cell)
+    problem = _file_problem(path)
+    if problem != "not found":  # there, but no file to read (a folder, a FIFO, a broken link)
+        return f"file {problem}: {cell}"
     return f"neither an http(s) URL nor an existing file: {cell}"
+
+
+def _file_problem(path: Path) -> str:
+    """file_io.regular_file_problem, for a cell that may be any text: "not found" for a name the
+    system refuses (too long, a NUL byte)."""
+    try:
+        return file_io.regular_file_problem(path) or "not found"
+    except (OSError, ValueError):
+        return "not found"
 
 
 def _record_from_cells(line: int, cells: list[str], base_dir: Path) -> Record | Malformed:
@@ -330,6 +350,7 @@ def read_input(path: Path, fmt: str = "auto") -> tuple[str, list[Record], list[M
 @dataclass
 class FetchOptions:
     timeout: float = 20.0
+    deadline: float | None = DEADLINE_S
     retries: int = 3
     backoff: float = 0.5
     max_bytes: int = 10_000_000
@@ -345,6 +366,7 @@ class Outcome:
     status: str  # "ok" | "failed" (permanent) | "transient" (retried on the next run) | "refused" (checked again)
     reason: str = ""
     action: str = ""  # "downloaded" | "copied" | "reused" | "skipped" | ""
+    stop: bool = False  # the local disk failed (full, read-only): every other image would fail the same way
 
 
 class FetchError(Exception):
@@ -357,6 +379,13 @@ class FetchError(Exception):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class DiskError(FetchError):
+    """Writing an image to the output folder failed: a local problem (a full disk), not the server's."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        super().__init__(f"cannot write into {folder}: {cli.os_reason(exc)}", transient=True, retry=False)
 
 
 class Refused(FetchError):
@@ -469,11 +498,11 @@ class _CheckedOpenMixin:
         return super().do_open(http_class, req, **kwargs)
 
 
-class _CheckedHTTPHandler(_CheckedOpenMixin, urllib.request.HTTPHandler):
+class _CheckedHTTPHandler(_CheckedOpenMixin, DeadlineMixin, urllib.request.HTTPHandler):
     pass
 
 
-class _CheckedHTTPSHandler(_CheckedOpenMixin, urllib.request.HTTPSHandler):
+class _CheckedHTTPSHandler(_CheckedOpenMixin, DeadlineMixin, urllib.request.HTTPSHandler):
     pass
 
 
@@ -507,12 +536,14 @@ class _CheckedRedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def _opener(opts: FetchOptions) -> urllib.request.OpenerDirector:
-    """urlopen's handlers minus ftp/file/data, with every hop checked."""
+def _opener(opts: FetchOptions, deadline: Deadline | None = None) -> urllib.request.OpenerDirector:
+    """urlopen's handlers minus ftp/file/data, with every hop checked (and its connection ended at
+    ``deadline``)."""
     opener = urllib.request.OpenerDirector()
     checked = [_CheckedHTTPHandler(), _CheckedHTTPSHandler(), _CheckedRedirectHandler()]
     for handler in checked:
         handler.allow_private = opts.allow_private_hosts
+        handler.deadline = deadline
     for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), *checked,
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
@@ -541,11 +572,14 @@ def verify_image(path: Path) -> str:
 def _finalize(tmp: Path, images_dir: Path, stem: str) -> str:
     """Verify a fully written temp file and move it to ``<stem><ext>``; returns the file name."""
     ext = verify_image(tmp)
-    if not ext:  # decodable but unusual format: store as PNG so every stage can read it
-        preprocessing.load_rgb(tmp).save(tmp, format="PNG")
-        ext = ".png"
-    name = stem + ext
-    os.replace(tmp, images_dir / name)
+    try:
+        if not ext:  # decodable but unusual format: store as PNG so every stage can read it
+            preprocessing.load_rgb(tmp).save(tmp, format="PNG")
+            ext = ".png"
+        name = stem + ext
+        os.replace(tmp, images_dir / name)
+    except OSError as exc:
+        raise DiskError(images_dir, exc)
     return name
 
 
@@ -570,11 +604,17 @@ def _classify_network_error(exc: BaseException) -> FetchError:
     return FetchError(f"network error ({reason})", transient=True)
 
 
-def _download_once(url: str, tmp: Path, opts: FetchOptions) -> None:
-    """One GET of ``url`` streamed into ``tmp``; raises FetchError."""
+def _download_once(url: str, tmp: Path, opts: FetchOptions, deadline: Deadline | None = None) -> None:
+    """One GET of ``url`` streamed into ``tmp``; raises FetchError (DiskError when ``tmp`` cannot be
+    written). ``deadline``: the image's (:func:`download`); none: one of ``opts.deadline`` seconds."""
+    if deadline is None:
+        with Deadline(opts.deadline) as deadline:
+            return _download_once(url, tmp, opts, deadline)
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
+    received = [0]
     try:
-        with _opener(opts).open(request, timeout=opts.timeout) as resp:
+        timeout = max(0.001, min(opts.timeout, deadline.remaining()))
+        with _opener(opts, deadline).open(request, timeout=timeout) as resp:
             # Reject HTML error pages ("soft 404") before reading them. A missing type or
             # application/octet-stream (common on old CDNs) is left to the decode check.
             if resp.headers.get("Content-Type"):
@@ -584,43 +624,60 @@ def _download_once(url: str, tmp: Path, opts: FetchOptions) -> None:
             length = resp.headers.get("Content-Length", "").strip()
             if length.isdigit() and int(length) > opts.max_bytes:
                 raise FetchError(f"too large (Content-Length {int(length)} > --max-bytes {opts.max_bytes})")
-            total = 0
-            with open(tmp, "wb") as f:
-                while chunk := resp.read(1 << 16):
-                    total += len(chunk)
-                    if total > opts.max_bytes:  # no or lying Content-Length: stop the stream
-                        raise FetchError(f"too large (more than --max-bytes {opts.max_bytes} bytes)")
-                    f.write(chunk)
-            if length.isdigit() and total < int(length):  # http.client returns a short body silently
-                raise FetchError(f"connection closed after {total} of {int(length)} bytes", transient=True)
+            _stream(resp, tmp, opts, received)
+            if deadline.expired:  # the socket was shut down: what looked like the end of the body was not
+                raise _past_deadline(opts, received[0])
+            if length.isdigit() and received[0] < int(length):  # http.client returns a short body silently
+                raise FetchError(f"connection closed after {received[0]} of {int(length)} bytes", transient=True)
     except FetchError:
         raise
     except urllib.error.HTTPError as exc:
         exc.close()
         raise _classify_http_error(exc)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        raise _classify_network_error(exc)
+        raise _past_deadline(opts, received[0]) if deadline.expired else _classify_network_error(exc)
     except ValueError as exc:  # malformed URL that urlsplit accepted (e.g. bad port)
         raise FetchError(f"invalid URL ({exc})")
 
 
+def _stream(resp, tmp: Path, opts: FetchOptions, received: list) -> None:
+    """The response body into ``tmp``, counted in ``received[0]``; a local write error is a DiskError
+    (a full disk is no connection error), the network's errors pass through."""
+    def count(total: int, block: bytes) -> None:
+        received[0] = total
+        if total > opts.max_bytes:  # no or lying Content-Length: stop the stream
+            raise FetchError(f"too large (more than --max-bytes {opts.max_bytes} bytes)")
+
+    try:
+        stream_into(resp, tmp, on_block=count)
+    except WriteError as exc:
+        raise DiskError(tmp.parent, exc.error)
+
+
+def _past_deadline(opts: FetchOptions, received: int) -> FetchError:
+    return FetchError(f"no complete download within --deadline {opts.deadline:g} s ({received} bytes received)",
+                      transient=True, retry=False)
+
+
 def download(url: str, tmp: Path, opts: FetchOptions, sleep=time.sleep) -> int:
-    """GET ``url`` into ``tmp`` with retries and exponential back-off; returns the number of attempts.
+    """GET ``url`` into ``tmp`` with retries and exponential back-off, all within ``opts.deadline``
+    seconds; returns the number of attempts.
 
     The jitter comes from a generator seeded with (seed, url), so delays do not
     depend on thread scheduling.
     """
     rng = random.Random(f"{opts.seed}:{url}")
-    for attempt in range(opts.retries + 1):
-        try:
-            _download_once(url, tmp, opts)
-            return attempt + 1
-        except FetchError as exc:
-            if not exc.retry or attempt == opts.retries:
-                if attempt:
-                    exc.reason = f"{exc.reason} (after {attempt + 1} attempts)"
-                raise
-        sleep(min(MAX_BACKOFF_S, opts.backoff * 2**attempt * (1.0 + rng.random())))
+    with Deadline(opts.deadline) as deadline:
+        for attempt in range(opts.retries + 1):
+            try:
+                _download_once(url, tmp, opts, deadline)
+                return attempt + 1
+            except FetchError as exc:
+                if not exc.retry or attempt == opts.retries or deadline.expired:
+                    if attempt:
+                        exc.reason = f"{exc.reason} (after {attempt + 1} attempts)"
+                    raise
+            sleep(min(MAX_BACKOFF_S, opts.backoff * 2**attempt * (1.0 + rng.random()), deadline.remaining()))
     raise AssertionError("unreachable")
 
 
@@ -645,12 +702,16 @@ def fetch_ref(ref: Ref, images_dir: Path, existing: list[Path], previous: dict |
             return Outcome(ref.key, "", "failed", previous.get("reason", ""), action="skipped")
         if ref.kind == "file" and not opts.allow_local_files:
             raise Refused(ref.source or ref.key, "local files need --allow-local-files")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".part", dir=images_dir)
-        os.close(fd)
+        try:  # fetch_all removed the stale ones: no scan of images_dir per image
+            fd, tmp_name = tempfile.mkstemp(prefix=file_io.temp_prefix(images_dir / stem), suffix=".part",
+                                            dir=images_dir)
+            os.close(fd)
+        except OSError as exc:
+            raise DiskError(images_dir, exc)
         tmp = Path(tmp_name)
         try:
             if ref.kind == "file":
-                shutil.copyfile(ref.key, tmp)
+                _copy_local(ref.key, tmp)
                 action = "copied"
             else:
                 download(ref.key, tmp, opts)
@@ -661,9 +722,29 @@ def fetch_ref(ref: Ref, images_dir: Path, existing: list[Path], previous: dict |
         return Outcome(ref.key, name, "ok", action=action)
     except FetchError as exc:
         status = "refused" if isinstance(exc, Refused) else "transient" if exc.transient else "failed"
-        return Outcome(ref.key, "", status, exc.reason)
-    except Exception as exc:  # a disk error or a bug must not take the whole import down
+        return Outcome(ref.key, "", status, exc.reason, stop=isinstance(exc, DiskError))
+    except OSError as exc:  # a disk error must not take the whole import down unannounced
+        where = f" {exc.filename}" if exc.filename else ""
+        return Outcome(ref.key, "", "transient", f"cannot access{where}: {cli.os_reason(exc)}")
+    except Exception as exc:  # nor a bug
         return Outcome(ref.key, "", "transient", f"{type(exc).__name__}: {exc}")
+
+
+def _copy_local(source: str, tmp: Path) -> None:
+    """Copy a local image into ``tmp``: only a regular file is read (a FIFO would block), and a write
+    that fails is a DiskError."""
+    try:
+        src = file_io.open_regular(source)
+    except OSError as exc:
+        raise FetchError(f"cannot read {source}: {cli.os_reason(exc)}")
+    with src:
+        try:
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as exc:
+            if exc.filename not in (None, str(tmp)):
+                raise
+            raise DiskError(tmp.parent, exc)
 
 
 # ----------------------------------------------------------------------------
@@ -767,7 +848,9 @@ def _show(problems: list[str], what: str, report: Path) -> None:
 
 def fetch_all(refs: list[Ref], images_dir: Path, manifest_path: Path, previous: dict[str, dict],
               opts: FetchOptions, workers: int, retry_failed: bool, progress: bool) -> dict[str, Outcome]:
-    """Fetch every distinct ref in parallel; the manifest is rewritten every few seconds and at the end."""
+    """Fetch every distinct ref in parallel; the manifest is rewritten every few seconds and at the end.
+    The partial downloads a killed run left in ``images_dir`` are removed first."""
+    file_io.remove_stale_temporaries(images_dir / "*")
     existing = _scan_images(images_dir)
     outcomes: dict[str, Outcome] = {}
     pool = cf.ThreadPoolExecutor(max_workers=workers)
@@ -782,6 +865,9 @@ def fetch_all(refs: list[Ref], images_dir: Path, manifest_path: Path, previous: 
         n_failed = 0
         for fut in cf.as_completed(futures):
             o = fut.result()
+            if o.stop:  # a full disk: every other image would fail the same way
+                raise UserError(f"{o.reason} (saving {o.key}); the import stopped: make room and run the same "
+                                f"command again (what was fetched is kept)")
             outcomes[o.key] = o
             bar.update(1)
             if o.status != "ok":
@@ -824,7 +910,7 @@ def main(args) -> None:
     refs = list(dict.fromkeys(ref for rec in records for ref in rec.refs))
     manifest_path = out_dir / MANIFEST_NAME
     previous = read_manifest(manifest_path)
-    opts = FetchOptions(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+    opts = FetchOptions(timeout=args.timeout, deadline=args.deadline, retries=args.retries, backoff=args.backoff,
                         max_bytes=args.max_bytes, seed=args.seed, allow_private_hosts=args.allow_private_hosts,
                         allow_local_files=args.allow_local_files)
     outcomes = fetch_all(refs, images_dir, manifest_path, previous, opts, args.workers,

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -139,8 +138,9 @@ def load_fashion_mnist_idx(folder: str | os.PathLike = DEBIAN_DIR) -> dict:
 def load_bundle(path: str | os.PathLike = BUNDLE_PATH) -> dict:
     """Load the bundled sample (same dict as :func:`load_fashion_mnist_idx`)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"bundled sample not found: {path} (rebuild it with: python make_sample_data.py --build-bundle)")
+    file_io.check_input_file(path, "bundled sample")  # there, but a folder, a broken link, unreadable
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in BUNDLE_KEYS if k not in z.files]
@@ -369,7 +369,7 @@ def write_tiny_imagenet_layout(
     val_labels = np.asarray(val_labels, dtype=np.int64)
     wnids = make_wnids(class_names, wnid_prefix)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    tmp = file_io.make_temporary(root, folder=True)  # .<root>.<pid>.<random>.tmp; a killed run's is removed
     try:
         (tmp / "wnids.txt").write_text("".join(w + "\n" for w in wnids), encoding="utf-8")
         (tmp / "words.txt").write_text(
@@ -441,7 +441,7 @@ def _move_into_place(tmp: Path, root: Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the dataset a normal folder mode
     old = None
     if root.exists():
-        old = root.parent / f"{tmp.name}.old"
+        old = root.parent / f"{file_io.temp_prefix(root)}old.tmp"  # a temporary of root too
         os.replace(root, old)
     os.replace(tmp, root)
     if old is not None:

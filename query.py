@@ -89,38 +89,43 @@ def _images_in_folder(folder: Path) -> list[str]:
 
 
 def expand_queries(items: list[str]) -> list[str]:
-    """Image files, folders and glob patterns -> absolute image paths (order kept, duplicates dropped).
+    """Image files, folders and glob patterns -> absolute image paths (order kept, each file once).
 
     Patterns are expanded here (not by the shell) so that quoted patterns work
-    everywhere. A path that does not exist is an error; a pattern or folder that
-    matches no image is named in a warning (a mistyped pattern would otherwise answer
-    fewer queries without a word), and an error when nothing matched at all.
+    everywhere. A path that does not exist, or names no regular file, is an error; a
+    pattern or folder that matches no image is named in a warning (a mistyped pattern
+    would otherwise answer fewer queries without a word), and an error when nothing
+    matched at all. Entries of folders and patterns named like images that are no
+    regular file (a FIFO, a socket) are named in a warning and never opened. A file
+    reached twice (a linked folder, ``**`` through a link loop) is queried once.
     """
-    from deepranking.image_data import is_image_file
+    from deepranking.image_data import is_image_file, regular_images
 
     out: list[str] = []
     for item in items:
         before = len(out)
         p = Path(item).expanduser()
-        if p.is_file():
+        if p.is_dir():
+            out.extend(regular_images(_images_in_folder(p), item))
+        elif os.path.lexists(p) or not GLOB_CHARS & set(item):
+            problem = file_io.regular_file_problem(p)
+            if problem is not None:
+                raise UserError(f"query {problem}: {item}")
             out.append(str(p))
-        elif p.is_dir():
-            out.extend(_images_in_folder(p))
-        elif GLOB_CHARS & set(item):
+        else:
+            found = []
             for match in sorted(glob.glob(os.path.expanduser(item), recursive=True)):
                 m = Path(match)
-                if m.is_file() and is_image_file(m.name):
-                    out.append(match)
-                elif m.is_dir():
-                    out.extend(_images_in_folder(m))
-        else:
-            raise UserError(f"query not found: {item}")
+                found.extend(_images_in_folder(m) if m.is_dir() else [match] if is_image_file(m.name) else [])
+            out.extend(regular_images(found, item))
         if len(out) == before and len(items) > 1:
             cli.warn(f"no query image in {item}: {'folder' if p.is_dir() else 'pattern'} left out")
-    uniq = list(dict.fromkeys(os.path.abspath(q) for q in out))
+    uniq: dict[str, str] = {}  # the file itself -> the first name it was reached by
+    for q in out:
+        uniq.setdefault(os.path.realpath(q), os.path.abspath(q))
     if not uniq:
         raise UserError(f"no query images matched {' '.join(items)}")
-    return uniq
+    return list(uniq.values())
 
 
 # ----------------------------------------------------------------------------

@@ -287,11 +287,12 @@ def main(args) -> None:
     # One run per folder; taking the lock also proves the folder writable, before any long work.
     with file_io.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
         net = build_net(args, ckpt is not None, device)  # the weights are found (or not) before decoding
-        with distributed.session(env, device):
+        with distributed.session(env, device, hint=saver.resume_hint):  # a lost peer: one line
             # Rank 0 decodes every image into the cache while the other ranks wait, then they map it.
             images, spec = distributed.rank_zero_first(env, lambda: cache_images(args, data, env, ckpt))
             run = start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, saver, net)
-            train(run)
+            with resume.undone_on_failure(saver, args):  # no checkpoint yet: no config.json left either
+                train(run)
 
 
 @dataclass
@@ -468,6 +469,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     run.log.write(record)
     run.epoch, run.step_in_epoch = epoch + 1, 0
     run.epoch_stats.reset()
+    check_growth(run)
     run.saver.save(run.saver.epoch_path(epoch), lambda: training_checkpoint(run))
 
 
@@ -524,9 +526,10 @@ def resolve_val_path(args) -> Path | None:
     if args.val_fraction > 0:
         return None
     default = args.triplets.parent / DEFAULT_VAL_TRIPLETS
-    if default.is_file():
+    problem = file_io.regular_file_problem(default)
+    if problem is None:
         return default
-    cli.warn(f"no validation CSV ({default} not found): training without validation "
+    cli.warn(f"no validation CSV ({default} {problem}): training without validation "
              "(use --val-triplets CSV or --val-fraction F)")
     return None
 
@@ -669,6 +672,7 @@ def prepare_output(run: Run) -> None:
 def save_progress(run: Run) -> None:
     """A mid-epoch checkpoint (temp_<epoch>.model, rewritten), after checking the loss stayed finite."""
     check_finite(run)
+    check_growth(run)
     run.saver.save(run.saver.epoch_path(run.epoch), lambda: training_checkpoint(run))
 
 
@@ -763,12 +767,19 @@ def log_window(run: Run, epoch: int, images_per_s: float, bar) -> None:
         warn_once(run, "collapse", f"epoch {epoch + 1}: embeddings collapsed to a point (mean pairwise distance "
                   f"{spread:.2g}; loss stuck at the margin {run.args.margin}): try a lower --lr, a smaller "
                   "--margin or --mining semi-hard")
+    check_growth(run)
+    bar.set_postfix(refresh=False, loss=f"{means.get('loss', math.nan):.4f}", **{"img/s": f"{images_per_s:.0f}"})
+
+
+def check_growth(run: Run) -> None:
+    """Warn (once) when the trained weights' norm grew --weight-growth-warning times since the run
+    started, or stopped being finite. One sync: on log steps, and before every checkpoint, so growth
+    between two log steps is still named by the next checkpoint."""
     norm = weight_norm(run.trainee)
-    if norm > run.args.weight_growth_warning * run.start_weight_norm:
+    if not norm <= run.args.weight_growth_warning * run.start_weight_norm:  # NaN too
         warn_once(run, "growth", f"step {run.step}: the trained weights' norm grew {norm / run.start_weight_norm:.3g}x "
                   f"since this run started ({run.start_weight_norm:.3g} -> {norm:.3g}): the learning rate is "
                   f"probably too high (--lr {run.args.lr}); try a lower --lr")
-    bar.set_postfix(refresh=False, loss=f"{means.get('loss', math.nan):.4f}", **{"img/s": f"{images_per_s:.0f}"})
 
 
 def write_window(run: Run, epoch: int, images_per_s: float) -> dict:

@@ -12,6 +12,10 @@ os.replace (never a copy + delete) and never overwrite; a re-run after an
 interruption finishes the job; a re-run after success does nothing.
 
     python transform_validation.py --data-dir tiny-imagenet-200 [--download]
+
+--download resumes a partial ``.part`` file, gives up after ``--deadline`` seconds (the
+``.part`` kept: run again to resume) and sets a zip that fails its MD5 check or cannot be
+extracted aside as ``<zip>.bad`` (saying so), so that the next run downloads it again.
 """
 
 from __future__ import annotations
@@ -24,23 +28,26 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 
-from deepranking import cli, file_io
+from deepranking import argtypes, cli, file_io
 from deepranking.cli import UserError
+from deepranking.downloads import Deadline, WriteError, deadline_opener, stream_into
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 DEFAULT_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 ANNOTATIONS = "val_annotations.txt"
 CHUNK = 1 << 20  # 1 MiB per read while downloading / hashing / extracting
-TIMEOUT_S = 60
+TIMEOUT_S = 60  # per network operation
+DEADLINE_S = 3600.0  # --deadline: the whole download (TinyImageNet's 237 MiB at 70 KiB/s)
+BAD_SUFFIX = ".bad"  # a zip that failed its check is renamed <zip>.bad
 
 
 # ----------------------------------------------------------------------------
@@ -176,8 +183,7 @@ def restructure(root: Path) -> int:
     if is_restructured(val_dir):
         print(f"{val_dir} is already restructured (nothing to do)")
         return 0
-    if not ann_path.is_file():
-        raise UserError(f"annotations file not found: {ann_path}")
+    file_io.check_input_file(ann_path, "annotations file")  # missing, a folder, a FIFO: said as such
     annotations = parse_annotations(ann_path, read_wnids(root))
     moves = plan_moves(val_dir, annotations, ann_path)
     if final_ann.exists() and final_ann.read_bytes() != ann_path.read_bytes():
@@ -251,23 +257,32 @@ def check_url(url: str) -> None:
         raise UserError(f"--url must be an http:// or https:// address, got {url!r}")
 
 
-def _open(url: str, final: Path, offset: int):
+def _open(url: str, final: Path, offset: int, deadline: Deadline):
     """urlopen ``url`` from byte ``offset``; None when the server says the range is past the end."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        return deadline_opener(deadline).open(request, timeout=max(0.001, min(TIMEOUT_S, deadline.remaining())))
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # the .part already holds the whole file (MD5 checks it)
             return None
         raise _network_error(url, final, exc)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise _network_error(url, final, exc)
+        raise _past_deadline(url, final, deadline) if deadline.expired else _network_error(url, final, exc)
 
 
-def fetch(url: str, part: Path, final: Path) -> None:
-    """Download ``url`` into ``part``, resuming a partial file with an HTTP Range request."""
+def _past_deadline(url: str, final: Path, deadline: Deadline) -> UserError:
+    part = final.with_name(final.name + ".part")
+    got = f" ({part.stat().st_size} bytes in {part})" if part.exists() else ""
+    return UserError(f"download of {url} did not finish within --deadline {deadline.seconds:g} s{got}; re-run to "
+                     f"resume, or raise --deadline")
+
+
+def fetch(url: str, part: Path, final: Path, deadline: Deadline | None = None) -> None:
+    """Download ``url`` into ``part``, resuming a partial file with an HTTP Range request, within
+    ``deadline`` (default: none); a full disk is said as such, the ``.part`` kept for resuming."""
+    deadline = deadline or Deadline(None)
     offset = part.stat().st_size if part.exists() else 0
-    response = _open(url, final, offset)
+    response = _open(url, final, offset, deadline)
     if response is None:
         return
     if offset:
@@ -278,26 +293,30 @@ def fetch(url: str, part: Path, final: Path) -> None:
             offset = 0
             if response.status != 200:
                 response.close()
-                response = _open(url, final, 0)
+                response = _open(url, final, 0, deadline)
     with response:
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         try:
-            with open(part, "ab" if offset else "wb") as f, cli.progress(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=f"downloading {final.name}") as bar:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    f.write(block)
-                    bar.update(len(block))
+            with cli.progress(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                              desc=f"downloading {final.name}") as bar:
+                stream_into(response, part, append=bool(offset), chunk=CHUNK,
+                            on_block=lambda _, block: bar.update(len(block)))
+        except WriteError as exc:
+            raise UserError(f"{exc}; the partial download is kept: make room and re-run to resume")
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:  # .part kept for resuming
-            raise _network_error(url, final, exc)
+            raise _past_deadline(url, final, deadline) if deadline.expired else _network_error(url, final, exc)
+    if deadline.expired:  # the connection was ended: what looked like the end of the body was not
+        raise _past_deadline(url, final, deadline)
     if total is not None and part.stat().st_size != total:
         raise UserError(f"download of {url} stopped early ({part.stat().st_size} of {total} bytes); "
                         f"re-run to resume, or put a hand-downloaded zip at {final}")
 
 
-def download(url: str, md5: str | None, dest_dir: Path) -> Path:
-    """The verified zip in ``dest_dir``: reused if already there, else downloaded."""
+def download(url: str, md5: str | None, dest_dir: Path, deadline_s: float | None = None) -> Path:
+    """The verified zip in ``dest_dir``: reused if already there, else downloaded within
+    ``deadline_s`` seconds. One there whose MD5 is wrong is set aside (:func:`set_aside`) and
+    downloaded again."""
     check_url(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / zip_name(url)
@@ -305,9 +324,12 @@ def download(url: str, md5: str | None, dest_dir: Path) -> Path:
         if md5 is None or file_md5(final) == md5:
             print(f"using existing {final}")
             return final
-        raise UserError(f"{final} exists but its MD5 is not {md5}; delete it (or pass --md5 none)")
+        aside = set_aside(final)
+        cli.warn(f"{final} is not the file expected (its MD5 is not {md5}): moved it to {aside} and downloading "
+                 f"again (pass --md5 none to use a zip of another MD5)")
     part = final.with_name(final.name + ".part")
-    fetch(url, part, final)
+    with Deadline(deadline_s) as deadline:
+        fetch(url, part, final, deadline)
     if md5 is not None:
         got = file_md5(part)
         if got != md5:
@@ -318,51 +340,87 @@ def download(url: str, md5: str | None, dest_dir: Path) -> Path:
     return final
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a zip that failed its check to ``<name>.bad`` (replacing an older one); returns the new path."""
+    aside = path.with_name(path.name + BAD_SUFFIX)
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise UserError(f"{path} failed its check and cannot be moved aside ({cli.os_reason(exc)}); delete it")
+    return aside
+
+
+class BadArchive(UserError):
+    """The zip itself cannot be extracted (damaged, unsafe, encrypted, an unknown method): not the disk."""
+
+
 def _member_parts(info: zipfile.ZipInfo) -> list[str]:
-    """Path components of a zip member; raise UserError for zip-slip or link entries."""
+    """Path components of a zip member; raise BadArchive for zip-slip or link entries."""
     name = info.filename.replace("\\", "/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts or not parts:
-        raise UserError(f"unsafe path in zip: {info.filename!r}")
+        raise BadArchive(f"unsafe path in zip: {info.filename!r}")
     if stat.S_ISLNK(info.external_attr >> 16):
-        raise UserError(f"zip contains a symbolic link: {info.filename!r}")
+        raise BadArchive(f"zip contains a symbolic link: {info.filename!r}")
     return parts
+
+
+# What zipfile raises for a damaged or unsupported archive (RuntimeError: an encrypted member;
+# NotImplementedError: a compression method zipfile lacks; zlib.error: a damaged deflate stream).
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error, ValueError)
 
 
 def extract(zip_path: Path, root: Path) -> None:
     """Extract a zip whose entries sit under one top folder into ``root`` (all or nothing).
 
     Members are checked before anything is written; extraction goes to a temporary
-    folder next to ``root`` that is renamed into place at the end.
+    folder next to ``root`` (``.<root>.<pid>.<random>.tmp``; a killed run's is removed by the
+    next) that is renamed into place at the end. A fault of the zip itself raises BadArchive,
+    one of the disk (full, read-only) a plain UserError.
     """
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"cannot open zip {zip_path}: {exc}")
+    except (OSError, *_ARCHIVE_ERRORS) as exc:
+        raise BadArchive(f"cannot open zip {zip_path}: {exc}")
     with zf:
         members = [(info, _member_parts(info)) for info in zf.infolist()]
         tops = {parts[0] for _, parts in members}
         if len(tops) != 1 or any(len(p) == 1 and not i.is_dir() for i, p in members):
-            raise UserError(f"{zip_path} must hold a single top folder (like tiny-imagenet-200/)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
+            raise BadArchive(f"{zip_path} must hold a single top folder (like tiny-imagenet-200/)")
+        try:
+            tmp = file_io.make_temporary(root, folder=True)
+        except OSError as exc:
+            raise UserError(f"cannot write {root.parent}: {cli.os_reason(exc)}")
         try:
             for info, parts in cli.progress(members, desc=f"extracting {zip_path.name}", unit="file"):
-                target = tmp.joinpath(*parts[1:])
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
+                _extract_member(zf, info, tmp.joinpath(*parts[1:]))
             if root.exists():
                 root.rmdir()  # only an empty folder gets here (see main)
             os.replace(tmp, root)
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
-            # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
-            raise UserError(f"cannot extract {zip_path}: {str(exc) or type(exc).__name__}")
+        except _ARCHIVE_ERRORS as exc:
+            raise BadArchive(f"cannot extract {zip_path}: {str(exc) or type(exc).__name__}")
+        except OSError as exc:
+            raise UserError(f"cannot extract {zip_path} into {root.parent}: {cli.os_reason(exc)}")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
+    """One member to ``target``: the zip's errors (_ARCHIVE_ERRORS) and the disk's (OSError) apart."""
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(target, "wb") as dst:
+        while True:
+            try:
+                block = src.read(CHUNK)
+            except OSError as exc:  # reading the zip itself: a damaged member, not the disk being written
+                raise zipfile.BadZipFile(str(exc))
+            if not block:
+                break
+            dst.write(block)
 
 
 def has_content(root: Path) -> bool:
@@ -386,6 +444,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=DEFAULT_URL, help="zip to download (default: %(default)s)")
     parser.add_argument("--md5", type=md5_arg, default=DEFAULT_MD5,
                         help="expected MD5 of the zip, or 'none' to skip the check (default: %(default)s)")
+    parser.add_argument("--deadline", type=argtypes.positive_float, default=DEADLINE_S,
+                        help="seconds for the whole download (a partial download is kept: run again to resume; "
+                             "default: %(default)s)")
     return parser
 
 
@@ -395,8 +456,11 @@ def main(args) -> None:
         if has_content(root):
             print(f"{root} already holds files; skipping download")
         else:
-            zip_path = download(args.url, args.md5, root.parent)
-            extract(zip_path, root)
+            zip_path = download(args.url, args.md5, root.parent, args.deadline)
+            try:
+                extract(zip_path, root)
+            except BadArchive as exc:  # kept, every later run would fail the same way
+                raise UserError(f"{exc}; moved the zip to {set_aside(zip_path)}: run again to download it anew")
             print(f"extracted {zip_path} into {root}")
     restructure(root)
 

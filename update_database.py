@@ -106,8 +106,12 @@ def main(args) -> Plan:
     from deepranking.checkpoint import load_checkpoint, model_fingerprint
     from deepranking.embedding import embed_paths
     from deepranking import embedding_io
+    from deepranking.embedding_io import files_of
 
     output = args.output or args.database
+    if not args.dry_run:  # what an interrupted update of this database left (written or not, this run)
+        for path in files_of(output):
+            file_io.remove_stale_temporaries(path)
     if args.output is not None and not args.dry_run:
         if Path(args.output).resolve() != Path(args.database).resolve():
             file_io.check_output_path(args.output, args.force, "updated database")

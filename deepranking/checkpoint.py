@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from deepranking.cli import UserError, os_reason
-from deepranking.file_io import atomic_path, check_input_file
+from deepranking.file_io import atomic_path, check_input_file, stale_temporaries
 from deepranking.preprocessing import Preprocessing
 
 CHECKPOINT_FORMAT = "deep-ranking-checkpoint"
@@ -320,9 +320,10 @@ class Checkpointer:
         return [p for p in [self.final_path, *epochs] if p.exists()]
 
     def remove_stale_partials(self) -> list[Path]:
-        """Delete the partial ``.<name>.*.tmp`` files a killed save left behind; returns them."""
-        stale = [p for pattern in (f".{EPOCH_PATTERN}.*.tmp", f".{FINAL_NAME}.*.tmp")
-                 for p in self.out_dir.glob(pattern)]
+        """Delete the partial checkpoints (``file_io.stale_temporaries``) a killed save left behind;
+        returns them. The run holds the folder's lock, so every one but its own is stale."""
+        stale = [p for name in (EPOCH_PATTERN, FINAL_NAME)
+                 for p in stale_temporaries(self.out_dir / name, locked=True) if p.suffix == ".tmp"]
         if self.enabled:
             for p in stale:
                 p.unlink(missing_ok=True)
@@ -394,4 +395,10 @@ class Checkpointer:
         return f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
 
     def resume_hint(self) -> str:
-        return f"continue with --resume {self.last_good}" if self.last_good else "no checkpoint to resume from"
+        """What to pass to continue. A rank that writes no checkpoints (``enabled`` False) names the
+        newest one it can see in the folder (rank 0 writes them; on one machine they are the same)."""
+        last = self.last_good
+        if not self.enabled:
+            on_disk = [p for p in (self.final_path, newest_epoch_checkpoint(self.out_dir)) if p and p.exists()]
+            last = on_disk[0] if on_disk else last
+        return f"continue with --resume {last}" if last else "no checkpoint to resume from"

@@ -37,41 +37,136 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _end_now(signum, frame) -> None:
+    """After ``main`` has finished: a signal ends the process at once, with 128 + its number as the
+    exit status, the output written so far flushed (interpreter shutdown would show a traceback)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # a closed pipe, or the signal came in the middle of this very flush
+            pass
+    os._exit(128 + signum)
+
+
+# Exit status of each way a run ends that is not its own error: Ctrl-C, SIGTERM, a closed pipe.
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141
+
+
 def run(main: Callable, parser, argv=None) -> None:
     """Parse arguments and call ``main(args)``, turning UserError into a clean exit.
 
     SIGTERM becomes :class:`Terminated` while ``main`` runs, so its cleanups run as for
-    Ctrl-C; exit status 143 (128 + 15), as the signal itself would give.
+    Ctrl-C; exit status 143 (128 + 15), as the signal itself would give, and 130 for Ctrl-C.
+    When ``main`` is the running program's own (its module is ``__main__``), its output never
+    fails on characters the console cannot encode (:func:`tolerant_console`), and from the moment
+    ``main`` returns or fails a SIGINT or SIGTERM ends the process at once with 130 or 143, whatever
+    is running then (the report, atexit handlers; in the last moments of interpreter shutdown,
+    which restores the default handlers, the signal itself, which a shell reports as the same
+    status): never a traceback. Called from other code, it leaves the handlers as it found them.
     """
     import signal
 
+    program = getattr(main, "__module__", None) == "__main__" and in_main_thread()
+    if program:
+        tolerant_console()
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread() else None
     try:
-        main(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = _outcome(main, args, program)
+    except KeyboardInterrupt:  # came while a failure was being reported
+        code = EXIT_INTERRUPTED
     except Terminated:
+        code = EXIT_TERMINATED
+    finally:
+        if program:
+            _end_on_signals()
+        elif previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        sys.exit(code)
+
+
+def _end_on_signals() -> None:
+    """From now on SIGINT and SIGTERM end the process at once (:func:`_end_now`)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _end_now)
+
+
+def _outcome(main: Callable, args, program: bool) -> int:
+    """Run ``main``; print the one line a failure ends with; return the exit status.
+
+    ``program``: switch to :func:`_end_on_signals` the moment ``main`` is over, inside the ``try``:
+    a signal that comes before the switch is complete still ends as "interrupted"/"terminated"."""
+    try:
+        main(args)
+        if program:
+            _end_on_signals()
+        return 0
+    except BaseException as exc:
+        if program:
+            _end_on_signals()
+        return _report(exc)
+
+
+def _report(exc: BaseException) -> int:
+    """The one line for a run's failure, and its exit status; anything else (a bug) is raised again."""
+    if isinstance(exc, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, Terminated):
         print("terminated", file=sys.stderr)
-        sys.exit(143)
-    except BrokenPipeError:  # stdout piped into `head`: stop quietly, like any other tool
+        return EXIT_TERMINATED
+    if isinstance(exc, BrokenPipeError):  # stdout piped into `head`: stop quietly, like any other tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except OSError as exc:  # a disk or permission problem no stage anticipated: still one line
+        return EXIT_BROKEN_PIPE
+    if isinstance(exc, OSError):  # a disk or permission problem no stage anticipated: still one line
         where = f" {exc.filename}" if exc.filename else ""
         print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except MemoryError:
+        return EXIT_USER_ERROR
+    if isinstance(exc, MemoryError):
         print("error: out of memory (try a smaller batch, fewer images or a machine with more memory)",
               file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        return EXIT_USER_ERROR
+    raise exc
+
+
+ESCAPE_ERRORS = "deepranking.escape"
+
+
+def _escape_unencodable(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a character the console cannot encode is written as an escape. A lone
+    surrogate (a file-name byte that is not UTF-8, as ``os.listdir`` decodes it) becomes the byte,
+    ``\\xff``; any other character its ``\\x``/``\\u`` escape, as ``backslashreplace`` writes it."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    out = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                  else c.encode("ascii", "backslashreplace").decode("ascii") for c in text)
+    return out, exc.end
+
+
+def tolerant_console() -> None:
+    """Printing never fails on a character the console's encoding lacks (a file name with bytes
+    that are not UTF-8 under a strict locale, ``PYTHONIOENCODING=utf-8:strict``): stdout and stderr
+    write it escaped (:func:`_escape_unencodable`). Text the console can encode is unchanged."""
+    import codecs
+
+    try:
+        codecs.lookup_error(ESCAPE_ERRORS)
+    except LookupError:
+        codecs.register_error(ESCAPE_ERRORS, _escape_unencodable)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors=ESCAPE_ERRORS)
+            except (ValueError, OSError):  # a stream that cannot change its error handler
+                pass
 
 
 def in_main_thread() -> bool:

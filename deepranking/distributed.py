@@ -9,6 +9,8 @@
   other ranks wait, then on the others — who find the finished cache and only map it.
 * :func:`any_rank_host` agrees on flags (stop now?) every step over a CPU gloo group (no GPU
   wait); :func:`any_rank` agrees on a flag held on the device (a NaN seen on the GPU), on log steps.
+* A rank whose peer died (a crash, a kill -9) fails its next collective: :func:`session` turns
+  that into :class:`PeerLost`, one line naming the rank and what to do next, not a gloo traceback.
 """
 
 from __future__ import annotations
@@ -69,9 +71,41 @@ def rank_device(name: str, env: DistEnv) -> torch.device:
     return device
 
 
+class PeerLost(UserError):
+    """A collective failed because another rank is gone (it crashed, was killed, or stopped)."""
+
+
+# What gloo and NCCL say when the other end of a collective has gone away.
+_PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport",
+                    "Socket Timeout", "NCCL communicator", "ProcessGroupNCCL")
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank is gone."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _PEER_LOST_SIGNS)
+
+
+def peer_lost(env: DistEnv, exc: BaseException, hint: str) -> PeerLost:
+    """The one line for a lost peer: this rank, the backend's own reason (its first sentence, without
+    the source location), and ``hint`` (the checkpoint to resume from)."""
+    import re
+
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". ")[0].rstrip(".")
+    return PeerLost(f"rank {env.rank} of {env.world_size}: lost contact with the other ranks ({reason}): "
+                    f"another rank stopped or died; {hint}")
+
+
 @contextlib.contextmanager
-def session(env: DistEnv, device: torch.device) -> Iterator[None]:
-    """The process group for the duration of the block (nothing to do for one process)."""
+def session(env: DistEnv, device: torch.device, hint: Callable[[], str] | None = None) -> Iterator[None]:
+    """The process group for the duration of the block (nothing to do for one process).
+
+    A collective that fails because another rank is gone raises :class:`PeerLost` (a UserError:
+    one line, exit 2) ending with ``hint()`` (e.g. "continue with --resume temp_3.model")."""
     if not env.active:
         yield
         return
@@ -82,14 +116,24 @@ def session(env: DistEnv, device: torch.device) -> Iterator[None]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size,
                             timeout=TIMEOUT)
+    lost = False
     try:
         # Flags the ranks agree on every step (stop now?) travel over gloo on the CPU: a message
         # between processes, never a wait for the GPU.
         _HOST_GROUP = dist.new_group(backend="gloo", timeout=TIMEOUT)
         yield
+    except Exception as exc:
+        if not lost_contact(exc):
+            raise
+        lost = True
+        raise peer_lost(env, exc, hint() if hint is not None else "run the command again") from None
     finally:
         _HOST_GROUP = None
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            if not lost:  # after a lost peer the teardown may fail too: the line above says why
+                raise
 
 
 def agree_on_errors(env: DistEnv, error: str | None) -> None:

@@ -50,7 +50,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from deepranking.cli import UserError, warn
-from deepranking.file_io import atomic_paths, check_input_file, first_long_row
+from deepranking.file_io import atomic_paths, check_input_file, first_long_row, regular_file_problem
 
 FORMAT_NAME = "deep-ranking-embeddings"
 FORMAT_VERSION = 1
@@ -441,7 +441,9 @@ def read_record(path: str | os.PathLike) -> tuple[dict | None, str | None]:
     """(record, None), or (None, why there is none) for an embedding file; cheap (no data read).
 
     A text/.npy companion counts only when it describes the data file beside it: same size
-    and mtime, or (a copy that did not keep the mtime) the same SHA-256.
+    and mtime, or (a copy that did not keep the mtime) the same SHA-256. A record that is not
+    JSON, or JSON of the wrong shape (:func:`record_problem`), is an unreadable record: the file
+    loads as of an unknown model, as one without a record.
     """
     import json
 
@@ -454,23 +456,92 @@ def read_record(path: str | os.PathLike) -> tuple[dict | None, str | None]:
                 record = json.loads(str(data["record"]))
         except (OSError, ValueError) as exc:
             return None, f"{path}: unreadable record ({exc})"
-        return record, None
+        problem = record_problem(record, companion=False)
+        return (None, f"{path}: unreadable record ({problem})") if problem else (record, None)
     companion = record_path(path)
-    if not companion.is_file():
+    missing = regular_file_problem(companion)
+    if missing == "not found":
         return None, f"{path} records no model (no {companion.name}: written before model fingerprints)"
+    if missing:  # there, but nothing to read (a folder, a FIFO: never opened)
+        return None, f"{companion}: unreadable record (it {missing})"
     try:
         record = json.loads(companion.read_text(encoding="utf-8"))
+        problem = record_problem(record, companion=True)
+        if problem:
+            return None, f"{companion}: unreadable record ({problem})"
         data = record["data"]
         st = path.stat()
         if not (data["size"] == st.st_size and data["mtime_ns"] == st.st_mtime_ns):
             if data["size"] != st.st_size or data["sha256"] != _file_sha256(path):
                 return None, (f"{companion.name} describes another version of {path.name} "
                               f"(half-replaced, or edited since): its model is unknown")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         return None, f"{companion}: unreadable ({exc})"
-    if record.get("format") != RECORD_FORMAT:
-        return None, f"{companion} is not an embedding record"
     return record, None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape_problem(value, shape: dict, where: str) -> str | None:
+    """The first key of ``value`` (a dict) whose value has not the type ``shape`` gives it: a type,
+    or a tuple of them (None stands for JSON null); keys that ``shape`` lacks are not checked."""
+    if not isinstance(value, dict):
+        return f"{where} is {type(value).__name__}, not an object"
+    for key, types in shape.items():
+        types = tuple(type(None) if t is None else t for t in (types if isinstance(types, tuple) else (types,)))
+        if key not in value:
+            if type(None) in types:
+                continue
+            return f"{where} has no {key!r}"
+        v = value[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            return f"{where}.{key} is {type(v).__name__}"
+    return None
+
+
+_RECORD_SHAPE = {"format": str, "rows": int, "dim": int, "model": (dict, None), "images": (dict, None)}
+_MODEL_SHAPE = {"id": str, "checkpoint": (str, None), "step": (int, None), "epoch": (int, None),
+                "preprocessing": (dict, None)}
+_IMAGES_SHAPE = {"root": str, "stamps": list}
+_DATA_SHAPE = {"size": int, "mtime_ns": int, "sha256": str}
+
+
+def record_problem(record, companion: bool) -> str | None:
+    """What is wrong with the shape of a provenance record (None: nothing): the types every reader
+    relies on (``model.id`` a string, one ``[size, mtime_ns]`` pair of integers per row, ...).
+    ``companion``: a ``.meta.json`` beside its data file, which also describes that file (``data``)."""
+    problem = _shape_problem(record, _RECORD_SHAPE, "record")
+    if problem or record["format"] != RECORD_FORMAT:
+        return problem or f"format {record['format']!r} is not {RECORD_FORMAT!r}"
+    if record["rows"] < 0 or record["dim"] < 0:
+        return f"it counts {record['rows']} rows of {record['dim']} values"
+    if record["model"] is not None:
+        problem = _shape_problem(record["model"], _MODEL_SHAPE, "model")
+    if not problem and record["images"] is not None:
+        problem = _shape_problem(record["images"], _IMAGES_SHAPE, "images") or _stamps_problem(
+            record["images"]["stamps"], record["rows"])
+    if not problem and companion:
+        problem = _shape_problem(record.get("data"), _DATA_SHAPE, "data")
+    return problem
+
+
+def _stamps_problem(stamps: list, rows: int) -> str | None:
+    """``images.stamps`` must hold one [size, mtime_ns] pair of integers per row."""
+    if len(stamps) != rows:
+        return f"images.stamps holds {len(stamps)} entries for {rows} rows"
+    if not stamps:
+        return None
+    try:
+        pairs = np.asarray(stamps)  # one C pass: a query start reads the record of a 100,000-row database
+    except (ValueError, TypeError, OverflowError):  # ragged, or numbers past int64
+        pairs = None
+    if pairs is not None and pairs.shape == (rows, 2) and pairs.dtype.kind in "iu":
+        return None
+    bad = next((i for i, s in enumerate(stamps) if not (isinstance(s, list) and len(s) == 2 and all(map(_is_int, s)))),
+               0)
+    return f"images.stamps[{bad}] is {stamps[bad]!r}, not [size, mtime_ns]"
 
 
 def describe_model(model: dict | None) -> str:
@@ -533,7 +604,7 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
         row = int(np.flatnonzero(~np.isfinite(result.emb).all(axis=1))[0])
         raise UserError(f"embedding file {path}: row {row + 1} ({result.paths[row]}) has NaN or infinite values")
     result.record, result.record_note = read_record(path)
-    if result.record is not None and (result.record.get("rows"), result.record.get("dim")) != (len(result), result.dim):
+    if result.record is not None and (result.record["rows"], result.record["dim"]) != (len(result), result.dim):
         result.record, result.record_note = None, f"the record of {path} describes another file: its model is unknown"
     return result
 
@@ -604,8 +675,9 @@ def _read_npy(path: Path) -> Embeddings:
     import pandas as pd
 
     meta = meta_path(path)
-    if not meta.is_file():
+    if regular_file_problem(meta) == "not found":
         raise UserError(f"embedding file {path} has no sidecar {meta.name} (path,label per row)")
+    check_input_file(meta, "embedding sidecar")
     _check_magic(path, b"\x93NUMPY", "a .npy array")
     try:
         emb = np.load(path, allow_pickle=False, mmap_mode=None)

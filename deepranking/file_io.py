@@ -8,6 +8,11 @@
   :func:`atomic_paths` — several files that belong together; :func:`staged_outputs` — a set of
   outputs in a folder. Renames run with SIGINT/SIGTERM held (:func:`signals_held`).
 * :func:`folder_lock` — one run per output folder.
+* :func:`open_regular`, :func:`regular_file_problem` — inputs are read only from regular files (and
+  links to one): opening a FIFO waits for a writer forever, a device never ends.
+* :func:`make_temporary`, :func:`stale_temporaries`, :func:`remove_stale_temporaries` — every
+  temporary is named ``.<output name>.<pid>.<random><suffix>`` beside its output, and the next write
+  of that output removes the ones whose process is gone (a kill -9, a power cut).
 
 Every file is created with the user's umask (:data:`FILE_MODE`).
 """
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from deepranking.cli import UserError, in_main_thread, os_reason, warn
 
@@ -48,20 +56,83 @@ def first_long_row(csv_path: str | os.PathLike, n_columns: int) -> int:
 
 
 def check_input_file(path: str | os.PathLike, what: str, allow_empty: bool = True) -> Path:
-    """Return ``path`` as a Path, or raise UserError if it is not an existing (non-empty) file."""
+    """Return ``path`` as a Path, or raise UserError if it is not an existing (non-empty), readable
+    regular file; the message names what it is instead (missing, a folder, a FIFO, unreadable, ...)."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} not found: {p}")
-    if not p.is_file():
-        raise UserError(f"{what} is not a file: {p}")
+    problem = regular_file_problem(p)
+    if problem is not None:
+        raise UserError(f"{what} {problem}: {p}")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{what} cannot be read (Permission denied): {p}")
     if not allow_empty and p.stat().st_size == 0:
         raise UserError(f"{what} is empty: {p}")
     return p
 
 
+_SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` is, for a message: "a regular file", "a folder", "a FIFO", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+
+
+def regular_file_problem(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a regular file (symbolic links followed); else what is wrong, worded to
+    follow the file's description: "not found", "is not a file" (a folder), "is a FIFO, not a
+    regular file", "is a symbolic link to a missing file", "cannot be read (<reason>)".
+    Only stat is called: nothing is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a symbolic link to a missing file" if os.path.islink(path) else "not found"
+    except NotADirectoryError:  # a file where the path needs a folder
+        return "not found"
+    except (OSError, ValueError) as exc:  # a link loop, a name too long, a folder on the way that is a file
+        return f"cannot be read ({os_reason(exc) if isinstance(exc, OSError) else exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is not a file"
+    return f"is {special_file_kind(mode)}, not a regular file"
+
+
+class NotRegularFileError(OSError):
+    """An input that is not a regular file (a FIFO, socket, device or folder): it is never read.
+    ``strerror`` says what it is ("a FIFO, not a regular file"), and so does ``str()``."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading (binary) only if it is a regular file, symbolic links followed;
+    NotRegularFileError (an OSError whose message says what it is) otherwise.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO (whose
+    open would wait for a writer forever) never blocks, even one put in place after a listing.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(None, f"{special_file_kind(mode)}, not a regular file", os.fspath(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def check_output_path(path: str | os.PathLike, force: bool, what: str = "output") -> Path:
-    """Refuse to clobber an existing output unless ``force`` is set."""
+    """Refuse to clobber an existing output unless ``force`` is set. The stale temporaries of
+    ``path`` that an interrupted earlier run left are removed (:func:`remove_stale_temporaries`)."""
     p = Path(path)
+    remove_stale_temporaries(p)
     if p.exists() and not force:
         raise UserError(f"{what} already exists: {p} (use --force to overwrite)")
     if p.exists() and p.is_dir():
@@ -85,6 +156,124 @@ def probe_writable(path: Path, what: str = "output") -> None:
         raise UserError(f"cannot write {what} {path}: {os_reason(exc)}")
 
 
+# ----------------------------------------------------------------------------
+# Temporaries: whose they are, and which are stale
+# ----------------------------------------------------------------------------
+
+# A temporary that names no process (written before temporaries carried the pid) is stale after this long.
+UNNAMED_STALE_S = 24 * 3600.0
+_TEMP_REST = re.compile(r"(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+(?:\.[A-Za-z0-9]+)?")
+
+
+def temp_prefix(final: str | os.PathLike) -> str:
+    """``.<name>.<pid>.``: the start of the name of every temporary this process makes for ``final``."""
+    return f".{Path(final).name}.{os.getpid()}."
+
+
+def make_temporary(final: str | os.PathLike, suffix: str = ".tmp", folder: bool = False) -> Path:
+    """A new empty temporary file (or folder) for ``final``, beside it: ``.<name>.<pid>.<random><suffix>``.
+
+    The stale temporaries of ``final`` that earlier runs left are removed first
+    (:func:`remove_stale_temporaries`). OSError if the folder cannot be written.
+    """
+    final = Path(final)
+    remove_stale_temporaries(final)
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=suffix, dir=final.parent))
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(final), suffix=suffix, dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _temporary_owner(entry: str, name: str) -> int | None | bool:
+    """The pid named by ``entry`` if it is a temporary of ``name`` (a file name, or a glob pattern
+    like ``temp_*.model``): ``.<name>.<pid>.<random><suffix>``; None for one that names no process
+    (``.<name>.<random><suffix>``, older code); False when ``entry`` is no temporary of ``name``."""
+    import fnmatch
+
+    if not entry.startswith("."):
+        return False
+    pattern = any(c in name for c in "*?[")
+    for i in range(1, len(entry)):
+        if entry[i] != ".":
+            continue
+        head = entry[1:i]
+        if head == name or (pattern and fnmatch.fnmatchcase(head, name)):
+            match = _TEMP_REST.fullmatch(entry[i + 1:])
+            if match:
+                return int(match["pid"]) if match["pid"] else None
+    return False
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where the system says (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_gone(pid: int, since: float) -> bool:
+    """True when no process ``pid`` runs, or the one that does started after ``since`` (the file's
+    last write): the pid was reused, and the process that wrote the file is gone."""
+    if not _alive(pid):
+        return True
+    started = _process_start(pid)
+    return started is not None and started > since + 2.0  # /proc's boot time is in whole seconds
+
+
+def stale_temporaries(final: str | os.PathLike, locked: bool = False) -> list[Path]:
+    """The temporaries of ``final`` (a path; its name may be a glob pattern) that no running process
+    is writing: their pid is gone, or runs a process younger than the file. Never this process's own.
+
+    ``locked``: the caller holds the folder's lock (:func:`folder_lock`), so no other process writes
+    there: every other temporary of ``final`` is stale. Without it, one that names no process (older
+    code made those) is stale only after ``UNNAMED_STALE_S``.
+    """
+    final = Path(final)
+    found = []
+    try:
+        with os.scandir(final.parent) as entries:
+            candidates = [(e.path, _temporary_owner(e.name, final.name)) for e in entries if e.name.startswith(".")]
+    except OSError:  # no folder (yet), or one that cannot be listed: nothing to clean
+        return []
+    now = time.time()
+    for path, pid in candidates:
+        if pid is False or pid == os.getpid():
+            continue
+        try:
+            mtime = os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if locked or (_owner_gone(pid, mtime) if pid is not None else now - mtime > UNNAMED_STALE_S):
+            found.append(Path(path))
+    return sorted(found)
+
+
+def remove_stale_temporaries(final: str | os.PathLike, locked: bool = False) -> list[Path]:
+    """Remove :func:`stale_temporaries` of ``final`` (files, or staging folders), each named in a
+    warning; returns the ones removed. A temporary that cannot be removed is left as it is."""
+    import shutil
+
+    removed = []
+    for path in stale_temporaries(final, locked):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # another run removed it first, or it cannot be removed: left as it is
+            continue
+        pid = _temporary_owner(path.name, Path(final).name)
+        whose = "" if pid is None else f" (pid {pid}{'' if _alive(pid) else ', no longer running'})"
+        warn(f"removed {path}, a temporary left by an interrupted run{whose}")
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place on success.
@@ -97,11 +286,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         if final.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(final))
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-        os.close(fd)
+        tmp = make_temporary(final, suffix)
     except OSError as exc:
         raise UserError(f"cannot write {final}: {os_reason(exc)}")
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, FILE_MODE)
@@ -145,9 +332,7 @@ def atomic_paths(paths: list[str | os.PathLike], suffix: str = ".tmp") -> Iterat
             if final.is_dir():
                 raise IsADirectoryError(21, "Is a directory", str(final))
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-            os.close(fd)
-            tmps.append(Path(tmp_name))
+            tmps.append(make_temporary(final, suffix))
     except OSError as exc:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
@@ -174,20 +359,24 @@ def atomic_paths(paths: list[str | os.PathLike], suffix: str = ".tmp") -> Iterat
                 pass
 
 
+STAGING_NAME = "staging"  # staged_outputs' folders: .staging.<pid>.<random>.tmp
+
+
 @contextlib.contextmanager
 def staged_outputs(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
     """Write a set of outputs all or none: into a staging folder inside ``folder``, then moved into place.
 
     The moves (renames within one file system, ``last`` — the file that marks the set complete —
     after the others) happen with SIGINT/SIGTERM held; any failure before them leaves ``folder`` as it
-    was and removes the staging folder.
+    was and removes the staging folder. The staging folder is ``folder/.staging.<pid>.<random>.tmp``;
+    the ones a killed run left are removed first.
     """
     import shutil
 
     folder = Path(folder)
     try:  # making the staging folder is the writability check
         folder.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        stage = make_temporary(folder / STAGING_NAME, folder=True)
     except OSError as exc:
         raise UserError(f"cannot write {folder}: {os_reason(exc)}")
     try:
@@ -294,10 +483,14 @@ def _lock_owner(lock: Path) -> tuple[int, str] | None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group: no process is named
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except (OverflowError, OSError):  # no such pid on this system
+        return False
     return True

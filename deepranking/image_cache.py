@@ -511,7 +511,7 @@ def choose_cache_size(paths: Sequence[str], image_size: int) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(paths[i]) as im:
+                with file_io.open_regular(paths[i]) as f, Image.open(f) as im:  # never a FIFO's open
                     sizes.add(im.size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return int(image_size)  # cache_images reports the file by path

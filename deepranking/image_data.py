@@ -18,6 +18,7 @@ skipped silently.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,53 @@ class ImageList:
         return [self.class_names[i] for i in self.labels]
 
 
-def _image_names(folder: Path) -> list[str]:
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What an image path is when it is no regular file ("a FIFO", "a socket", ...),
+    links followed; None for a regular file, and for a missing file or dangling link (the stage
+    that decodes it reports it as missing). Only stat is called: nothing is opened."""
+    from deepranking.file_io import special_file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else special_file_kind(mode)
+
+
+def regular_images(paths: Sequence[str], where: str) -> list[str]:
+    """``paths`` less those that are no regular file (a FIFO, a socket, a device: reading one would
+    block forever or never end), which are named in one warning and never opened."""
+    kinds = [not_regular(p) for p in paths]
+    warn_not_regular([(p, k) for p, k in zip(paths, kinds) if k is not None], where)
+    return [p for p, k in zip(paths, kinds) if k is None]
+
+
+def warn_not_regular(skipped: Sequence[tuple[str, str]], where: str) -> None:
+    """One warning naming the (path, what it is) entries named like images that were skipped unread."""
+    from deepranking.cli import warn
+
+    if skipped:
+        shown = ", ".join(f"{display_path(p)} ({kind})" for p, kind in skipped[:_MAX_LISTED])
+        more = f" and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+        warn(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} in {where} named like an image but "
+             f"not a regular file (never opened): {shown}{more}")
+
+
+def _image_names(folder: Path, skipped: list | None = None) -> list[str]:
+    """Image files in ``folder``: regular files, links to one, and dangling links (the image cache then
+    reports those as missing). Other entries named like images (a FIFO, a socket, a device) go to
+    ``skipped`` as (path, what it is), never opened."""
+    names = []
     with os.scandir(folder) as entries:
-        # A dangling link is listed too: the image cache then reports it as missing.
-        return sorted(e.name for e in entries
-                      if is_image_file(e.name) and (e.is_file() or (e.is_symlink() and not e.is_dir())))
+        for e in entries:
+            if not is_image_file(e.name) or e.is_dir():
+                continue
+            kind = None if e.is_file() else not_regular(e.path)  # None: a regular file or a dangling link
+            if kind is None:
+                names.append(e.name)
+            elif skipped is not None:
+                skipped.append((e.path, kind))
+    return sorted(names)
 
 
 def _images_below(folder: Path, skip: str | None = None) -> int:
@@ -128,28 +171,29 @@ def _images_below(folder: Path, skip: str | None = None) -> int:
     return sum(is_image_file(name) for sub in subs for _, _, names in os.walk(sub) for name in names)
 
 
-def _class_images(class_dir: Path) -> tuple[list[str], int, int]:
+def _class_images(class_dir: Path, skipped: list) -> tuple[list[str], int, int]:
     """Image files of one class folder: ``<class>/images/*`` if present, else ``<class>/*``;
     and how many image files that leaves out beside ``images/`` and in deeper sub-folders
-    (for warnings: a class is read from one folder, not recursively)."""
+    (for warnings: a class is read from one folder, not recursively). Entries of the folder
+    read that are named like images but are no regular file are added to ``skipped``."""
     images_dir = class_dir / "images"
     if not images_dir.is_dir():
-        return [str(class_dir / n) for n in _image_names(class_dir)], 0, _images_below(class_dir)
+        return [str(class_dir / n) for n in _image_names(class_dir, skipped)], 0, _images_below(class_dir)
     nested = _images_below(class_dir, skip="images") + _images_below(images_dir)
-    return [str(images_dir / n) for n in _image_names(images_dir)], len(_image_names(class_dir)), nested
+    return [str(images_dir / n) for n in _image_names(images_dir, skipped)], len(_image_names(class_dir)), nested
 
 
 def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList:
     """List a folder of class folders.
 
     Classes with fewer than ``min_images`` images are skipped with one warning
-    naming them, and so are class folders with no image file (``cli.warn``).
+    naming them, and so are class folders with no image file (``cli.warn``), and
+    entries named like images that are no regular file (a FIFO: never opened).
     Raises UserError, naming the files, if the folder is missing or holds no
     images, if some image files are in a format this Pillow cannot read
     (``.heic`` without a plugin, ...), or if some paths are not valid UTF-8
     (the triplet CSV and embedding files that hold them are UTF-8 text).
     """
-    from deepranking.cli import warn
     root = Path(root).resolve()
     if not root.exists():
         raise UserError(f"dataset folder not found: {display_path(root)}")
@@ -163,8 +207,9 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
     empty: list[str] = []
     beside: list[str] = []  # classes with images left out next to their images/ folder
     nested: list[str] = []  # classes with images left out in sub-folders
+    not_files: list[tuple[str, str]] = []  # (path, what it is): named like an image, but no regular file
     for class_dir in class_dirs:
-        files, left_out, below = _class_images(class_dir)
+        files, left_out, below = _class_images(class_dir, not_files)
         if left_out:
             beside.append(f"{display_path(class_dir.name)} ({left_out})")
         if below:
@@ -191,19 +236,29 @@ def list_class_folder(root: str | os.PathLike, min_images: int = 1) -> ImageList
             " (it holds loose images; put them in one sub-folder per class)" if loose else ""
         )
         raise UserError(f"no class folders with images found in {display_path(root)}{hint}")
-    if beside:
-        shown = ", ".join(beside[:10]) + (" ..." if len(beside) > 10 else "")
-        warn(f"left out the image files beside the images/ folder of {len(beside)} class(es) (a class with an "
-             f"images/ folder is read from it alone, as in TinyImageNet): {shown}")
-    if nested:
-        shown = ", ".join(nested[:10]) + (" ..." if len(nested) > 10 else "")
-        warn(f"left out the image files in sub-folders of {len(nested)} class(es) (a class is read from its own "
-             f"folder, or its images/ folder, not from folders below; move them up to include them): {shown}")
-    if empty:
-        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
-        warn(f"skipped {len(empty)} class folder(s) with no image files in {display_path(root)}: {shown}")
+    _warn_left_out(root, beside, nested, empty, not_files)
     _check_listed(root, paths)
     return ImageList(paths=paths, labels=np.asarray(labels, dtype=np.int64), class_names=class_names)
+
+
+def _warn_left_out(root: Path, beside: list[str], nested: list[str], empty: list[str],
+                   not_files: list[tuple[str, str]]) -> None:
+    """list_class_folder's warnings about what it did not list (each names up to 10)."""
+    from deepranking.cli import warn
+
+    def shown(items: list[str]) -> str:
+        return ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+
+    if beside:
+        warn(f"left out the image files beside the images/ folder of {len(beside)} class(es) (a class with an "
+             f"images/ folder is read from it alone, as in TinyImageNet): {shown(beside)}")
+    if nested:
+        warn(f"left out the image files in sub-folders of {len(nested)} class(es) (a class is read from its own "
+             f"folder, or its images/ folder, not from folders below; move them up to include them): "
+             f"{shown(nested)}")
+    if empty:
+        warn(f"skipped {len(empty)} class folder(s) with no image files in {display_path(root)}: {shown(empty)}")
+    warn_not_regular(not_files, display_path(root))
 
 
 def _check_listed(root: Path, paths: list[str]) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deepranking.cli import UserError
+from deepranking.file_io import open_regular
 from deepranking.image_data import display_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,7 +185,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image as 8-bit RGB (grey, palette, RGBA, CMYK and 16-bit included), upright by
     its EXIF orientation tag.
 
-    Raises UnreadableImageError naming the path if the file cannot be decoded or
+    Raises UnreadableImageError naming the path if the file cannot be decoded, is no regular
+    file (a FIFO, a device: never opened) or
     has more than ``max_image_pixels()`` pixels (a decompression bomb). Paths that
     are not valid UTF-8 are read as they are and shown escaped in messages.
     """
@@ -210,7 +212,8 @@ def _open_rgb(path: str | os.PathLike, decode: bool) -> Image.Image | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # A broken EXIF block only hides the orientation (_upright); the pixels are fine.
             warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
-            with Image.open(path) as im:
+            # open_regular: a FIFO or device named like an image is refused, never opened (a FIFO blocks)
+            with open_regular(path) as f, Image.open(f) as im:
                 if im.width * im.height > limit:
                     raise _bomb_error(shown, im.size, None, limit)
                 if not decode:
@@ -218,7 +221,8 @@ def _open_rgb(path: str | os.PathLike, decode: bool) -> Image.Image | None:
                 im.load()
                 return _to_rgb(_upright(im))
     except FileNotFoundError:
-        raise UnreadableImageError(f"image not found: {shown}")
+        link = " (a symbolic link to a missing file)" if os.path.islink(path) else ""
+        raise UnreadableImageError(f"image not found: {shown}{link}")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning if made an error
         raise _bomb_error(shown, *_bomb_size(exc), limit)
     except UnidentifiedImageError:

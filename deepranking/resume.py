@@ -17,11 +17,13 @@ did not save takes the parser's default, so a flag added later is compared with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -329,3 +331,20 @@ def clear_for_run(saver: Checkpointer, args, log: MetricsLog, step: int) -> None
         for later in saver.later_than(Path(args.resume)):  # --force: going back to an older one
             later.unlink()
         log.truncate_after(step)  # records a killed run wrote after its checkpoint
+
+
+@contextlib.contextmanager
+def undone_on_failure(saver: Checkpointer, args) -> Iterator[None]:
+    """A run that fails before its first checkpoint (a full disk, a NaN, a second Ctrl-C) removes the
+    config.json and records it wrote into --output-dir: a folder holding nothing a resume could use
+    must not make a rerun with other flags ask for --force. A resume in place keeps its folder's files."""
+    try:
+        yield
+    except BaseException:
+        if saver.enabled and not resumes_in_place(args) and not saver.existing():
+            for name in RUN_FILES:
+                try:
+                    (args.output_dir / name).unlink(missing_ok=True)
+                except OSError:  # the error on its way out says what went wrong
+                    pass
+        raise

@@ -16,6 +16,11 @@ fingerprint of the database's record: an edited, regenerated or updated database
 FAISS file's name carries the key, so a file built for an older database never matches.
 The folder can be deleted at any time; where it cannot be written (a read-only
 database), query.py works as before, from the file, with a warning.
+
+key.json also records the saved arrays' sizes, mtimes and a SHA-256 of their content (of the
+whole file up to ``DIGEST_WHOLE_BYTES``; above, of its header, its end and ``DIGEST_BLOCKS``
+evenly spaced blocks): an index damaged in place, even with its size and mtime kept, is rebuilt
+with a warning instead of answering with wrong or NaN distances.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ from deepranking.cli import UserError, warn
 from deepranking.file_io import atomic_path, atomic_write_text
 
 KEY_FORMAT = "deep-ranking-saved-index"
-KEY_VERSION = 2  # 2: the inode is part of the key
+KEY_VERSION = 3  # 3: key.json holds the saved arrays' digests; 2: the inode is part of the key
 FOLDER_SUFFIX = ".index"
+SAVED_FILES = ("emb.npy", "rows.json")
+DIGEST_WHOLE_BYTES = 16 << 20  # files up to this size are hashed whole (~10 ms for 16 MiB)
+DIGEST_BLOCKS = 256  # a larger file: its first and last 1 MiB and this many 64 KiB blocks between
+_HEAD_BYTES, _BLOCK_BYTES = 1 << 20, 1 << 16
 
 
 def index_dir(database: str | os.PathLike) -> Path:
@@ -72,13 +81,19 @@ def faiss_path(folder: Path, key: dict, nlist: int, seed: int) -> Path:
 
 
 def _load(folder: Path, key: dict, database: Path) -> embedding_io.Embeddings | None:
-    """The saved database when the folder's key matches ``key``; None otherwise."""
+    """The saved database when the folder's key matches ``key`` and its arrays are as saved; None otherwise."""
     try:
         # the saved files' sizes and mtimes as _save left them: an index edited or damaged since is rebuilt
-        if json.loads((folder / "key.json").read_text(encoding="utf-8")) != _key_record(key, folder):
+        saved = json.loads((folder / "key.json").read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or {k: saved.get(k) for k in ("key", "files")} != _key_record(key, folder):
+            return None
+        rows_text = (folder / "rows.json").read_bytes()
+        digests = {"emb.npy": content_digest(folder / "emb.npy"), "rows.json": hashlib.sha256(rows_text).hexdigest()}
+        if saved.get("digests") != digests:
+            warn(f"the saved search index {folder} is not what was saved there (damaged since?): rebuilding it")
             return None
         emb = np.load(folder / "emb.npy", mmap_mode="r", allow_pickle=False)
-        rows = json.loads((folder / "rows.json").read_text(encoding="utf-8"))
+        rows = json.loads(rows_text.decode("utf-8"))
     except (OSError, ValueError):
         return None
     paths, labels = (rows.get("paths"), rows.get("labels")) if isinstance(rows, dict) else (None, None)
@@ -89,6 +104,26 @@ def _load(folder: Path, key: dict, database: Path) -> embedding_io.Embeddings | 
     base = database.resolve().parent
     return embedding_io.Embeddings([os.path.normpath(os.path.join(base, p)) for p in paths],
                                    np.array(labels, dtype=object), emb)
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of ``path``'s content: all of it up to DIGEST_WHOLE_BYTES, else its first and last MiB
+    and DIGEST_BLOCKS evenly spaced blocks (a damaged .npy header or any sampled row changes it;
+    reading costs milliseconds whatever the size)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= DIGEST_WHOLE_BYTES:
+            while block := f.read(1 << 22):
+                h.update(block)
+            return h.hexdigest()
+        step = (size - 2 * _HEAD_BYTES) // (DIGEST_BLOCKS + 1)
+        spans = [(0, _HEAD_BYTES), *((_HEAD_BYTES + i * step, _BLOCK_BYTES) for i in range(1, DIGEST_BLOCKS + 1)),
+                 (size - _HEAD_BYTES, _HEAD_BYTES)]
+        for offset, length in spans:
+            f.seek(offset)
+            h.update(f.read(length))
+    return h.hexdigest()
 
 
 def _save(folder: Path, key: dict, db: embedding_io.Embeddings, database: Path) -> None:
@@ -103,13 +138,14 @@ def _save(folder: Path, key: dict, db: embedding_io.Embeddings, database: Path) 
     base = database.resolve().parent
     rows = {"paths": [os.path.relpath(p, base) for p in db.paths], "labels": [str(x) for x in db.labels]}
     atomic_write_text(folder / "rows.json", json.dumps(rows))
-    atomic_write_text(folder / "key.json", json.dumps(_key_record(key, folder), sort_keys=True) + "\n")
+    record = {**_key_record(key, folder), "digests": {name: content_digest(folder / name) for name in SAVED_FILES}}
+    atomic_write_text(folder / "key.json", json.dumps(record, sort_keys=True) + "\n")
 
 
 def _key_record(key: dict, folder: Path) -> dict:
-    """key.json: the database's key, and {name: [size, mtime_ns]} of the saved arrays as _save left
-    them (a stat each: a query start stays cheap)."""
-    files = {name: [(st := os.stat(folder / name)).st_size, st.st_mtime_ns] for name in ("emb.npy", "rows.json")}
+    """key.json's first part: the database's key, and {name: [size, mtime_ns]} of the saved arrays as
+    _save left them (a stat each: a changed database or a rewritten array costs no reading)."""
+    files = {name: [(st := os.stat(folder / name)).st_size, st.st_mtime_ns] for name in SAVED_FILES}
     return {"key": key, "files": files}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +266,12 @@ def test_a_killed_save_leaves_a_partial_that_remove_stale_partials_finds(tmp_pat
     with pytest.raises(UserError):
         saver.save(saver.epoch_path(3), record())
     (partial,) = seen
-    assert partial.parent == tmp_path and partial.name.startswith(".temp_3.model.") and partial.suffix == ".tmp"
-    partial.write_bytes(b"half")  # as if the process had been killed mid-write
-    assert saver.remove_stale_partials() == [partial] and not partial.exists()
+    assert partial.parent == tmp_path and partial.name.startswith(f".temp_3.model.{os.getpid()}.")
+    assert partial.suffix == ".tmp"
+    assert saver.remove_stale_partials() == []  # this process's own write in progress is never stale
+    killed_run = partial.with_name(partial.name.replace(f".{os.getpid()}.", ".999999999."))
+    killed_run.write_bytes(b"half")  # what another process, killed mid-write, left
+    assert saver.remove_stale_partials() == [killed_run] and not killed_run.exists()
 
 
 def test_existing_lists_final_first_then_epochs_in_order(tmp_path):

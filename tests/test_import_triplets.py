@@ -497,7 +497,7 @@ def test_format_detection(tmp_path):
 def test_backoff_is_exponential_seeded_and_not_used_for_404(monkeypatch):
     calls = []
 
-    def failing(url, tmp, opts):
+    def failing(url, tmp, opts, deadline=None):
         calls.append(url)
         raise import_triplets.FetchError("HTTP 503", transient=True)
 
@@ -513,7 +513,7 @@ def test_backoff_is_exponential_seeded_and_not_used_for_404(monkeypatch):
         import_triplets.download("http://127.0.0.1/x", Path("unused"), opts, sleep=again.append)
     assert again == delays
 
-    def gone(url, tmp, opts):
+    def gone(url, tmp, opts, deadline=None):
         calls.append(url)
         raise import_triplets.FetchError("HTTP 404")
 

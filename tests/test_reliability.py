@@ -69,11 +69,10 @@ def write_then_killed(args):
 parser = argparse.ArgumentParser()
 parser.add_argument("root")
 parser.add_argument("where")
-before = signal.getsignal(signal.SIGTERM)
 try:
     cli.run(write_then_killed, parser)
-finally:
-    assert signal.getsignal(signal.SIGTERM) is before  # cli.run leaves the handler as it found it
+finally:  # the program's own main: from its end on, a signal ends the process at once (no traceback)
+    assert signal.getsignal(signal.SIGTERM) is cli._end_now
 """
 
 
@@ -204,3 +203,29 @@ def test_outputs_are_proved_writable_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(cli.UserError, match=r"cannot write train embeddings output .*e\.txt: Read-only file system"):
         file_io.check_output_path(tmp_path / "new" / "e.txt", False, "train embeddings output")
     assert not (tmp_path / "new").exists()  # nothing created by the check
+
+
+def test_weight_growth_between_log_steps_is_named_at_the_next_checkpoint(csvs, tmp_path, capsys, monkeypatch):
+    """The growth check ran on log steps only: weights that reached 1e20 after the last one went unsaid."""
+    norms = iter([1.0])  # the norm when the run starts; every later one has exploded
+    monkeypatch.setattr(train_net, "weight_norm", lambda trainee: next(norms, 1e20))
+    train("--triplets", csvs[0], "--epochs", 1, "--log-every", 1000, "--output-dir", tmp_path / "o", *TINY)
+    assert "the trained weights' norm grew 1e+20x since this run started" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_to_force(csvs, tmp_path, capsys, monkeypatch):
+    """A full disk at the first checkpoint left config.json and metrics.jsonl, and a rerun with other flags
+    was refused until --force, for a folder holding nothing a resume could use."""
+    real = torch.save
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    err = fails(capsys, "--triplets", csvs[0], "--max-steps", 1, "--output-dir", out, *TINY)
+    assert "No space left on device" in err and "no checkpoint was written" in err
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(torch, "save", real)
+    train("--triplets", csvs[0], "--max-steps", 1, "--lr", 0.01, "--output-dir", out, *TINY)  # other flags
+    assert (out / "temp_0.model").exists() and (out / "config.json").exists()

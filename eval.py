@@ -204,8 +204,9 @@ def _shown_classes(classes: list[str], names: dict, limit: int = 10) -> str:
     return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
 
 
-def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
-    """Warnings for results that mean less than they seem: lone query classes, collapsed embeddings."""
+def warn_degenerate(args, train, test, lone: list[str], names: dict, budget: database.Budget) -> None:
+    """Warnings for results that mean less than they seem: lone query classes, collapsed embeddings (a
+    sample of at most 2,000 rows, fewer where their float64 copy would not fit the query share of ``budget``)."""
     if lone:
         if args.protocol == "self":
             why = f"have a single image in {args.test_embeddings}: no other image of their class to find"
@@ -221,7 +222,8 @@ def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
     files = [(args.test_embeddings, test)] if train is test else [(args.train_embeddings, train),
                                                                   (args.test_embeddings, test)]
     for path, emb in files:
-        spread = retrieval.mean_pairwise_distance(emb, seed=args.seed)  # a seeded sample of its rows
+        sample = min(2000, max(2, budget.query_rows(emb.dim) // 2))
+        spread = retrieval.mean_pairwise_distance(emb, max_rows=sample, seed=args.seed)  # a seeded sample
         if len(emb) > 1 and spread < COLLAPSE_DISTANCE:
             cli.warn(f"the embeddings have collapsed to a point: mean pairwise distance {spread:.2e} between the "
                      f"rows of {path} (a diverged or untrained model?); every ranking below is arbitrary")
@@ -244,7 +246,7 @@ def report(args, train, test, queries: list[int], device) -> dict:
                               max_train_queries=args.max_train_queries, seed=args.seed, chunk_size=args.chunk_size,
                               progress=progress, **budget.scoring_blocks(train.dim))
     metrics, table, lone = result.metrics, result.table, result.lone
-    warn_degenerate(args, train, test, lone, names)
+    warn_degenerate(args, train, test, lone, names, budget)
     metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
     metrics.update({"train_embeddings": None if self_search else str(args.train_embeddings),
                     "test_embeddings": str(args.test_embeddings),

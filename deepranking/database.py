@@ -838,6 +838,8 @@ class ShardIVF(Searcher):
         index = (faiss.IndexIVFPQ(quantizer, self.db.dim, self.nlist, pq, 8) if pq else
                  faiss.IndexIVFFlat(quantizer, self.db.dim, self.nlist, faiss.METRIC_L2))
         index.cp.seed = int(seed)
+        if pq:
+            index.pq.cp.seed = int(seed)
         rows = max(39 * self.nlist, min(256 * self.nlist, budget.block_rows(self.db.dim)))
         sample = self.db[sample_rows(len(self.db), rows, seed)]
         index.train(sample)

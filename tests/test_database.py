@@ -185,6 +185,38 @@ def test_refuses_folders_that_are_not_databases(tmp_path, data):
         database.open(broken)
 
 
+def test_a_failed_run_leaves_no_shards_and_the_old_database(tmp_path, data, monkeypatch):
+    """An error after some shards were written (here: the third batch) removes them; a database that was
+    there stays as it was, and a --force run then replaces it, old shards and indexes gone."""
+    from deepranking import embedding
+
+    root, images = data
+    out = tmp_path / "db"
+    argv = ["--features", "pixels", "--data-dir", str(images), "--splits", "train", "--train-output", str(out),
+            "--shard-rows", "10", "--batch-size", "10"]
+    gen(*argv)
+    before = sorted(p.name for p in out.iterdir())
+    (out / "ivf-nlist4-pq0-seed0").mkdir()
+    real = embedding.embed_path_batches
+
+    def failing(paths, *a, **kw):
+        for i, block in enumerate(real(paths, *a, **kw)):
+            if i == 2:
+                raise UserError("the disk is full")
+            yield block
+
+    monkeypatch.setattr(embedding, "embed_path_batches", failing)
+    with pytest.raises(UserError, match="disk is full"):
+        gen(*argv, "--force")
+    assert sorted(p.name for p in out.iterdir()) == sorted(before + ["ivf-nlist4-pq0-seed0"])
+    monkeypatch.setattr(embedding, "embed_path_batches", real)
+    gen(*argv, "--force")
+    after = database.open(out)
+    assert [s.name for s in after.shards][0] == "shard-00010" and len(after) == 100
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json"] + [f"shard-{i:05d}{ext}" for i in range(10, 20) for ext in (".npy", ".rows.csv")])
+
+
 def test_budget_flag_environment_and_auto(monkeypatch):
     assert database.memory_budget(2 * 10**9).nbytes == 2 * 10**9
     monkeypatch.setenv(database.BUDGET_ENV, "300M")
@@ -269,10 +301,14 @@ def test_shard_indexes_probe_like_one_index_and_follow_an_update(tmp_path):
     _, self_idx = database.ShardIVF(db, budget, nlist=4, nprobe=4).search(emb[:3], 2, exclude_rows=np.arange(3))
     assert (self_idx != np.arange(3)[:, None]).all()
     assert (ivf.folder / "shard-00000.faiss").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    pq = database.ShardIVF(db, budget, nlist=4, nprobe=4, pq=2)  # 2 bytes a vector: approximate distances
+    assert pq.folder.name == "ivf-nlist4-pq2-seed0" and pq.search(q, 10)[1].shape == (6, 10)
+    with pytest.raises(UserError, match="must divide"):
+        database.ShardIVF(db, budget, nlist=4, pq=3)
     # Drop the first 70 rows' shard by hand the way an update does: only the new shard is indexed.
     record = json.loads((tmp_path / "db" / "manifest.json").read_text())
     record["shards"], record["rows"] = record["shards"][1:], 230
     (tmp_path / "db" / "manifest.json").write_text(json.dumps(record))
-    assert database.refresh_indexes(database.open(tmp_path / "db"), budget) == 1
+    assert database.refresh_indexes(database.open(tmp_path / "db"), budget) == 2  # flat and PQ
     assert not (ivf.folder / "shard-00000.faiss").exists()
     assert (ivf.folder / "shard-00001.faiss").stat().st_mtime_ns > 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import argtypes, cli, file_io, runtime
+from deepranking import argtypes, cli, database, file_io, runtime
 from deepranking import embedding_io
 from deepranking import image_data
 from deepranking import plots
@@ -68,8 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train precision uses a seeded subset of at most this many train queries "
                         "(default: %(default)s)")
     p.add_argument("--chunk-size", type=argtypes.positive_int, default=None,
-                   help="queries per kNN matrix product (default: as many as keep the [chunk, N] "
-                        "distance block within 256 MB)")
+                   help="queries per kNN matrix product (default: as many as keep the [chunk, rows] "
+                        "distance block within a sixteenth of --memory-budget)")
+    database.add_budget_flag(p)
     p.add_argument("--seed", type=argtypes.seed, default=0,
                    help="seed for the train subset and demo queries (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
@@ -164,7 +165,7 @@ def unpaired(named: Path, default: Path) -> str | None:
     return None
 
 
-def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddings, train_name: str,
+def check_compatible(train: database.Database, test: database.Database, train_name: str,
                      test_name: str, allow_same: bool) -> None:
     """Refuse files of different models (both named) and, unless ``allow_same``, the same images twice."""
     embedding_io.check_same_model(train_name, train.model, test_name, test.model,
@@ -187,10 +188,11 @@ def check_compatible(train: embedding_io.Embeddings, test: embedding_io.Embeddin
         cli.warn(message)
 
 
-def triplet_accuracy(csv: Path, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> float:
-    """Fraction of the CSV's triplets with D(q,p) < D(q,n), using the stored embeddings."""
-    lookup = {p: e for p, e in zip(train.paths, train.emb)}
-    lookup.update({p: e for p, e in zip(test.paths, test.emb)})
+def triplet_accuracy(csv: Path, train: database.Database, test: database.Database) -> float:
+    """Fraction of the CSV's triplets with D(q,p) < D(q,n), using the stored embeddings (a path in
+    both databases: the test file's row)."""
+    lookup = {p: (train, i) for i, p in enumerate(train.paths)}
+    lookup.update({p: (test, i) for i, p in enumerate(test.paths)})
     cols = image_data.read_triplet_csv(csv)
     vecs = []
     for col in cols:
@@ -198,11 +200,16 @@ def triplet_accuracy(csv: Path, train: embedding_io.Embeddings, test: embedding_
         if missing:
             raise UserError(f"{len(set(missing))} image(s) of {csv} are in neither embedding file, "
                             f"e.g. {missing[0]}")
-        vecs.append(np.stack([lookup[p] for p in col]))
+        vec = np.empty((len(col), train.dim), dtype=np.float32)
+        for db in (train, test):  # the rows of each database read at once, not the database
+            at = [j for j, p in enumerate(col) if lookup[p][0] is db]
+            if at:
+                vec[at] = db[np.array([lookup[col[j]][1] for j in at], dtype=np.int64)]
+        vecs.append(vec)
     return retrieval.triplet_accuracy(*vecs)
 
 
-def pick_queries(args, test: embedding_io.Embeddings) -> list[int]:
+def pick_queries(args, test: database.Database) -> list[int]:
     if args.queries:
         index = {p: i for i, p in enumerate(test.paths)}
         chosen = []
@@ -223,7 +230,7 @@ def pick_queries(args, test: embedding_io.Embeddings) -> list[int]:
     return sorted(np.random.default_rng(args.seed).choice(len(test), size=n, replace=False).tolist())
 
 
-def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, names: dict | None = None,
+def draw_query(path: Path, qi: int, train, test, index: database.StreamingIndex, names: dict | None = None,
                exclude_self: bool = False) -> None:
     """Query, its 10 closest and 10 farthest database images with distances.
 
@@ -232,7 +239,7 @@ def draw_query(path: Path, qi: int, train, test, index: retrieval.ExactIndex, na
     """
     names = names or {}
     n = min(PICTURE_NEIGHBOURS, len(train) - (1 if exclude_self else 0))
-    q = test.emb[qi:qi + 1]
+    q = test[qi:qi + 1]
     rows = np.array([qi]) if exclude_self else None
     near_d, near_i = index.search(q, n, exclude_rows=rows)
     far_d, far_i = index.search(q, n, exclude_rows=rows, largest=True)
@@ -272,7 +279,7 @@ def check_old_outputs(out: Path, force: bool) -> None:
                         f"pass --force to replace them, or choose another --output-dir")
 
 
-def class_names(args, train: embedding_io.Embeddings, test: embedding_io.Embeddings) -> tuple[dict, Path | None]:
+def class_names(args, train: database.Database, test: database.Database) -> tuple[dict, Path | None]:
     """(class id -> human name, the words.txt read): --words, else a words.txt above the images, else none."""
     wanted = set(map(str, train.labels)) | set(map(str, test.labels))
     names, path = dataset_file(args.words, image_data.WORDS_FILE, "--words", "class names", train, test,
@@ -322,8 +329,9 @@ def _shown_classes(classes: list[str], names: dict, limit: int = 10) -> str:
     return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
 
 
-def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
-    """Warnings for results that mean less than they seem: lone query classes, collapsed embeddings."""
+def warn_degenerate(args, train, test, lone: list[str], names: dict, budget: database.Budget) -> None:
+    """Warnings for results that mean less than they seem: lone query classes, collapsed embeddings (a
+    sample of at most 2,000 rows, fewer where their float64 copy would not fit the query share of ``budget``)."""
     if lone:
         if args.protocol == "self":
             why = f"have a single image in {args.test_embeddings}: no other image of their class to find"
@@ -339,7 +347,8 @@ def warn_degenerate(args, train, test, lone: list[str], names: dict) -> None:
     files = [(args.test_embeddings, test)] if train is test else [(args.train_embeddings, train),
                                                                   (args.test_embeddings, test)]
     for path, emb in files:
-        spread = retrieval.mean_pairwise_distance(emb.emb, seed=args.seed)
+        sample = min(2000, max(2, budget.query_rows(emb.dim) // 2))
+        spread = retrieval.mean_pairwise_distance(emb, max_rows=sample, seed=args.seed)  # a seeded sample
         if len(emb) > 1 and spread < COLLAPSE_DISTANCE:
             cli.warn(f"the embeddings have collapsed to a point: mean pairwise distance {spread:.2e} between the "
                      f"rows of {path} (a diverged or untrained model?); every ranking below is arbitrary")
@@ -357,12 +366,13 @@ def report(args, train, test, queries: list[int], device) -> dict:
     progress = not args.no_progress
     names, words = class_names(args, train, test)
     parents, hierarchy = class_hierarchy(args, train, test)
-    index = retrieval.ExactIndex(train.emb, device)  # loaded once for every search below
-    result = scoring.evaluate(train.emb, train.labels, test.emb, test.labels, args.k, index, protocol=args.protocol,
+    budget = database.memory_budget(args.memory_budget)
+    index = database.StreamingIndex(train, budget, device)  # for every search below; blocks within the budget
+    result = scoring.evaluate(train, train.labels, test, test.labels, args.k, index, protocol=args.protocol,
                               max_train_queries=args.max_train_queries, seed=args.seed, chunk_size=args.chunk_size,
-                              progress=progress, parents=parents)
+                              progress=progress, parents=parents, **budget.scoring_blocks(train.dim))
     metrics, table, lone = result.metrics, result.table, result.lone
-    warn_degenerate(args, train, test, lone, names)
+    warn_degenerate(args, train, test, lone, names, budget)
     metrics["triplet_accuracy"] = triplet_accuracy(args.triplets, train, test) if args.triplets else None
     metrics.update({"train_embeddings": None if self_search else str(args.train_embeddings),
                     "test_embeddings": str(args.test_embeddings),
@@ -448,10 +458,9 @@ def main(args) -> None:
     check_old_outputs(out, args.force)
     default_inputs(args)
     device = runtime.pick_device(args.device)
-    test = embedding_io.read_embeddings(args.test_embeddings, progress=not args.no_progress)
+    test = database.open(args.test_embeddings, progress=not args.no_progress)  # a file or a folder of shards
     # --protocol self: the test file is its own database (leave-one-out); --train-embeddings is not read.
-    train = test if args.protocol == "self" else embedding_io.read_embeddings(args.train_embeddings,
-                                                                               progress=not args.no_progress)
+    train = test if args.protocol == "self" else database.open(args.train_embeddings, progress=not args.no_progress)
     if len(train) == 0 or len(test) == 0:
         raise UserError("an embedding file has no rows")
     if args.protocol != "self":  # self: one file, its own database by design

@@ -17,9 +17,15 @@ the model's fingerprint and its images' sizes and times (``<file>.meta.json``, i
 ``.npz``): eval.py and query.py refuse files of different models, and
 update_database.py re-embeds only what changed.
 
+Rows are written as they are computed (deepranking/database.py): memory holds a batch,
+not the collection. ``--shard-rows N`` writes each output as a database folder
+(``manifest.json`` + ``shard-*.npy`` of at most N rows + their ``path,label`` rows) for
+collections too large for one file; every reader takes either form.
+
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node N gen_embeddings.py ...``
-gives each rank a contiguous shard of the image list; rank 0 merges the shards in
-the original order, so the output is the same as a single-process run.
+gives each rank a contiguous range of the image list, which it writes itself (its own
+shards, or its part of the file); nothing gathers the embeddings, and the output is the
+same as a single-process run.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from deep_rank_net import model_from_checkpoint
-from deepranking import argtypes, cli, distributed, embedding, file_io, runtime
+from deepranking import argtypes, cli, database, distributed, embedding, runtime
 from deepranking.checkpoint import FINAL_NAME, load_checkpoint, model_fingerprint, newest_epoch_checkpoint
 from deepranking.cli import UserError
-from deepranking.embedding_io import EmbeddingFile, files_of, write_embedding_files
+from deepranking.embedding_io import files_of
 from deepranking.preprocessing import Preprocessing
 from deepranking.reference_features import FEATURE_KINDS, feature_record, reference_features
 
@@ -77,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default=None,
                    help="comma-separated splits to embed, from train,val (default: train,val; "
                         "val is skipped with a message when the dataset has none)")
+    p.add_argument("--shard-rows", type=argtypes.positive_int, default=None, metavar="N",
+                   help="write each output as a database folder of shards of at most N rows (manifest.json, "
+                        "shard-*.npy, shard-*.rows.csv) instead of one file: for collections too large for one")
     embedding.add_embedding_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed (embedding is deterministic; kept for uniformity)")
@@ -138,26 +147,11 @@ def plan_jobs(args) -> list[SplitJob]:
             print(f"no val split in {args.data_dir} (a plain class folder is the train split): "
                   f"not writing {outputs['val']}{older}", file=sys.stderr)
             continue
-        file_io.check_output_path(outputs[split], args.force, f"{split} embeddings output")
+        database.check_output(outputs[split], args.force, f"{split} embeddings output", args.shard_rows is not None)
         images = list_class_folder(resolve_split_dir(args.data_dir, split))
         jobs.append(SplitJob(split, outputs[split], list(images.paths), images.label_names,
                              resolve_split_dir(args.data_dir, split).resolve(), image_stamps(images.paths)))
     return jobs
-
-
-def shard_file(output: Path, rank: int) -> Path:
-    """Where rank ``rank`` (this process) leaves its shard: a temporary of the output, beside it,
-    ``.<name>.<pid>.shard<rank>.npy``, which the next run removes if this one is killed."""
-    return output.parent / f"{file_io.temp_prefix(output)}shard{rank}.npy"
-
-
-def write_shard(path: Path, emb: np.ndarray) -> None:
-    try:
-        with open(path, "wb") as f:
-            np.save(f, emb)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {cli.os_reason(exc)}")
 
 
 # ----------------------------------------------------------------------------
@@ -228,71 +222,45 @@ def load_features(args, device, env: distributed.DistEnv):
 # ----------------------------------------------------------------------------
 
 
-def embed_shard(paths: list[str], model, spec: Preprocessing, args, device, env: distributed.DistEnv,
-                progress: bool) -> tuple[np.ndarray, float]:
-    """Decode (through the cache) and embed this rank's images: (float32 [N, D], seconds embedding)."""
-    if not paths:
-        return np.zeros((0, model.config["embedding_dim"]), dtype=np.float32), 0.0
-    precision = runtime.resolve_precision(device, args.amp)
-    start = time.perf_counter()
-    emb = embedding.embed_paths(paths, model, spec, batch_size=args.batch_size, device=device,
-                                precision=precision, cache_dir=args.cache_dir, progress=progress,
-                                cache_budget=args.cache_budget)
-    return emb, time.perf_counter() - start
-
-
-def merge_shards(job: SplitJob, shards: list[str]) -> np.ndarray:
-    """Rank 0: the shards of every rank (their files, in rank = original order), concatenated."""
-    parts = [np.load(shard, allow_pickle=False) for shard in shards]
-    emb = np.concatenate(parts)
-    if len(emb) != len(job.paths):
-        raise UserError(f"merged {len(emb)} embeddings for {len(job.paths)} images of {job.split}")
-    return emb
-
-
-def run_job(job: SplitJob, model, spec: Preprocessing, args, device, env: distributed.DistEnv
-            ) -> tuple[int, float, np.ndarray | None]:
-    """Embed one split (this rank's shard); returns (images embedded here, seconds, the split's
-    embeddings [N, D] on rank 0 / None elsewhere). Nothing is written: main writes every split at once."""
+def run_job(job: SplitJob, out: database.Output, model, spec: Preprocessing, args, device,
+            env: distributed.DistEnv) -> tuple[int, float]:
+    """Embed this rank's range of one split, writing its rows as they come (``out.writer``); returns
+    (images embedded here, seconds). The output is put in place by write_outputs, every split at once."""
     progress = not args.no_progress and env.main
-    bounds = distributed.shard_bounds(len(job.paths), env.world_size)
+    bounds = out.bounds()
     lo, hi = bounds[env.rank], bounds[env.rank + 1]
 
-    shard = shard_file(job.output, env.rank)
+    def work() -> float:
+        start = time.perf_counter()
+        precision = runtime.resolve_precision(device, args.amp)
+        with out.writer(env.rank) as writer:
+            for block in embedding.embed_path_batches(job.paths[lo:hi], model, spec, batch_size=args.batch_size,
+                                                      device=device, precision=precision, cache_dir=args.cache_dir,
+                                                      progress=progress, cache_budget=args.cache_budget):
+                writer.write(block)
+        return time.perf_counter() - start
 
-    def work():
-        emb, seconds = embed_shard(job.paths[lo:hi], model, spec, args, device, env, progress)
-        if env.active:
-            write_shard(shard, emb)
-        return emb, seconds
-
-    emb, seconds = distributed.run_agreed(env, work)
-    if env.active:
-        shards = distributed.all_gather(env, str(shard))  # each rank names its own (its pid is in the name)
-        try:
-            if env.main:
-                emb = merge_shards(job, shards)
-        finally:
-            distributed.barrier(env)  # every shard is read before any is removed
-            if env.main:
-                for name in shards:
-                    Path(name).unlink(missing_ok=True)
-    return hi - lo, seconds, (emb if env.main else None)
+    return hi - lo, distributed.run_agreed(env, work)
 
 
-def write_outputs(jobs: list[SplitJob], embs: list[np.ndarray], fingerprint: dict, progress: bool) -> None:
-    """Write every split's file as one unit: all to temporary names, then all renamed (Ctrl-C held).
+def plan_outputs(jobs: list[SplitJob], model, fingerprint: dict | None, args,
+                 env: distributed.DistEnv) -> list[database.Output]:
+    """Where each split's rows go: one file, or (--shard-rows) a database folder; each rank its own range."""
+    return [database.Output(job.output, job.paths, job.labels, model.config["embedding_dim"], model=fingerprint,
+                            images={"root": str(job.root), "stamps": job.stamps}, shard_rows=args.shard_rows,
+                            world_size=env.world_size) for job in jobs]
+
+
+def write_outputs(jobs: list[SplitJob], outputs: list[database.Output], progress: bool) -> None:
+    """Put every split's output in place as one unit: all to temporary names, then all renamed (Ctrl-C held).
 
     Interrupted before the renames, the earlier files stay as they were — never a new train
     file beside an old test file. Each file records the model's fingerprint, so the only gap
     left (a kill -9 within the microseconds of the renames) is caught by eval.py's model check.
     """
-    files = [EmbeddingFile(job.output, job.paths, job.labels, emb, model=fingerprint,
-                           images={"root": str(job.root), "stamps": job.stamps})
-             for job, emb in zip(jobs, embs)]
-    write_embedding_files(files, progress=progress)
-    for job, emb in zip(jobs, embs):
-        print(f"wrote {job.output}: {len(job.paths)} {job.split} images x {emb.shape[1]} dims", file=sys.stderr)
+    database.commit(outputs, progress=progress)
+    for job, out in zip(jobs, outputs):
+        print(f"wrote {job.output}: {len(job.paths)} {job.split} images x {out.dim} dims", file=sys.stderr)
 
 
 def main(args) -> None:
@@ -303,14 +271,19 @@ def main(args) -> None:
     # stops all ranks with the same message instead of leaving some at a barrier.
     model, spec, fingerprint = load_features(args, device, env)
     jobs = plan_jobs(args)
+    outputs = plan_outputs(jobs, model, fingerprint, args, env)
     with distributed.session(env, device):
-        embedded, seconds, embs = 0, 0.0, []
-        for job in jobs:
-            n, s, emb = run_job(job, model, spec, args, device, env)
-            embedded, seconds = embedded + n, seconds + s
-            embs.append(emb)
+        embedded, seconds = 0, 0.0
+        try:
+            for job, out in zip(jobs, outputs):
+                n, s = run_job(job, out, model, spec, args, device, env)
+                embedded, seconds = embedded + n, seconds + s
+        except BaseException:
+            if env.main:  # every rank has stopped writing (run_agreed): what this run wrote goes
+                database.discard(outputs)
+            raise
         if env.main:
-            write_outputs(jobs, embs, fingerprint, progress=not args.no_progress)
+            write_outputs(jobs, outputs, progress=not args.no_progress)
         report_throughput(embedded, seconds, device, env)
 
 

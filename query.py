@@ -17,6 +17,9 @@ Search is exact by default; ``--ann faiss`` (or ``auto`` on databases above
 The first query builds a saved index beside the database (``<file>.index/``: the
 matrix as a memory-mapped .npy, the paths, FAISS indexes; see
 deepranking/saved_index.py); later queries reuse it until the database changes.
+A database folder (gen_embeddings.py --shard-rows) needs no copy: exact search reads
+its shards block by block within --memory-budget, and FAISS keeps one index per shard
+inside the folder (deepranking/database.py).
 The database must come from --model (their fingerprints are compared).
 """
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import argtypes, cli, file_io, runtime
+from deepranking import argtypes, cli, database, file_io, runtime
 from deepranking import retrieval
 from deepranking.cli import UserError
 
@@ -45,7 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("queries", nargs="+", metavar="QUERY", help="image files, folders or glob patterns")
     p.add_argument("--model", type=Path, required=True, help="checkpoint that made the embeddings")
     p.add_argument("--embeddings", type=Path, required=True,
-                   help="database embedding file from gen_embeddings.py (.txt, .npz or .npy)")
+                   help="database from gen_embeddings.py: an embedding file (.txt, .npz or .npy) or a database "
+                        "folder (--shard-rows)")
     p.add_argument("--top", type=argtypes.positive_int, default=10,
                    help="neighbours to show per query (default: %(default)s)")
     p.add_argument("--grid", type=Path, default=None,
@@ -66,7 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, default=None,
                    help="FAISS: keep the built index in this file (and its key in FILE.key) and reuse it while "
                         "--embeddings is the file it was built from")
+    p.add_argument("--pq", type=argtypes.non_negative_int, default=0, metavar="M",
+                   help="FAISS on a database folder: IVF-PQ with M bytes per vector (M divides the dimension; "
+                        "approximate distances, a fraction of the memory); 0 (default) = IVF-Flat")
     p.add_argument("--seed", type=argtypes.seed, default=0, help="seed of the FAISS k-means (default: %(default)s)")
+    database.add_budget_flag(p)
     p.add_argument("--no-saved-index", action="store_true",
                    help="read --embeddings itself instead of the saved index beside it (<file>.index/, "
                         "built by the first query and rebuilt whenever the database changes)")
@@ -152,19 +160,51 @@ def build_searcher(database: np.ndarray, backend: str, device, args, database_id
         return retrieval.ExactIndex(database, device)
 
 
+def file_searcher(db, saved, backend: str, device, args):
+    """A one-file database's searcher (build_searcher); FAISS reuses the index saved for this very file."""
+    if args.pq:
+        raise UserError("--pq is for database folders (gen_embeddings.py --shard-rows); a one-file database's "
+                        "FAISS index is IVF-Flat")
+    index_path = db_id = None
+    if backend == "faiss":
+        from deepranking import saved_index
+        from deepranking.ann_search import default_nlist
+
+        if saved is not None:  # the database's key, already taken by open_database
+            index_path = saved.faiss_path(args.nlist or default_nlist(len(db)), args.seed)
+            db_id = saved_index.key_hash(saved.key)
+        elif args.index is not None:  # only a kept index needs the id (it may hash the whole file)
+            db_id = saved_index.database_id(args.embeddings)
+    return build_searcher(db.emb, backend, device, args, database_id=db_id, index_path=index_path)
+
+
+def shard_searcher(db, backend: str, device, args) -> database.Searcher:
+    """A database folder's searcher: exact by blocks within --memory-budget, or FAISS, one index per shard
+    kept in the folder (built for the shards that have none: the first query, or after an update)."""
+    if args.index is not None:
+        raise UserError("--index is for one-file databases; a database folder keeps its FAISS indexes inside it")
+    budget = database.memory_budget(args.memory_budget)
+    if backend == "faiss":
+        return database.ShardIVF(db, budget, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed, pq=args.pq)
+    if args.pq:
+        raise UserError("--pq goes with FAISS search (--ann faiss)")
+    return database.StreamingIndex(db, budget, device)
+
+
 def search(searcher, queries: np.ndarray, k: int, args,
            self_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (dist [Q, k], idx [Q, k]) of ``queries`` [Q, D] with a build_searcher result.
 
     ``self_rows`` int64 [Q]: database row that is the query itself (-1 if none), left out when given.
     """
-    n = len(searcher) if isinstance(searcher, retrieval.ExactIndex) else int(searcher.ntotal)
+    exact_like = isinstance(searcher, (retrieval.ExactIndex, database.Searcher))  # search(..., exclude_rows=)
+    n = len(searcher) if exact_like else int(searcher.ntotal)
     excludes = self_rows is not None and bool((self_rows >= 0).any())
     if n - excludes < 1:
         raise UserError(f"the database holds {n} image(s), and --exclude-self leaves the query "
                         f"itself out: no other image to answer with")
     k = min(k, n - excludes)  # both backends answer with as many images, the query itself never among them
-    if isinstance(searcher, retrieval.ExactIndex):
+    if exact_like:
         return searcher.search(queries, k, exclude_rows=self_rows)
     from deepranking.ann_search import ivf_search
 
@@ -234,7 +274,8 @@ def main(args) -> None:
         file_io.check_output_path(args.grid, args.force, "grid picture")
         file_io.check_output_path(data_path(args.grid), args.force, "grid's table")  # written beside the PNG
     query_paths = expand_queries(args.queries)
-    file_io.check_input_file(args.embeddings, "embedding file")
+    if not database.is_folder(args.embeddings):  # a database folder is checked when opened
+        file_io.check_input_file(args.embeddings, "embedding file")
     device = runtime.pick_device(args.device)
     ckpt = load_checkpoint(args.model)
     model, spec = model_from_checkpoint(ckpt, device)
@@ -243,7 +284,9 @@ def main(args) -> None:
 
     start = time.perf_counter()
     saved = None
-    if args.no_saved_index:
+    if database.is_folder(args.embeddings):  # shards: memory-mapped as they are, no saved copy
+        db = database.open(args.embeddings)
+    elif args.no_saved_index:
         db = read_embeddings(args.embeddings, progress=False)
     else:
         saved = open_database(args.embeddings)
@@ -256,17 +299,10 @@ def main(args) -> None:
                      hint="use the checkpoint that wrote the database, or rebuild it with gen_embeddings.py",
                      notes=(db.record_note,))
     backend = choose_backend(args.ann, len(db))
-    index_path = db_id = None
-    if backend == "faiss":
-        from deepranking import saved_index
-        from deepranking.ann_search import default_nlist
-
-        if saved is not None:  # the database's key, already taken by open_database
-            index_path = saved.faiss_path(args.nlist or default_nlist(len(db)), args.seed)
-            db_id = saved_index.key_hash(saved.key)
-        elif args.index is not None:  # only a kept index needs the id (it may hash the whole file)
-            db_id = saved_index.database_id(args.embeddings)
-    searcher = build_searcher(db.emb, backend, device, args, database_id=db_id, index_path=index_path)
+    if isinstance(db, database.ShardedDatabase):
+        searcher = shard_searcher(db, backend, device, args)
+    else:
+        searcher = file_searcher(db, saved, backend, device, args)
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -18,6 +18,12 @@ the one that built the database (their fingerprints differ): re-embedding everyt
 the new model is gen_embeddings.py's job. ``--output`` writes elsewhere instead of in
 place (``--force`` to overwrite an existing file); ``--dry-run`` only counts.
 A saved query index beside the database (query.py) is rebuilt by the next query.
+
+A database folder (gen_embeddings.py --shard-rows) is never rewritten whole: new images
+become new shards at its end, a shard holding a changed or removed image is rewritten
+(changed rows in place), the others stay as they are, and so do their FAISS indexes; the
+new shards are indexed at once where FAISS and an index exist (deepranking/database.py).
+Its rows are then those of a rebuild in another order (new images last).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepranking import cli, embedding, file_io, runtime
+from deepranking import cli, database, embedding, file_io, runtime
 from deepranking.cli import UserError
 
 
@@ -38,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="the checkpoint that built the database")
     p.add_argument("--database", type=Path, required=True,
-                   help="embedding file to update (from gen_embeddings.py: .txt, .npz or .npy)")
+                   help="database to update (from gen_embeddings.py: a .txt, .npz or .npy file, or a folder of "
+                        "shards)")
     p.add_argument("--images", type=Path, default=None,
                    help="class folder to list (default: the one recorded in the database)")
     p.add_argument("--output", type=Path, default=None,
@@ -46,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --output")
     p.add_argument("--dry-run", action="store_true", help="count new, changed and removed images; write nothing")
     embedding.add_embedding_flags(p)
+    database.add_budget_flag(p)
     return p
 
 
@@ -77,7 +85,7 @@ def plan_update(db, root: Path) -> Plan:
     images = list_class_folder(root)
     paths, labels = list(images.paths), images.label_names
     stamps = image_stamps(paths)
-    old_stamps = np.asarray(db.record["images"]["stamps"], dtype=np.int64).reshape(len(db), 2)
+    old_stamps = db.stamps
     old_row = {p: i for i, p in enumerate(db.paths)}
     keep = np.full(len(paths), -1, dtype=np.int64)
     new = changed = 0
@@ -95,7 +103,7 @@ def plan_update(db, root: Path) -> Plan:
 
 def check_database(db, path: Path) -> None:
     """The database must say which model made it and which images it holds."""
-    if db.model is None or not (db.record or {}).get("images"):
+    if db.model is None or not (db.record or {}).get("images") or db.stamps is None:
         reason = db.record_note or f"{path} records no model or image times"
         raise UserError(f"cannot update {path}: {reason}; rebuild it once with gen_embeddings.py "
                         f"(its files record what an update needs)")
@@ -109,13 +117,16 @@ def main(args) -> Plan:
     from deepranking.embedding_io import files_of
 
     output = args.output or args.database
+    if database.is_folder(args.database) and args.output is not None:
+        raise UserError("a database folder is updated in place (only the shards that change are written); "
+                        "--output is for one-file databases")
     if not args.dry_run:  # what an interrupted update of this database left (written or not, this run)
         for path in files_of(output):
             file_io.remove_stale_temporaries(path)
     if args.output is not None and not args.dry_run:
         if Path(args.output).resolve() != Path(args.database).resolve():
             file_io.check_output_path(args.output, args.force, "updated database")
-    db = embedding_io.read_embeddings(args.database, progress=not args.no_progress)
+    db = database.open(args.database, progress=not args.no_progress)
     check_database(db, args.database)
     ckpt = load_checkpoint(args.model)
     device = runtime.pick_device(args.device)
@@ -137,20 +148,40 @@ def main(args) -> Plan:
         return plan
     if not plan.paths:
         raise UserError(f"no images left in {root}: not writing an empty database")
-    emb = np.empty((len(plan.paths), db.dim), dtype=np.float32)
-    kept = plan.keep >= 0
-    emb[kept] = db.emb[plan.keep[kept]]
     start = time.perf_counter()
-    if plan.to_embed:
-        precision = runtime.resolve_precision(device, args.amp)
-        emb[~kept] = embed_paths(plan.to_embed, model, spec, batch_size=args.batch_size, device=device,
-                                 precision=precision, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                 cache_budget=args.cache_budget)
+    if isinstance(db, database.ShardedDatabase):
+        summary += "; " + update_folder(db, plan, model, spec, fingerprint, root, device, args)
+    else:
+        emb = np.empty((len(plan.paths), db.dim), dtype=np.float32)
+        kept = plan.keep >= 0
+        emb[kept] = db[plan.keep[kept]]
+        if plan.to_embed:
+            precision = runtime.resolve_precision(device, args.amp)
+            emb[~kept] = embed_paths(plan.to_embed, model, spec, batch_size=args.batch_size, device=device,
+                                     precision=precision, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                     cache_budget=args.cache_budget)
+        embedding_io.write_embeddings(output, plan.paths, plan.labels, emb, progress=not args.no_progress,
+                                      model=fingerprint, images={"root": str(root.resolve()), "stamps": plan.stamps})
     seconds = time.perf_counter() - start
-    embedding_io.write_embeddings(output, plan.paths, plan.labels, emb, progress=not args.no_progress,
-                                  model=fingerprint, images={"root": str(root.resolve()), "stamps": plan.stamps})
     print(f"updated {output}: {summary}; embedded in {seconds:.2f} s", file=sys.stderr)
     return plan
+
+
+def update_folder(db, plan: Plan, model, spec, fingerprint: dict, root: Path, device, args) -> str:
+    """Update a database folder shard by shard (database.update_folder) and its FAISS indexes; what it did."""
+    precision = runtime.resolve_precision(device, args.amp)
+
+    def embed(paths: list[str]):
+        return embedding.embed_path_batches(paths, model, spec, batch_size=args.batch_size, device=device,
+                                            precision=precision, cache_dir=args.cache_dir,
+                                            progress=not args.no_progress, cache_budget=args.cache_budget)
+
+    budget = database.memory_budget(args.memory_budget)
+    done = database.update_folder(db, plan.paths, plan.labels, plan.stamps, plan.keep, embed, fingerprint,
+                                  str(root.resolve()), budget)
+    indexes = database.refresh_indexes(database.open(args.database), budget)
+    return (f"shards: {done.kept} kept, {done.rewritten} rewritten, {done.dropped} dropped, {done.added} added"
+            + (f"; {indexes} FAISS index(es) brought up to date" if indexes else ""))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
     python bench/bench_rehearsal.py [--work-dir DIR] [--train-seconds 600] [--r101-steps 3]
 
+A million images within a memory budget (database folders, images decoded on the fly)::
+
+    python bench/bench_rehearsal.py --train-per-class 5000 --size 32 --shard-rows 100000 \
+        --memory-budget 1G --cache-budget 0 --train-seconds 300 --stages data train search update \
+        --work-dir runs/rehearsal_1m --output-dir docs/results/rehearsal_1m
+
 Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist``, 10 garments x 20 hues
 (``make_sample_data.py --tints 20``: "Coat hue 036", a fine-grained task: one shape in
 20 colours), 500 train + 50 val images per class at 64 px, TinyImageNet's layout.
@@ -20,12 +26,20 @@ Then, each stage a separate process as a user runs it, with its own image cache 
    (a folder of classes), whose images/s say what the full 110,000 would take;
 5. the cache budget: the recipe trained for ``--stream-steps`` steps and gen_embeddings.py
    over the whole set, with ``--cache-budget 0`` (decoded on the fly in worker processes)
-   against the cached runs.
+   against the cached runs;
+6. update (``--update-images N``): N val images copied into the train classes under new names,
+   then update_database.py on the database.
+
+``--shard-rows N`` makes the embeddings database folders (shards of N rows) instead of ``.npy``
+files; ``--memory-budget`` goes to eval.py, query.py and update_database.py, ``--cache-budget``
+to train_net.py, gen_embeddings.py and update_database.py; queries search exactly (``--ann
+exact``), and ``--faiss-nlist L`` adds a FAISS query, cold (training and filling the index) and warm.
 
 For each stage: wall seconds, the process's peak resident memory and that of its
 process tree (DataLoader workers included: shared pages counted once per process), and
 the disk it wrote (its outputs plus the cache folder's growth). Writes
-``rehearsal.json`` and ``rehearsal.md`` into ``--output-dir``.
+``rehearsal.json`` (after every stage, so a long run that stops leaves what it measured) and
+``rehearsal.md`` into ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -63,9 +77,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="val images ResNet-101 embeds (images/s gives the full set's time)")
     p.add_argument("--stream-steps", type=argtypes.positive_int, default=200,
                    help="steps of the cached and the streamed (--cache-budget 0) training runs compared")
+    p.add_argument("--size", type=argtypes.positive_int, default=64, help="image side of the data (make_sample_data)")
+    p.add_argument("--shard-rows", type=argtypes.positive_int, default=None,
+                   help="embeddings as database folders of shards of this many rows (default: .npy files)")
+    p.add_argument("--memory-budget", default=None, help="--memory-budget of eval.py, query.py, update_database.py")
+    p.add_argument("--cache-budget", default=None,
+                   help="--cache-budget of train_net.py, gen_embeddings.py and update_database.py (0: decode on the fly)")
+    p.add_argument("--update-images", type=argtypes.positive_int, default=1000,
+                   help="images the update stage adds (copies of val images, into their train class)")
+    p.add_argument("--faiss-nlist", type=argtypes.positive_int, default=None,
+                   help="also query through FAISS with this many lists, cold and warm")
     p.add_argument("--seed", type=int, default=1, help="seed of data, triplets and training")
     p.add_argument("--stages", nargs="+", default=["data", "train", "search", "r101", "stream"],
-                   choices=["data", "train", "search", "r101", "stream"], help="stages to run (in this order)")
+                   choices=["data", "train", "search", "r101", "stream", "update"],
+                   help="stages to run (in this order)")
     return p
 
 
@@ -86,12 +111,24 @@ def disk_bytes(*paths: Path) -> int:
 
 
 class Rehearsal:
-    def __init__(self, args):
-        self.args, self.rows = args, []
+    def __init__(self, args, on_row=None):
+        self.args, self.rows, self.on_row = args, [], on_row
         self.work = args.work_dir.resolve()
         self.cache = self.work / "cache"
         self.data = self.work / "fm200"
         os.environ["DEEP_RANK_CACHE_DIR"] = str(self.cache)  # inherited by every stage
+        sharded = args.shard_rows is not None
+        self.train_emb = self.work / ("train_db" if sharded else "train_embedding.npy")
+        self.test_emb = self.work / ("test_db" if sharded else "test_embedding.npy")
+
+    def flags(self, *names: str) -> list:
+        """The rehearsal's --shard-rows / --memory-budget / --cache-budget for a stage, where set."""
+        out = []
+        for name in names:
+            value = getattr(self.args, name.replace("-", "_"))
+            if value is not None:
+                out += [f"--{name}", value]
+        return out
 
     def stage(self, name: str, script: str, *argv, outputs=(), note: str = "", cache_dir: Path | None = None):
         """Run one stage, record its time, memory and disk (its outputs + the cache's growth)."""
@@ -105,6 +142,8 @@ class Rehearsal:
         self.rows.append(row)
         print(f"  {m.seconds:.1f} s, peak {m.peak_mb:.0f} MB (tree {m.tree_peak_mb:.0f} MB), "
               f"wrote {row['output_bytes'] / 1e6:.0f} MB + cache {row['cache_bytes'] / 1e6:.0f} MB", file=sys.stderr)
+        if self.on_row is not None:
+            self.on_row()
         return row
 
     # --- the stages --------------------------------------------------------------------------
@@ -114,7 +153,7 @@ class Rehearsal:
         if self.data.exists():
             shutil.rmtree(self.data)
         self.stage("make data", "make_sample_data.py", "--source", a.source, "--tints", a.tints,
-                   "--train-per-class", a.train_per_class, "--val-per-class", a.val_per_class, "--size", 64,
+                   "--train-per-class", a.train_per_class, "--val-per-class", a.val_per_class, "--size", a.size,
                    "--seed", a.seed, "--output", self.data, "--no-progress", outputs=[self.data])
         self.stage("transform_validation", "transform_validation.py", "--data-dir", self.data)
         for split, csv in ((1, w / "train.csv"), (0, w / "val.csv")):
@@ -129,7 +168,7 @@ class Rehearsal:
         self.stage("train_net (recipe)", "train_net.py", *OUR_RECIPE, "--epochs", a.recipe_epochs,
                    "--triplets", w / "train.csv",
                    "--val-triplets", w / "val.csv", "--time-limit", a.train_seconds, "--seed", a.seed,
-                   "--output-dir", out, "--no-progress", outputs=[out],
+                   *self.flags("cache-budget"), "--output-dir", out, "--no-progress", outputs=[out],
                    note=f"{recipe_flag('--arch')} {recipe_flag('--image-size')} px, {recipe_flag('--embedding-dim')}-d, "
                         f"--epochs {a.recipe_epochs}, --time-limit {a.train_seconds:.0f}")
 
@@ -141,22 +180,55 @@ class Rehearsal:
         n_classes = 10 * a.tints  # Fashion-MNIST's 10 garments
         n_train, n_val = n_classes * a.train_per_class, n_classes * a.val_per_class
         model = self.recipe_model()
-        train_emb, test_emb = w / "train_embedding.npy", w / "test_embedding.npy"
+        train_emb, test_emb = self.train_emb, self.test_emb
+        form = f"database folders of {a.shard_rows:,}-row shards" if a.shard_rows else "binary files"
         self.stage("gen_embeddings (recipe)", "gen_embeddings.py", "--model", model, "--data-dir", self.data,
-                   "--train-output", train_emb, "--test-output", test_emb, "--device", "cpu", "--no-progress",
-                   "--force", outputs=[train_emb, test_emb], note=f"{n_train + n_val:,} images, 128-d, binary files")
+                   "--train-output", train_emb, "--test-output", test_emb, *self.flags("shard-rows", "cache-budget"),
+                   "--device", "cpu", "--no-progress", "--force", outputs=[train_emb, test_emb],
+                   note=f"{n_train + n_val:,} images, 128-d, {form}")
         row = self.stage("eval (recipe)", "eval.py", "--train-embeddings", train_emb, "--test-embeddings", test_emb,
-                         "--output-dir", w / "eval_recipe", "--device", "cpu", "--no-progress", "--force",
-                         outputs=[w / "eval_recipe"], note=f"{n_val:,} queries x {n_train:,}")
+                         *self.flags("memory-budget"), "--output-dir", w / "eval_recipe", "--device", "cpu",
+                         "--no-progress", "--force", outputs=[w / "eval_recipe"],
+                         note=f"{n_val:,} queries x {n_train:,}, exact")
         metrics = json.loads((w / "eval_recipe" / "metrics.json").read_text())
         row["precision_at_30"] = metrics["test_precision_at_k"]
         row["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.query_stages(model, "exact", [])
+        if a.faiss_nlist:
+            self.query_stages(model, "faiss", ["--nlist", a.faiss_nlist])
+
+    def query_stages(self, model: Path, ann: str, extra: list) -> None:
+        """query.py for one image twice: cold (no saved index) and warm."""
+        train_emb = self.train_emb
         query = sorted((self.data / "val").rglob("*.JPEG"))[0]
         shutil.rmtree(Path(str(train_emb) + ".index"), ignore_errors=True)  # cold: no saved index yet
+        for folder in train_emb.glob("ivf-*") if train_emb.is_dir() else ():
+            shutil.rmtree(folder)
+        if train_emb.is_dir():  # a folder is searched as it is; FAISS keeps its indexes inside it
+            built = [train_emb / f"ivf-nlist{extra[1]}-pq0-seed0"] if ann == "faiss" else []
+        else:
+            built = [Path(str(train_emb) + ".index")]
         for kind in ("cold", "warm"):
-            self.stage(f"query ({kind})", "query.py", "--model", model, "--embeddings", train_emb, "--top", 5,
-                       "--device", "cpu", query, outputs=[Path(str(train_emb) + ".index")] if kind == "cold" else [],
-                       note="one image; cold builds the saved index")
+            self.stage(f"query ({ann}, {kind})", "query.py", "--model", model, "--embeddings", train_emb, "--top", 5,
+                       "--ann", ann, *extra, *self.flags("memory-budget"), "--device", "cpu", query,
+                       outputs=built if kind == "cold" else [],
+                       note="one image" + ("; cold builds the saved index" if kind == "cold" and built else ""))
+
+    def update_stage(self) -> None:
+        """update_database.py after ``--update-images`` val images are copied into their train classes."""
+        a = self.args
+        val = sorted((self.data / "val").iterdir())
+        added = 0
+        for i in range(a.update_images):
+            folder = val[i % len(val)]
+            images = sorted((folder / "images").glob("*.JPEG"))
+            source = images[(i // len(val)) % len(images)]
+            target = self.data / "train" / folder.name / "images" / f"added_{i}_{source.name}"
+            shutil.copy(source, target)
+            added += 1
+        self.stage("update_database (recipe)", "update_database.py", "--model", self.recipe_model(),
+                   "--database", self.train_emb, *self.flags("memory-budget", "cache-budget"), "--device", "cpu",
+                   "--no-progress", outputs=[], note=f"{added:,} images added to the database")
 
     def r101_stages(self) -> None:
         a, w = self.args, self.work
@@ -225,15 +297,18 @@ def main(args) -> None:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rehearsal = Rehearsal(args)
+    def save() -> None:
+        summary = dict(cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), seed=args.seed,
+                       recipe=OUR_RECIPE, argv=sys.argv[1:], rows=rehearsal.rows)
+        with file_io.atomic_path(args.output_dir / "rehearsal.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+
+    rehearsal = Rehearsal(args, on_row=save)
     steps = {"data": rehearsal.data_stages, "train": rehearsal.train_stage, "search": rehearsal.search_stages,
-             "r101": rehearsal.r101_stages, "stream": rehearsal.stream_stages}
+             "r101": rehearsal.r101_stages, "stream": rehearsal.stream_stages, "update": rehearsal.update_stage}
     for name in args.stages:
         steps[name]()
-    summary = dict(cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(), seed=args.seed,
-                   recipe=OUR_RECIPE, rows=rehearsal.rows)
-    with file_io.atomic_path(args.output_dir / "rehearsal.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    save()
     table = rehearsal.report()
     with file_io.atomic_path(args.output_dir / "rehearsal.md") as tmp:
         tmp.write_text(table)

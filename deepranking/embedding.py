@@ -8,7 +8,7 @@ image gives the same vector wherever it is embedded.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def _batches(images, batch_size: int, pin: bool) -> Iterable[torch.Tensor]:
             yield pending.result()
 
 
-def embed_images(
+def embed_batches(
     model: nn.Module,
     images,
     spec: Preprocessing | int,
@@ -95,8 +95,9 @@ def embed_images(
     precision: runtime.Precision | None = None,
     progress: bool = True,
     desc: str = "embedding",
-) -> np.ndarray:
-    """Embed uint8 images [N,H,W,3] (array or memmap); returns float32 [N, D], unit rows.
+) -> Iterator[np.ndarray]:
+    """Embed uint8 images [N,H,W,3] (array, memmap or StreamedImages) one batch at a time: float32
+    [b, D] unit rows, in order, so a caller can write them out as they come (database.Output).
 
     ``precision`` defaults to the --amp auto policy of the device. ``progress``: a bar (steady
     lines in a log file) and, after the first batches, the time the whole set will take.
@@ -106,25 +107,63 @@ def embed_images(
     layout = runtime.memory_format(device)
     was_training = model.training
     model.eval()
-    chunks = []
     # with progress: also, once the first batches are timed, how long all of them will take
     forecast = loop_forecast(desc, len(images), "img") if progress else None
     bar = cli.progress(total=len(images), desc=desc, unit="img", enabled=progress, forecast=forecast)
-    with torch.inference_mode(), bar:
-        for batch in _batches(images, batch_size, pin=device.type == "cuda"):
-            x = preprocess(batch.to(device, non_blocking=True), spec, memory_format=layout)  # [b,3,S,S]
-            with precision.autocast():
-                emb = model(x)  # [b, D]
-            chunks.append(F.normalize(emb.float(), dim=1).cpu())
-            bar.update(len(batch))
-    model.train(was_training)
+    try:
+        with bar:
+            for batch in _batches(images, batch_size, pin=device.type == "cuda"):
+                with torch.inference_mode():  # not held across the yield: the caller's code runs outside it
+                    x = preprocess(batch.to(device, non_blocking=True), spec, memory_format=layout)  # [b,3,S,S]
+                    with precision.autocast():
+                        emb = model(x)  # [b, D]
+                    rows = F.normalize(emb.float(), dim=1).cpu().numpy()
+                bar.update(len(batch))
+                yield rows
+    finally:
+        model.train(was_training)
+
+
+def embed_images(model: nn.Module, images, spec: Preprocessing | int, **kwargs) -> np.ndarray:
+    """Embed uint8 images [N,H,W,3] (array or memmap); returns float32 [N, D], unit rows
+    (:func:`embed_batches`, joined; ``kwargs`` are its keyword arguments)."""
+    return _joined(list(embed_batches(model, images, spec, **kwargs)), model)
+
+
+def _joined(chunks: list[np.ndarray], model: nn.Module) -> np.ndarray:
+    """Batches of rows as one float32 [N, D] array ([0, D] when there are none)."""
     if not chunks:
-        dim = getattr(model, "config", {}).get("embedding_dim", 0)
-        return np.zeros((0, dim), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+        return np.zeros((0, getattr(model, "config", {}).get("embedding_dim", 0)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def embed_paths(
+def _images_of(paths: list[str], spec: Preprocessing, cache_dir, progress: bool, cache_budget):
+    """The decoded images of ``paths`` at ``spec.cache_size``: a cache entry, or StreamedImages over the budget.
+
+    ``spec.cache_size`` 0 (a version-1 checkpoint, which did not record it) chooses the size
+    from the images, as version-1 code did.
+    """
+    cache_size = spec.cache_size or image_cache.choose_cache_size(paths, spec.image_size)
+    return image_cache.cache_images(paths, cache_size, cache_dir=cache_dir, progress=progress,
+                                    budget=cache_budget)  # uint8 [N, c, c, 3]: a cache, or streamed
+
+
+def _refuse_non_finite(emb: np.ndarray, paths: Sequence[str], of: str = "") -> None:
+    """No distance or file may carry NaN or infinity: every stage that embeds images comes here."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise UserError(f"the model gives NaN or infinite embeddings for {int(bad.sum())} of {len(paths)} "
+                        f"image(s){of}, e.g. {paths[int(np.flatnonzero(bad)[0])]}: its weights or preprocessing "
+                        f"record are damaged, or fp16 overflowed on the GPU (--amp off computes in fp32)")
+
+
+def embed_paths(paths: Sequence[str], model: nn.Module, spec: Preprocessing, **kwargs) -> np.ndarray:
+    """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them: float32 [N, D]
+    (:func:`embed_path_batches`, joined; ``kwargs`` are its keyword arguments)."""
+    return _joined(list(embed_path_batches(paths, model, spec, **kwargs)), model)
+
+
+def embed_path_batches(
     paths: Sequence[str],
     model: nn.Module,
     spec: Preprocessing,
@@ -134,22 +173,20 @@ def embed_paths(
     cache_dir=None,
     progress: bool = True,
     cache_budget: int | str | None = None,
-) -> np.ndarray:
-    """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them: float32 [N, D].
+) -> Iterator[np.ndarray]:
+    """Decode ``paths`` (through the cache, at ``spec.cache_size``) and embed them one batch at a time:
+    float32 [b, D] each, in order, so memory holds a batch whatever the number of images. A batch with
+    NaN or infinity stops it (UserError).
 
     ``cache_budget``: see image_cache.cache_images (None: $DEEP_RANK_CACHE_BUDGET or auto).
-    ``spec.cache_size`` 0 (a version-1 checkpoint, which did not record it) chooses the size
-    from the images, as version-1 code did.
     """
     paths = list(paths)
-    cache_size = spec.cache_size or image_cache.choose_cache_size(paths, spec.image_size)
-    images = image_cache.cache_images(paths, cache_size, cache_dir=cache_dir, progress=progress,
-                                      budget=cache_budget)  # uint8 [N, c, c, 3]: a cache, or streamed
-    emb = embed_images(model, images, spec, batch_size=batch_size, device=device, precision=precision,
-                       progress=progress)  # [N, D]
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():  # no distance or file may carry them: every stage that embeds images comes here
-        raise UserError(f"the model gives NaN or infinite embeddings for {int(bad.sum())} of {len(paths)} image(s), "
-                        f"e.g. {paths[int(np.flatnonzero(bad)[0])]}: its weights or preprocessing record are damaged, "
-                        f"or fp16 overflowed on the GPU (--amp off computes in fp32)")
-    return emb
+    if not paths:
+        return
+    images = _images_of(paths, spec, cache_dir, progress, cache_budget)
+    start = 0
+    for emb in embed_batches(model, images, spec, batch_size=batch_size, device=device, precision=precision,
+                             progress=progress):
+        _refuse_non_finite(emb, paths[start:start + len(emb)], of=f" of one batch (rows {start + 1}-{start + len(emb)})")
+        start += len(emb)
+        yield emb

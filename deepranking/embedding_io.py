@@ -45,7 +45,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -202,7 +202,7 @@ def format_values(values: np.ndarray, row_length: int) -> bytes:
 # ----------------------------------------------------------------------------
 
 
-def _relative(path: str, base: Path) -> str:
+def relative_path(path: str, base: Path) -> str:
     """Path as stored in an embedding file: relative to its folder, absolute on another drive."""
     absolute = os.path.abspath(path)
     try:
@@ -211,7 +211,7 @@ def _relative(path: str, base: Path) -> str:
         return absolute
 
 
-def _csv_field(text: str) -> str:
+def csv_field(text: str) -> str:
     """Quote a field by CSV rules when it holds a comma or a quote; refuse newlines."""
     if "\n" in text or "\r" in text:
         raise UserError(f"paths and labels in embedding files may not contain newlines: {text!r}")
@@ -230,6 +230,14 @@ def _first_empty(values) -> int | None:
     return int(empty[0]) if len(empty) else None
 
 
+def check_rows(paths: Sequence[str], labels: Sequence) -> None:
+    """Refuse an empty path or label before writing: read back, it would be refused."""
+    for name, values in (("path", paths), ("label", labels)):
+        row = _first_empty(values)
+        if row is not None:
+            raise UserError(f"embedding row {row + 1} ({paths[row]!r}) has an empty {name}; refusing to write it")
+
+
 def _check_inputs(paths: Sequence[str], labels: Sequence, emb: np.ndarray) -> np.ndarray:
     emb = np.asarray(emb)
     if emb.ndim != 2:
@@ -238,10 +246,7 @@ def _check_inputs(paths: Sequence[str], labels: Sequence, emb: np.ndarray) -> np
         raise ValueError(f"{len(paths)} paths and {len(labels)} labels for {emb.shape[0]} embeddings")
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise UserError(f"no embeddings to write (shape {emb.shape})")
-    for name, values in (("path", paths), ("label", labels)):  # read back, it would be refused
-        row = _first_empty(values)
-        if row is not None:
-            raise UserError(f"embedding row {row + 1} ({paths[row]!r}) has an empty {name}; refusing to write it")
+    check_rows(paths, labels)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
@@ -252,7 +257,7 @@ def _check_inputs(paths: Sequence[str], labels: Sequence, emb: np.ndarray) -> np
 
 def _row_prefixes(paths: Sequence[str], labels: Sequence, base: Path) -> list[bytes]:
     return [
-        f"{_csv_field(_relative(str(p), base))},{_csv_field(str(lab))},".encode("utf-8")
+        f"{csv_field(relative_path(str(p), base))},{csv_field(str(lab))},".encode("utf-8")
         for p, lab in zip(paths, labels)
     ]
 
@@ -341,21 +346,26 @@ def write_embeddings(
     return Path(path)
 
 
-def write_embedding_files(files: Sequence[EmbeddingFile], progress: bool = True) -> None:
+def write_embedding_files(files: Sequence[EmbeddingFile], progress: bool = True,
+                          also: Sequence[tuple[Path, Callable[[Path], None]]] = ()) -> None:
     """Write several embedding files as one unit (gen_embeddings.py's train + test pair).
 
     Every data file and companion is written to a temporary name first; only when all are
     complete are they renamed into place, with Ctrl-C held (``file_io.atomic_paths``). An
-    error or interruption before that leaves every existing file as it was.
+    error or interruption before that leaves every existing file as it was. ``also``: more
+    files of the unit, (final path, a function that writes it at the temporary path it is
+    given) — a database folder's manifest.
     """
     checked = [(f, _check_inputs(f.paths, f.labels, f.emb)) for f in files]
-    finals = [p for f in files for p in files_of(f.path)]
+    finals = [p for f in files for p in files_of(f.path)] + [Path(final) for final, _ in also]
     with atomic_paths(finals) as tmps:
         pos = 0
         for f, emb in checked:
             n_files = len(files_of(f.path))
             _write_one(Path(f.path), tmps[pos : pos + n_files], f, emb, progress)
             pos += n_files
+        for tmp, (_, write) in zip(tmps[pos:], also):
+            write(tmp)
 
 
 def _record(f: EmbeddingFile, emb: np.ndarray) -> dict:
@@ -392,7 +402,7 @@ def _write_one(final: Path, tmps: list[Path], f: EmbeddingFile, emb: np.ndarray,
     kind = file_kind(final)
     record = _record(f, emb)
     if kind == "npz":
-        rel = np.array([_relative(str(p), base) for p in paths], dtype=str)
+        rel = np.array([relative_path(str(p), base) for p in paths], dtype=str)
         with open(tmps[0], "wb") as fh:  # a file object: savez would append ".npz" to a name
             np.savez(fh, emb=emb, paths=rel, labels=np.array([str(x) for x in labels], dtype=str),
                      format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION),
@@ -428,7 +438,7 @@ def _write_meta(meta: Path, paths: Sequence[str], labels: Sequence, base: Path) 
     for p, lab in zip(paths, labels):
         if any(c in str(x) for x in (p, lab) for c in "\r\n"):
             raise UserError(f"paths and labels in embedding files may not contain newlines: {p!r}")
-        writer.writerow([_relative(str(p), base), str(lab)])
+        writer.writerow([relative_path(str(p), base), str(lab)])
     meta.write_text(buf.getvalue(), encoding="utf-8")
 
 
@@ -599,7 +609,7 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
         raise UserError(f"embedding file holds no embeddings: {path}")
     if result.dim == 0:
         raise UserError(f"malformed embedding file {path}: its embeddings have 0 dimensions")
-    _check_unique_paths(path, result.paths)
+    check_unique_paths(path, result.paths)
     if not np.isfinite(result.emb).all():
         row = int(np.flatnonzero(~np.isfinite(result.emb).all(axis=1))[0])
         raise UserError(f"embedding file {path}: row {row + 1} ({result.paths[row]}) has NaN or infinite values")
@@ -609,7 +619,7 @@ def read_embeddings(path: str | os.PathLike, progress: bool = True) -> Embedding
     return result
 
 
-def _check_unique_paths(path: Path, paths: list[str]) -> None:
+def check_unique_paths(path: Path, paths: list[str]) -> None:
     """Each image once: a second row of the same image would be a perfect match for the first
     (leave-one-out leaves out only the row itself), which no score may count."""
     n_unique = len(set(paths))  # a set, not np.unique: a fixed-width array pads every row to the longest

@@ -467,12 +467,13 @@ def per_class_precision(query_labels, neighbour_labels, k: int):
 
 def mean_pairwise_distance(emb, max_rows: int = 2000, seed: int = 0) -> float:
     """Mean Euclidean distance between distinct rows of ``emb`` [N, d] (float64), over a seeded
-    sample of at most ``max_rows`` rows; 0.0 for fewer than 2 rows. A collapse check."""
-    x = np.asarray(emb, dtype=np.float64)
-    if len(x) < 2:
+    sample of at most ``max_rows`` rows; 0.0 for fewer than 2 rows. A collapse check. Only the
+    sampled rows are read (``emb`` may be a database.Database)."""
+    n = len(emb)
+    if n < 2:
         return 0.0
-    if len(x) > max_rows:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), size=max_rows, replace=False))]
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False)) if n > max_rows else slice(None)
+    x = np.asarray(emb[rows], dtype=np.float64)
     t = torch.from_numpy(x)
     d = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist")  # [n, n], exact differences
     n = len(x)

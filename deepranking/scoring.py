@@ -115,13 +115,16 @@ def class_grades(names: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray, p
 
 def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray,
                   k: int, r: np.ndarray, exclude_rows: np.ndarray | None = None, chunk_size: int | None = None,
-                  progress: bool = True, desc: str = "scoring", grades: Grades | None = None) -> dict:
+                  progress: bool = True, desc: str = "scoring", neighbour_budget: int = NEIGHBOUR_BUDGET,
+                  max_block: int | None = None, grades: Grades | None = None) -> dict:
     """Per-query metrics of ``queries`` against ``index`` (whose labels are ``db_codes``).
 
+    ``index``: a retrieval.ExactIndex, or anything with its ``search`` and ``len`` (database.StreamingIndex);
+    ``queries``: [Q, d], any object whose slices are float arrays (a database.Database too).
     Each query fetches max(k, max R) neighbours (R: see same_class_counts), enough for
-    R-precision and MAP@R of the largest class. Queries go NEIGHBOUR_BUDGET // depth at a
-    time, so the [block, depth] neighbour indices and labels stay within the budget
-    whatever the number of queries (ExactIndex bounds its own [chunk, N] distance block).
+    R-precision and MAP@R of the largest class. Queries go ``neighbour_budget`` // depth (and at most
+    ``max_block``) at a time, so the [block, depth] neighbour indices and labels and the block's query
+    vectors stay within the budget whatever the number of queries (the index bounds its own distance block).
     Returns float arrays [Q]: precision (at k), hit (at k), recall_at_1, r_precision,
     map_at_r (NaN where R = 0), and "curve": precision@1..k averaged over all queries. With
     ``grades`` (a class hierarchy) also parent_precision (at k: neighbours under the query's parent)
@@ -130,7 +133,7 @@ def score_queries(index: retrieval.ExactIndex, queries: np.ndarray, q_codes: np.
     n_q = len(queries)
     available = len(index) - (1 if exclude_rows is not None else 0)
     depth = int(min(available, max(k, int(r.max(initial=0)), 1)))
-    block = max(1, NEIGHBOUR_BUDGET // depth)
+    block = max(1, min(neighbour_budget // depth, max_block or n_q))
     names = ("precision", "hit", "recall_at_1", "r_precision", "map_at_r")
     out = {name: np.empty(n_q, dtype=np.float64)
            for name in names + (("parent_precision", "ndcg") if grades is not None else ())}
@@ -171,9 +174,13 @@ def none_if_nan(value: float) -> float | None:
 def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels, k: int,
              index: retrieval.ExactIndex | None = None, *, protocol: str = "split", max_train_queries: int = 0,
              seed: int = 0, chunk_size: int | None = None, device=None, progress: bool = True,
-             parents: dict | None = None) -> Evaluation:
+             parents: dict | None = None, neighbour_budget: int = NEIGHBOUR_BUDGET,
+             max_block: int | None = None) -> Evaluation:
     """Every metric of the queries ``query_emb`` [Q, d] (labels [Q]) against the database ``db_emb`` [N, d]
     (labels [N]), searched through ``index`` (default: an ExactIndex over ``db_emb`` on ``device``).
+    ``db_emb`` and ``query_emb`` may be database.Database objects: only their slices and the train
+    precision's rows are read, so a database larger than memory is scored through a
+    database.StreamingIndex; ``neighbour_budget`` and ``max_block``: see score_queries.
 
     protocol "split": the queries search the database; with ``max_train_queries`` > 0 also train
     precision (a subset of at most that many database rows, drawn with ``seed``, each its own row
@@ -195,8 +202,9 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
     r = same_class_counts(q_codes, db_codes, self_search)
     exclude = np.arange(len(query_emb)) if self_search else None
     grades = class_grades(names, q_codes, db_codes, parents) if parents is not None else None
+    blocks = {"neighbour_budget": neighbour_budget, "max_block": max_block}
     s = score_queries(index, query_emb, q_codes, db_codes, k, r, exclude, chunk_size, progress,
-                      desc="scoring queries", grades=grades)
+                      desc="scoring queries", grades=grades, **blocks)
     lone = sorted({str(names[c]) for c in q_codes[r <= 0]})
     metrics = {
         "protocol": protocol,
@@ -221,18 +229,19 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
     table = retrieval.per_class_mean(query_labels, s["precision"])
     wanted = not self_search and max_train_queries > 0 and len(db_emb) - 1 >= k
     _add_train_precision(metrics, index, db_emb, db_codes, k, max_train_queries if wanted else 0, seed,
-                         chunk_size, progress)
+                         chunk_size, progress, blocks)
     per_query = {name: values for name, values in s.items() if name != "curve"}
     return Evaluation(metrics, per_query, table, lone)
 
 
 def _add_train_precision(metrics: dict, index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: np.ndarray,
-                         k: int, max_queries: int, seed: int, chunk_size: int | None, progress: bool) -> None:
+                         k: int, max_queries: int, seed: int, chunk_size: int | None, progress: bool,
+                         blocks: dict) -> None:
     """metrics' train_precision_at_k, its ceiling, its curve and query count (None, 0 with no queries)."""
     if max_queries <= 0:
         metrics.update(train_precision_at_k=None, train_precision_at_k_max=None, num_train_queries=0)
         return
-    t, n_train = train_precision(index, db_emb, db_codes, k, max_queries, seed, chunk_size, progress)
+    t, n_train = train_precision(index, db_emb, db_codes, k, max_queries, seed, chunk_size, progress, **blocks)
     metrics["train_precision_at_k"] = float(t["precision"].mean())
     metrics["train_precision_at_k_max"] = float(t["achievable"].mean())
     metrics["precision_at_k_curve"]["train"] = t["curve"].tolist()
@@ -249,13 +258,27 @@ def _graded_metrics(scores: dict) -> dict:
 
 def train_precision(index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: np.ndarray, k: int,
                     max_queries: int, seed: int, chunk_size: int | None = None,
-                    progress: bool = True) -> tuple[dict, int]:
+                    progress: bool = True, **blocks) -> tuple[dict, int]:
     """Train precision: a seeded subset of at most ``max_queries`` database rows queries the
     database, each its own row excluded. Returns (score_queries' arrays plus "achievable", each
-    query's achievable_precision, the number of queries)."""
+    query's achievable_precision, the number of queries); ``blocks``: score_queries' neighbour_budget
+    and max_block."""
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(len(db_emb), size=min(len(db_emb), max_queries), replace=False))
-    t = score_queries(index, db_emb[sub], db_codes[sub], db_codes, k, np.zeros(len(sub), dtype=np.int64),
-                      sub, chunk_size, progress, desc="scoring train queries")
+    t = score_queries(index, RowsOf(db_emb, sub), db_codes[sub], db_codes, k, np.zeros(len(sub), dtype=np.int64),
+                      sub, chunk_size, progress, desc="scoring train queries", **blocks)
     t["achievable"] = achievable_precision(same_class_counts(db_codes[sub], db_codes, True), k)
     return t, int(len(sub))
+
+
+class RowsOf:
+    """Rows ``rows`` of ``emb`` (an array or a database.Database) as queries, read a block (slice) at a time."""
+
+    def __init__(self, emb, rows: np.ndarray):
+        self.emb, self.rows = emb, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, block: slice) -> np.ndarray:
+        return self.emb[self.rows[block]]

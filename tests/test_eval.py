@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepranking import cli
+from deepranking import cli, database
 from deepranking import embedding_io
 import eval as eval_script
 
@@ -73,8 +73,7 @@ def test_triplet_accuracy(tmp_path):
     csv = tmp_path / "t.csv"
     # (0; 1 vs 5): 1 closer -> right. (0; 5 vs 1): wrong.
     image_data.write_triplet_csv(csv, [str(imgs[0])] * 2, [str(imgs[1]), str(imgs[5])], [str(imgs[5]), str(imgs[1])])
-    acc = eval_script.triplet_accuracy(csv, embedding_io.read_embeddings(train, progress=False),
-                                       embedding_io.read_embeddings(test, progress=False))
+    acc = eval_script.triplet_accuracy(csv, database.open(train, progress=False), database.open(test, progress=False))
     assert acc == pytest.approx(0.5)
 
 

@@ -115,18 +115,17 @@ def test_an_image_replaced_while_gen_embeddings_runs_is_embedded_again_by_the_up
     ckpt = make_checkpoint(tmp_path / "net.model")
     folder = write_class_folder(tmp_path / "photos", n_classes=2, per_class=4)
     victim = folder / "class00" / "class00_1.jpg"
-    real = embedding.embed_paths
+    real = embedding.embed_path_batches
 
     def embed_then_replace(paths, *a, **kw):
-        out = real(paths, *a, **kw)
+        yield from real(paths, *a, **kw)
         Image.fromarray(class_image(1, 0, 32, seed=9)).save(victim)  # the user replaces it meanwhile
         os.utime(victim, ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
-        return out
 
-    monkeypatch.setattr(embedding, "embed_paths", embed_then_replace)
+    monkeypatch.setattr(embedding, "embed_path_batches", embed_then_replace)
     db = tmp_path / "db.txt"
     gen(ckpt, folder, db)
-    monkeypatch.setattr(embedding, "embed_paths", real)
+    monkeypatch.setattr(embedding, "embed_path_batches", real)
     plan = update(ckpt, db)
     assert (plan.new, plan.changed, plan.removed) == (0, 1, 0)
     gen(ckpt, folder, tmp_path / "rebuilt.txt")

@@ -87,6 +87,10 @@ class Embeddings:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getitem__(self, rows) -> np.ndarray:
+        """float32 rows of ``emb`` (``e[a:b]``, ``e[int array]``), as a database.Database gives them."""
+        return self.emb[rows]
+
     @property
     def model(self) -> dict | None:
         """The fingerprint of the model that made the file (checkpoint.model_fingerprint), None if unknown."""

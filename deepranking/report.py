@@ -179,7 +179,7 @@ class Neighbours:
     rows: dict[int, tuple[np.ndarray, np.ndarray]]
 
 
-def search_neighbours(index, queries: np.ndarray, q_codes: np.ndarray, db_codes: np.ndarray, k: int,
+def search_neighbours(index, queries, q_codes: np.ndarray, db_codes: np.ndarray, k: int,
                       keep: Sequence[int], self_search: bool, keep_depth: int = SHOWN_NEIGHBOURS,
                       chunk_size: int | None = None, progress: bool = True) -> Neighbours:
     """Each query's k nearest in ``index`` (its own row excluded with ``self_search``), searched
@@ -281,8 +281,8 @@ def write_report(path: str | os.PathLike, result: scoring.Evaluation, train, tes
 
     result: scoring.evaluate's answer, with what eval.py adds to its metrics (the files read,
     triplet accuracy) and its table (a "name" column); train/test: the database and query
-    embedding files (embedding_io.Embeddings; the same object for protocol "self"), whose
-    rows ``index`` searches (``chunk_size`` queries per matrix product); names: class id ->
+    embeddings (database.Database or embedding_io.Embeddings: rows by slices; the same object for
+    protocol "self"), whose rows ``index`` searches (``chunk_size`` queries per matrix product); names: class id ->
     human name; command: the program's argv; when: the date shown (default: now).
     """
     names = names or {}
@@ -290,7 +290,7 @@ def write_report(path: str | os.PathLike, result: scoring.Evaluation, train, tes
     self_search = result.metrics["protocol"] == "self"
     class_names, db_codes, q_codes = scoring.label_codes(train.labels, test.labels)
     worst, best = pick_shown(result.per_query["precision"], result.per_query["map_at_r"])
-    found = search_neighbours(index, test.emb, q_codes, db_codes, k, worst + best, self_search,
+    found = search_neighbours(index, test, q_codes, db_codes, k, worst + best, self_search,
                               chunk_size=chunk_size, progress=progress)
     pairs = [(display_name(a, names), display_name(b, names), c, share) for a, b, c, share
              in pair_rows(top_pairs(found.pairs, class_names), result.table, k)]

@@ -259,13 +259,37 @@ def write_grid(path: Path, query_paths: list[str], dist: np.ndarray, idx: np.nda
     image_grid(path, rows, titles)
 
 
+def database_rows(db_paths: list[str], query_paths: list[str]) -> np.ndarray:
+    """int64 [Q]: each query's row in the database (-1: not in it), also through a linked folder."""
+    row_of = {p: i for i, p in enumerate(db_paths)}
+    rows = [row_of.get(p, -1) for p in query_paths]
+    if min(rows) < 0:  # the same file through a linked folder? resolve folders, not each of N files
+        real_dir = {d: os.path.realpath(d) for d in {os.path.dirname(p) for p in db_paths}}
+        real = {os.path.join(real_dir[os.path.dirname(p)], os.path.basename(p)): i for i, p in enumerate(db_paths)}
+        rows = [r if r >= 0 else real.get(os.path.realpath(q), -1) for r, q in zip(rows, query_paths)]
+    return np.array(rows, dtype=np.int64)
+
+
+def open_search_database(path, no_saved_index: bool):
+    """(the database, its saved index or None): a folder's shards are memory-mapped as they are; a file
+    goes through its saved index beside it (saved_index.open_database) unless --no-saved-index."""
+    from deepranking.embedding_io import read_embeddings
+    from deepranking.saved_index import open_database
+
+    if database.is_folder(path):
+        return database.open(path), None
+    if no_saved_index:
+        return read_embeddings(path, progress=False), None
+    saved = open_database(path)
+    return saved.db, saved
+
+
 def main(args) -> None:
     from deepranking.ann_search import choose_backend
     from deep_rank_net import model_from_checkpoint
     from deepranking.checkpoint import load_checkpoint, model_fingerprint
     from deepranking.embedding import embed_paths
-    from deepranking.embedding_io import check_same_model, read_embeddings
-    from deepranking.saved_index import open_database
+    from deepranking.embedding_io import check_same_model
 
     # Cheap checks first: nothing is loaded or embedded if an input is wrong.
     if args.grid is not None:
@@ -283,14 +307,7 @@ def main(args) -> None:
     del ckpt
 
     start = time.perf_counter()
-    saved = None
-    if database.is_folder(args.embeddings):  # shards: memory-mapped as they are, no saved copy
-        db = database.open(args.embeddings)
-    elif args.no_saved_index:
-        db = read_embeddings(args.embeddings, progress=False)
-    else:
-        saved = open_database(args.embeddings)
-        db = saved.db
+    db, saved = open_search_database(args.embeddings, args.no_saved_index)
     dim = model.config["embedding_dim"]
     if db.dim != dim:
         raise UserError(f"the model makes {dim}-dimensional embeddings but {args.embeddings} holds {db.dim}-dimensional "
@@ -310,15 +327,7 @@ def main(args) -> None:
     queries = embed_paths(query_paths, model, spec, batch_size=args.batch_size, device=device,
                           progress=False)  # [Q, D]
     embed_s = time.perf_counter() - start
-    self_rows = None
-    if args.exclude_self:
-        row_of = {p: i for i, p in enumerate(db.paths)}
-        rows = [row_of.get(p, -1) for p in query_paths]
-        if min(rows) < 0:  # the same file through a linked folder? resolve folders, not each of N files
-            real_dir = {d: os.path.realpath(d) for d in {os.path.dirname(p) for p in db.paths}}
-            real = {os.path.join(real_dir[os.path.dirname(p)], os.path.basename(p)): i for i, p in enumerate(db.paths)}
-            rows = [r if r >= 0 else real.get(os.path.realpath(q), -1) for r, q in zip(rows, query_paths)]
-        self_rows = np.array(rows, dtype=np.int64)
+    self_rows = database_rows(db.paths, query_paths) if args.exclude_self else None
     start = time.perf_counter()
     dist, idx = search(searcher, queries, args.top, args, self_rows=self_rows)
     search_s = time.perf_counter() - start

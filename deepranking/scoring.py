@@ -190,11 +190,7 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
     precision@k and hit@k count every query (the classic protocol). ``parents`` (class -> parent, a
     class hierarchy) adds parent-level precision@k and NDCG@k (same class 2 > same parent 1 > other 0).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    self_search = protocol == "self"
-    if self_search and len(db_emb) != len(query_emb):
-        raise ValueError("protocol 'self' needs the queries to be the database")
+    self_search = _check_protocol(protocol, len(db_emb), len(query_emb))
     check_k(k, len(db_emb), self_search)
     index = retrieval.ExactIndex(db_emb, device) if index is None else index
     query_labels = np.asarray(query_labels)
@@ -232,6 +228,15 @@ def evaluate(db_emb: np.ndarray, db_labels, query_emb: np.ndarray, query_labels,
                          chunk_size, progress, blocks)
     per_query = {name: values for name, values in s.items() if name != "curve"}
     return Evaluation(metrics, per_query, table, lone)
+
+
+def _check_protocol(protocol: str, n_database: int, n_queries: int) -> bool:
+    """Whether the protocol is a self search (ValueError for an unknown one, or "self" on two sets)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "self" and n_database != n_queries:
+        raise ValueError("protocol 'self' needs the queries to be the database")
+    return protocol == "self"
 
 
 def _add_train_precision(metrics: dict, index: retrieval.ExactIndex, db_emb: np.ndarray, db_codes: np.ndarray,

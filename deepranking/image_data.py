@@ -590,7 +590,14 @@ def load_triplet_data(train_csv: Path, val_csv: Path | None, val_fraction: float
     train_cols = read_triplet_csv(train_csv)
     val_cols = read_triplet_csv(val_csv) if val_csv is not None else None
     all_paths = np.concatenate(list(train_cols) + (list(val_cols) if val_cols is not None else []))
-    paths, inverse = np.unique(all_paths.astype(str), return_inverse=True)
+    # np.unique's sorted unique paths and inverse, from the Python strings: np.unique itself works on a
+    # fixed-width copy, 4 bytes x the longest path for every cell, sorted copies on top (5 GB of peak
+    # memory for a million triplets); this holds one fixed-width array of the unique paths.
+    unique = sorted(set(all_paths.tolist()))
+    row = {p: i for i, p in enumerate(unique)}
+    inverse = np.fromiter((row[p] for p in all_paths.tolist()), dtype=np.intp, count=len(all_paths))
+    paths = np.array(unique, dtype=str)
+    del row
     t = len(train_cols[0])
     train = inverse[:3 * t].reshape(3, t).T.copy()
     val = inverse[3 * t:].reshape(3, -1).T.copy() if val_cols is not None else None

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from deepranking import argtypes, cli
+from deepranking import argtypes, cli, file_io
 from deepranking.checkpoint import (Checkpointer, capture_rng_state, first_line, newest_epoch_checkpoint,
                                     restore_rng_state, strip_wrapper_prefixes, to_plain)
 from deepranking.cli import UserError
@@ -306,12 +306,14 @@ def _interrupted_start_of(out: Path, args, parser: argparse.ArgumentParser, save
     if args.resume is not None or saver.existing():
         return False
     try:
-        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        with file_io.open_regular(out / CONFIG_NAME) as f:  # a FIFO named config.json must not block
+            config = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         return False
-    if not isinstance(config, dict) or not set(parser_defaults(parser)) <= set(config):
+    known = parser_defaults(parser)
+    if not isinstance(config, dict) or not set(known) <= set(config):
         return False  # not a config.json train_net.py wrote with these flags
-    saved = {k: v for k, v in config.items() if k in parser_defaults(parser)}
+    saved = {k: v for k, v in config.items() if k in known}
     now = plain_args(args)
     same_data = all(saved[k] == now[k] for k in ("triplets", "val_triplets"))
     return saved["resume"] is None and same_data and not differing_args(saved, args, parser)

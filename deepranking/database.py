@@ -40,7 +40,6 @@ image is rewritten (changed rows in place); every other shard stays as it is, an
 from __future__ import annotations
 
 import builtins
-import csv
 import io
 import json
 import os

@@ -9,7 +9,8 @@ that held the big database's matrix would need all of it above that baseline and
 eval.py of the same rows as one .npy file runs out of memory under the same cap); one that streams
 within --memory-budget passes and must answer exactly as an uncapped run.
 
-What would otherwise blur the baseline by tens of MB is held still: the libraries the programs
+What would otherwise blur the baseline by tens of MB is held still by ``capped_run``, the runner
+of ``bench/bench_memory_cap.py`` (the same check at 1.6 GB): the libraries the programs
 import late (matplotlib for the charts, pandas, torchvision, PIL) are imported before the program
 starts, so the baseline is not a late import's peak that a big run could fill with data; one malloc
 arena (``MALLOC_ARENA_MAX=1``: a second thread's arena reserves 64 MB) and a fixed mmap threshold
@@ -20,8 +21,6 @@ blocks from a heap that only grows) make the address space follow the memory in 
 from __future__ import annotations
 
 import json
-import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -34,39 +33,24 @@ import deep_rank_net as drn
 import eval as eval_script
 import gen_embeddings
 import query
-from conftest import write_tiny_imagenet
+from conftest import REPO, write_tiny_imagenet
 from deepranking import database, embedding_io
 from deepranking.checkpoint import model_record, write_checkpoint
 from deepranking.preprocessing import Preprocessing
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_memory_cap import capped_run  # noqa: E402
+
 DIM = 16384  # 64 kB a row: 1,200 train images make a 79 MB database
 PER_CLASS = 300
 BUDGET = "8M"
-# Imports what the programs import, runs the program at argv[2] with argv[3:], then writes its peak
-# address space (VmPeak, kB) to argv[1].
-PEAK = ("import atexit, runpy, sys\n"
-        "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot, pandas, torch, torchvision, PIL.Image\n"
-        "out = sys.argv.pop(1)\n"
-        "def peak():\n"
-        "    status = open('/proc/self/status').read().splitlines()\n"
-        "    open(out, 'w').write(next(l for l in status if l.startswith('VmPeak')).split()[1])\n"
-        "atexit.register(peak)\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 
 
 def run(tmp: Path, script: str, *argv, cap: int | None = None) -> tuple[subprocess.CompletedProcess, int | None]:
     """(the finished process, its peak address space in bytes or None if it failed)."""
-    peak = tmp / "peak.txt"
-    peak.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    limit = None if cap is None else (lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
-    result = subprocess.run([sys.executable, "-c", PEAK, str(peak), str(REPO / script), *map(str, argv)],
-                            capture_output=True, text=True, env=env, cwd=REPO, preexec_fn=limit, timeout=300)
-    return result, (int(peak.read_text()) * 1024 if result.returncode == 0 else None)
+    result, peaks = capped_run(script, argv, tmp / "peak.json", cap, threads=1, timeout=300)
+    return result, (peaks["VmPeak"] if peaks else None)
 
 
 def commands(ckpt: Path, data: Path, out: Path) -> dict[str, list]:

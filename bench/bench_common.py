@@ -255,9 +255,9 @@ class Evaluator:
     def raw_pixels(self) -> float:
         return float(self.raw_pixel_scores()["precision"].mean())
 
-    def raw_pixel_scores(self) -> dict:
-        """:meth:`scores` of the 64 px images flattened and unit-normalised (the reference row)."""
-        train_images, val_images = self.images(64)
+    def raw_pixel_scores(self, side: int = 64) -> dict:
+        """:meth:`scores` of the images at ``side`` px flattened and unit-normalised (the reference row)."""
+        train_images, val_images = self.images(side)
 
         def flat(x: np.ndarray) -> np.ndarray:  # [N, H, W, 3] uint8 -> unit rows [N, H*W*3]
             v = x.reshape(len(x), -1).astype(np.float32)

@@ -23,7 +23,7 @@ test precision@30 is computed by eval.py's own function (scoring.evaluate), with
 its standard error over the val queries for our rows (retrieval.standard_error).
 With ``--ours "--ema-decay D"`` each of our rows also gives the same run's last-step weights'
 figure (``precision_train_weights``): the weight average against no average on one trajectory.
-Raw pixels (the 64 px images flattened, unit-normalised) are the reference row.
+Raw pixels (the 64 px images flattened, unit-normalised; ``--raw-size``) are the reference row.
 The peak resident memory of training is reported too: the classic loop's rise in this
 process during its training segments (bench_common.PeakRSS, evaluation excluded), and
 the train_net.py process's own peak for ours.
@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the fine-grained set: every garment in this many hues (20: 200 classes, TinyImageNet's "
                         "count; make_sample_data.py --tints), scored also by parent (garment) precision@k and "
                         "NDCG@k; 0: the 10 grey classes")
+    p.add_argument("--raw-size", type=argtypes.positive_int, default=None,
+                   help="side of the raw-pixel reference row (default: 64 px; 32 with --tints: 100,000 images at "
+                        "64 px flattened are 4.9 GB)")
     p.add_argument("--ours", default="", help="extra train_net.py flags appended to OUR_RECIPE (quoted string)")
     p.add_argument("--k", type=argtypes.positive_int, default=30, help="k of precision@k")
     p.add_argument("--target", type=argtypes.fraction, default=0.88,
@@ -211,7 +214,7 @@ def main(args) -> None:
         root.mkdir(parents=True, exist_ok=True)
         data, csv = prepare(root, args)
         evaluator = Evaluator(data, args.k, device)
-        raw_scores = evaluator.raw_pixel_scores()
+        raw_scores = evaluator.raw_pixel_scores(args.raw_size or (32 if args.tints else 64))
         raw, raw_graded = float(raw_scores["precision"].mean()), graded_means(raw_scores)
         print(f"  raw pixels: precision@{args.k} {raw:.4f} {raw_graded}", file=sys.stderr)
         rows = []

@@ -6,7 +6,7 @@ Data (per seed, as ``bench_time_to_quality.py --tints 20`` makes it): Fashion-MN
 in 20 hues each (``make_sample_data.py --tints 20``: 200 classes, "Coat hue 036" next to "Coat hue
 054"), 500 train + 50 val images per class at 64 px, its hierarchy.csv (hue under garment) and a 1x1
 triplet CSV. The budget, the same for every arm: one epoch of the recipe's cosine schedule over
-``--triplets`` rows of that CSV drawn by the seed (25,000: 782 steps, about 2 minutes on 2 cores).
+``--triplets`` rows of that CSV drawn by the seed (16,000: 500 steps, about 75 s on 2 cores).
 
 Arms: ``bench_time_to_quality.OUR_RECIPE`` with ``--epochs 1`` and
 
@@ -14,7 +14,8 @@ Arms: ``bench_time_to_quality.OUR_RECIPE`` with ``--epochs 1`` and
   convolutions) or ``none`` (the deep path alone),
 * with the class loss (``--id-loss-weight 1.0``, the recipe) or the ranking loss alone (``0``);
 
-and ``--archs``: the recipe (paper paths, class loss) with another backbone from scratch.
+and ``--archs``: the recipe with the class loss and another backbone from scratch, as the deep path
+alone (``--shallow none``; compare the ``none/class loss`` arm, small-cnn).
 Each arm is scored as eval.py scores it, 10,000 val queries against the 100,000 train images:
 class-level precision@30, parent-level (garment) precision@30 and NDCG@30 (gains 2 / 1 / 0 for same
 class / same garment / other). Raw pixels at 32 px are the reference row. Prints each arm's mean,
@@ -45,14 +46,14 @@ CLASS_LOSS = {"class loss": "1.0", "ranking alone": "0"}
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of data, triplets, init, order")
-    p.add_argument("--triplets", type=argtypes.positive_int, default=25_000,
+    p.add_argument("--triplets", type=argtypes.positive_int, default=16_000,
                    help="triplets per run (one epoch): the budget of every arm")
     p.add_argument("--tints", type=argtypes.positive_int, default=20, help="hues per garment")
     p.add_argument("--train-per-class", type=argtypes.positive_int, default=500, help="train images per class")
     p.add_argument("--val-per-class", type=argtypes.positive_int, default=50, help="val images per class")
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
-    p.add_argument("--arms", nargs="+", default=[f"{s}/{c}" for s in SHALLOW for c in CLASS_LOSS],
-                   help="shallow/loss pairs to run (default: all six)")
+    p.add_argument("--arms", nargs="*", default=[f"{s}/{c}" for s in SHALLOW for c in CLASS_LOSS],
+                   help="shallow/loss pairs to run (default: all six; none: only --archs)")
     p.add_argument("--archs", nargs="*", default=[], help="extra rows: the recipe with these --arch values")
     p.add_argument("--k", type=argtypes.positive_int, default=30, help="k of precision@k and NDCG@k")
     p.add_argument("--work-dir", type=Path, default=Path("runs/fine_grained/work"), help="data and runs")
@@ -62,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def arm_flags(arm: str) -> list[str]:
     """The train_net.py flags of an arm name: "paper/class loss" or "arch:resnet18"."""
-    if arm.startswith("arch:"):
-        return ["--arch", arm.split(":", 1)[1]]
+    if arm.startswith("arch:"):  # the backbone alone: no shallow paths beside it
+        return ["--arch", arm.split(":", 1)[1], "--shallow", "none"]
     shallow, loss = arm.split("/")
     if shallow not in SHALLOW or loss not in CLASS_LOSS:
         raise cli.UserError(f"--arms: {arm!r} is not SHALLOW/LOSS with SHALLOW in {SHALLOW}, LOSS in "

@@ -673,7 +673,7 @@ def _read_npz(path: Path) -> Embeddings:
             if missing:
                 raise UserError(f"malformed embedding file {path}: missing arrays {sorted(missing)}")
             emb, rel, labels = data["emb"], data["paths"], data["labels"]
-    except UserError:
+    except (UserError, MemoryError):  # out of memory is not a malformed file: cli.run says which it is
         raise
     except Exception as exc:  # zip / npy format errors come in many types
         raise UserError(f"malformed embedding file {path}: {exc}")
@@ -695,6 +695,8 @@ def _read_npy(path: Path) -> Embeddings:
     _check_magic(path, b"\x93NUMPY", "a .npy array")
     try:
         emb = np.load(path, allow_pickle=False, mmap_mode=None)
+    except MemoryError:  # a whole matrix larger than memory: cli.run's out-of-memory line, not "malformed"
+        raise
     except Exception as exc:
         raise UserError(f"malformed embedding file {path}: {exc}")
     try:

@@ -247,3 +247,34 @@ def test_a_text_file_cut_inside_its_last_number_is_warned_about(tmp_path, capsys
     err = capsys.readouterr().err
     assert "does not end with a newline" in err and "imgs/2.jpg" in err
     assert got.emb[2, 1] != emb[2, 1] and got.record is None  # the record no longer describes it
+
+
+@pytest.mark.parametrize("name", ["e.npy", "e.npz"])
+def test_a_matrix_larger_than_memory_is_out_of_memory_not_malformed(tmp_path, monkeypatch, name):
+    """A MemoryError while reading reaches cli.run, which prints its out-of-memory line (exit 2):
+    calling the file malformed would send the user looking for a fault that is not there."""
+    path = tmp_path / name
+    embedding_io.write_embeddings(path, ["a/x.jpg", "b/y.jpg"], ["a", "b"], np.eye(2, dtype=np.float32),
+                                  progress=False)
+    real_load = np.load
+
+    def load(file, *args, **kwargs):
+        data = real_load(file, *args, **kwargs)
+        if name.endswith(".npz"):  # the archive opens; its big array is read on access
+            class Archive:
+                files = data.files
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    data.close()
+
+                def __getitem__(self, key):
+                    raise MemoryError("Unable to allocate 1.53 GiB")
+            return Archive()
+        raise MemoryError("Unable to allocate 1.53 GiB")
+
+    monkeypatch.setattr(np, "load", load)
+    with pytest.raises(MemoryError):
+        embedding_io.read_embeddings(path)

@@ -77,6 +77,14 @@ def capped_run(script: str, argv, peak_file: Path, cap: int | None = None, threa
     return result, (json.loads(peak_file.read_text()) if result.returncode == 0 else None)
 
 
+def budget_text(value: str) -> str:
+    """--memory-budget, checked by the programs' own rule before any work, kept as typed for their command lines."""
+    from deepranking import database
+
+    database.budget_flag(value)
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="debian", help="make_sample_data.py --source (debian or bundled)")
@@ -88,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=argtypes.positive_int, default=4096, help="embedding dimension of the model")
     p.add_argument("--shard-rows", type=argtypes.positive_int, default=20_000, help="gen_embeddings.py --shard-rows")
     p.add_argument("--train-steps", type=argtypes.positive_int, default=200, help="training steps of the model")
-    p.add_argument("--memory-budget", default="256M", help="eval.py and query.py --memory-budget of the capped runs")
+    p.add_argument("--memory-budget", type=budget_text, default="256M",
+                   help="eval.py and query.py --memory-budget of the capped runs")
     p.add_argument("--threads", type=argtypes.positive_int, default=2, help="torch threads of each program")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the model's weights")
     p.add_argument("--work-dir", type=Path, default=None, help="keep data and outputs here (default: temporary)")

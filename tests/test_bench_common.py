@@ -77,3 +77,15 @@ def test_run_measured_counts_the_childrens_memory_in_the_tree_peak(tmp_path, mon
         "subprocess.run([sys.executable, '-c', code], check=True)\n")
     m = bench_common.run_measured("workers.py")
     assert m.peak_mb < 100 and m.tree_peak_mb >= 200 and m.seconds >= 0.5
+
+
+def test_kept_bench_data_is_reused_only_when_it_holds_the_images_asked_for(tmp_path):
+    data = bench_common.fashion_mnist(tmp_path / "fm", "bundled", 3, 2, seed=0)
+    wnids = (data / "wnids.txt").stat().st_mtime_ns
+    assert bench_common.fashion_mnist(tmp_path / "fm", "bundled", 3, 2, seed=0) == data  # reused, not rewritten
+    assert (data / "wnids.txt").stat().st_mtime_ns == wnids
+    # a --work-dir kept from a run with another --val-per-class (or --train-per-class) must not be scored silently
+    with pytest.raises(UserError, match=r"holds 10 classes, 30 train and 20 val images, not the 10 classes x 3 \+ 1"):
+        bench_common.fashion_mnist(tmp_path / "fm", "bundled", 3, 1, seed=0)
+    with pytest.raises(UserError, match=r"not the 10 classes x 4 \+ 2"):
+        bench_common.fashion_mnist(tmp_path / "fm", "bundled", 4, 2, seed=0)

@@ -962,6 +962,12 @@ def test_the_bench_recipe_and_the_demo_name_a_net_train_net_can_build():
     recipe = train_net.get_args_parser().parse_args(bench_time_to_quality.OUR_RECIPE)
     recipe_100k = train_net.get_args_parser().parse_args(bench_time_to_quality.OUR_RECIPE
                                                          + bench_time_to_quality.RECIPE_100K)
+    # the bench trains the 100,000-image recipe on the 200-class set, the 5,000-image one on the 10 classes
+    bench_args = bench_time_to_quality.get_args_parser().parse_args
+    assert bench_time_to_quality.our_recipe(bench_args(["--tints", "20"])) == (bench_time_to_quality.OUR_RECIPE
+                                                                             + bench_time_to_quality.RECIPE_100K)
+    assert bench_time_to_quality.our_recipe(bench_args(["--ours", "--lr 0.002"])) == (bench_time_to_quality.OUR_RECIPE
+                                                                                    + ["--lr", "0.002"])
     demo_args = demo.get_args_parser().parse_args([])
     for arch, weights in ((recipe.arch, recipe.weights), (demo_args.arch, demo_args.weights)):
         assert (arch, weights) == ("small-cnn", "none")

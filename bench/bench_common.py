@@ -166,16 +166,17 @@ def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: 
             "--train-per-class", train_per_class, "--val-per-class", val_per_class, "--no-progress",
             *(["--tints", tints] if tints else []))
         run("transform_validation.py", "--data-dir", data)
-    # a kept --work-dir is reused: its images must be the ones asked for, or every figure is of other data
+    # a kept --work-dir is reused: its images must be the ones asked for, or every figure is of other data;
+    # counted by the listing the Evaluator scores
+    from deepranking import image_data
     from deepranking.cli import UserError
-    classes = (data / "wnids.txt").read_text().split()
-    n_train = sum(len(list((data / "train" / c / "images").iterdir())) for c in classes)
-    n_val = len((data / "val_annotations.txt").read_text().splitlines())
-    asked = (10 * max(tints, 1), train_per_class, val_per_class)
-    if (len(classes), n_train, n_val) != (asked[0], asked[0] * asked[1], asked[0] * asked[2]):
-        raise UserError(f"{data} holds {len(classes)} classes, {n_train} train and {n_val} val images, not the "
-                        f"{asked[0]} classes x {asked[1]} + {asked[2]} asked for: delete it or pass the flags it was "
-                        "made with")
+    n_classes = 10 * max(tints, 1)
+    train, val = (image_data.list_class_folder(data / split) for split in ("train", "val"))
+    held = (len(train.class_names), len(train.paths), len(val.paths))
+    if held != (n_classes, n_classes * train_per_class, n_classes * val_per_class):
+        raise UserError(f"{data} holds {held[0]} classes, {held[1]} train and {held[2]} val images, not the "
+                        f"{n_classes} classes x {train_per_class} + {val_per_class} asked for: delete it or pass the "
+                        "flags it was made with")
     return data
 
 

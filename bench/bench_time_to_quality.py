@@ -107,8 +107,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def prepare(root: Path, args) -> tuple[Path, Path]:
     """Fashion-MNIST in TinyImageNet layout (64 px) and a 1x1 training triplet CSV."""
     name = f"fashion_mnist_tints{args.tints}" if args.tints else "fashion_mnist"
-    if args.val_per_class is None:
-        args.val_per_class = 50 if args.tints else 100
     data = fashion_mnist(root / name, args.source, args.train_per_class, args.val_per_class, args.seed, args.tints)
     csv = root / "train_1x1.csv"
     if not csv.exists():
@@ -225,6 +223,8 @@ def main(args) -> None:
     times = eval_times(args)
     if args.target is None:
         args.target = 0.85 if args.tints else 0.88
+    if args.val_per_class is None:
+        args.val_per_class = 50 if args.tints else 100
     device = runtime.pick_device(args.device)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_ttq_") as tmp:

@@ -67,7 +67,7 @@ OUR_RECIPE = [
 # The recipe at TinyImageNet's size (100,000 triplets: the README's command), tuned on the 200-class tinted set
 # (seed 4, RESULTS.md section 10): one epoch is the budget (3,125 steps, under 8.5 minutes on 2 cores); the deep
 # path alone, which beat the paper's shallow paths by 0.07 (0.844 against 0.773); 256-d for 200 classes (0.850
-# against 0.844 at 128-d; resnet18, --lr 0.002 or 0.0007 and --batch-size 24 did not do better)
+# against 0.844 at 128-d, two machines; resnet18, --lr 0.002 or 0.0007 and --batch-size 24 did not do better)
 RECIPE_100K = ["--epochs", "1", "--shallow", "none", "--embedding-dim", "256"]
 CLASSIC = dict(arch="resnet18", image_size=224, embedding_dim=4096, batch_size=25, lr=0.001, margin=1.0)
 

@@ -46,7 +46,7 @@ from deepranking.weight_average import WeightAverage
 # ---------------------------------------------------------------------------
 BATCH_SIZE = 25  # --batch-size: triplets per step (75 images per forward pass); the classic recipe
 LEARNING_RATE = 0.001  # --lr: the course reference; higher rates wreck the pretrained layer4
-EPOCHS = 1  # --epochs: one pass over the triplet CSV; pretrained ResNet-101 keeps improving for ~10
+EPOCHS = 1  # --epochs: one pass over the triplet CSV (1.2: and a fifth of another); pretrained ResNet-101 keeps improving for ~10
 LR_SCHEDULE = "constant"  # --lr-schedule: constant | cosine (decays to 0 by the last step of --epochs)
 WARMUP_STEPS = 0  # --warmup-steps: linear lr warm-up over the first N steps (a high lr from scratch can diverge)
 OPTIMIZER = "sgd"  # --optim: sgd | adam | adamw | rms; SGD + Nesterov is the classic recipe
@@ -195,8 +195,9 @@ def _loss_flags(p: argparse.ArgumentParser) -> None:
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=argtypes.positive_int, default=EPOCHS,
-                     help="passes over the triplet CSV (default: %(default)s)")
+    opt.add_argument("--epochs", type=argtypes.positive_float, default=EPOCHS,
+                     help="passes over the triplet CSV; a fraction ends the run that share into its last pass "
+                          "(1.2: one pass and 20%% of the next, the lr schedule included; default: %(default)s)")
     opt.add_argument("--optim", type=str.lower, choices=OPTIMIZERS, default=OPTIMIZER,
                      help="optimizer; rms = RMSprop (default: %(default)s)")
     opt.add_argument("--batch-size", type=argtypes.positive_int, default=BATCH_SIZE,
@@ -282,7 +283,7 @@ def main(args) -> None:
     if ckpt is not None:
         record = resume.run_record(data.fingerprint, len(data.train), env.world_size)
         resume.check_resume(ckpt, args, parser, record, resumed_model_settings(ckpt))
-    saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints, epochs=args.epochs)
+    saver = Checkpointer(args.output_dir, env.main, args.resume, keep=args.keep_checkpoints, epochs=math.ceil(args.epochs))
     resume.check_outputs(saver, args, parser)
     # One run per folder; taking the lock also proves the folder writable, before any long work.
     with file_io.folder_lock(args.output_dir) if env.main else contextlib.nullcontext():
@@ -337,7 +338,15 @@ class Run:
 
     @property
     def total_steps(self) -> int:  # the lr schedule's length, whatever stops the run earlier
-        return self.args.epochs * self.steps_per_epoch
+        return planned_steps(self.args.epochs, self.steps_per_epoch)
+
+    @property
+    def planned_epochs(self) -> int:  # epochs begun, the last one partial with a fractional --epochs
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of epoch ``epoch`` (0-based): all of them, or the share of a fractional --epochs' last one."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
     def train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
@@ -364,11 +373,11 @@ def train(run: Run) -> None:
         reason = stop_reason(run) if run.step else None  # a resume that has already reached its limit
         if reason is not None:
             return stop(run, reason)
-        for epoch in range(run.epoch, args.epochs):
+        for epoch in range(run.epoch, run.planned_epochs):
             reason = train_one_epoch(run, epoch)
             if reason is None:
                 end_epoch(run, epoch)
-                reason = stop_reason(run) if epoch + 1 < args.epochs else None
+                reason = stop_reason(run) if epoch + 1 < run.planned_epochs else None
             if reason is not None:
                 return stop(run, reason)
         run.saver.save(run.saver.final_path, lambda: training_checkpoint(run))
@@ -387,8 +396,8 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
     run.epoch = epoch
     image_cache.mark_in_use(run.images)  # an entry read for hours must not look unused to other stages' eviction
     run.sampler.set_epoch(epoch, run.step_in_epoch)
-    total = run.step_in_epoch + len(run.sampler)
-    bar = cli.progress(run.loader, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+    total = run.steps_in_epoch(epoch)  # run.step_in_epoch of them done before a resume
+    bar = cli.progress(run.loader, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs:g}",
                        unit="step", enabled=run.env.main and not args.no_progress, forecast=run.forecast,
                        left_label="left in epoch")
     t0, images_seen = time.perf_counter(), 0
@@ -401,13 +410,14 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
         run.window.add(stats)
         if run.step % args.log_every == 0:
             log_window(run, epoch, images_seen / max(time.perf_counter() - t0, 1e-9), bar)
-        if run.step_in_epoch < total:
-            reason = stop_reason(run)
-            if reason is not None:
-                bar.close()
-                return reason
-            if args.save_every and run.step % args.save_every == 0:
-                save_progress(run)
+        if run.step_in_epoch >= total:  # a fractional --epochs' last epoch ends before the sampler does
+            break
+        reason = stop_reason(run)
+        if reason is not None:
+            bar.close()
+            return reason
+        if args.save_every and run.step % args.save_every == 0:
+            save_progress(run)
     bar.close()
     check_finite(run)
     run.images_per_s = images_seen / max(time.perf_counter() - t0, 1e-9)
@@ -450,7 +460,7 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
 def end_epoch(run: Run, epoch: int) -> None:
     """Validation, the epoch's summary line and record, and its checkpoint."""
     args = run.args
-    if epoch + 1 == args.epochs and run.window.sums:  # the last steps' record: the curves reach the end
+    if epoch + 1 == run.planned_epochs and run.window.sums:  # the last steps' record: the curves reach the end
         write_window(run, epoch, run.images_per_s)
     record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, **run.epoch_stats.means(),
               "lr": current_lr(run), "images_per_s": run.images_per_s,
@@ -458,7 +468,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     if run.data.val is not None and run.env.main:
         record.update(validate(run))
     if run.env.main:
-        msg = (f"epoch {epoch + 1}/{args.epochs}: step {run.step}, loss {record.get('loss', math.nan):.4f}, "
+        msg = (f"epoch {epoch + 1}/{args.epochs:g}: step {run.step}, loss {record.get('loss', math.nan):.4f}, "
                f"D(q,p) {record.get('d_pos', math.nan):.3f}, D(q,n) {record.get('d_neg', math.nan):.3f}, "
                f"active {record.get('active_fraction', math.nan):.0%}")
         if "class_loss" in record:
@@ -477,7 +487,7 @@ def announce_forecast(run: Run, seconds_per_step: float, measured: str) -> None:
     """Rank 0, once the first steps are timed: the epoch and run estimate (progress.training_forecast),
     with a pointer to the CPU recipe when a CPU run has hours left."""
     args = run.args
-    run_steps, scope = run.total_steps, f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+    run_steps, scope = run.total_steps, f"{args.epochs:g} epoch{'s' if args.epochs != 1 else ''}"
     if args.max_steps is not None and args.max_steps < run_steps:
         run_steps, scope = args.max_steps, f"--max-steps {args.max_steps}"
     seconds_left = seconds_per_step * max(run_steps - run.step, 0)
@@ -624,7 +634,8 @@ def start_run(args, env, device, data, labels, n_classes, images, spec, ckpt, sa
     if env.main:
         print(f"training on {len(data.train)} triplets ({len(data.paths)} images, cache {spec.cache_size} px, "
               f"net {spec.image_size} px) on {device}{f' x {env.world_size}' if env.active else ''} "
-              f"({precision.name}) for {args.epochs} epoch(s) of {run.steps_per_epoch} steps, "
+              f"({precision.name}) for {args.epochs:g} epoch(s) of {run.steps_per_epoch} steps"
+              f"{f' ({run.total_steps} in all)' if run.total_steps % run.steps_per_epoch else ''}, "
               f"{f'validating on {len(data.val)} triplets' if data.val is not None else 'no validation'}",
               file=sys.stderr)
     return run
@@ -697,6 +708,11 @@ def restore(run: Run, ckpt: dict) -> None:
 # ---------------------------------------------------------------------------
 # Step helpers
 # ---------------------------------------------------------------------------
+
+
+def planned_steps(epochs: float, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: --epochs passes of ``steps_per_epoch``, a fraction rounded to a step (at least 1)."""
+    return max(1, round(epochs * steps_per_epoch))
 
 
 def scheduled_lr(base_lr: float, step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:

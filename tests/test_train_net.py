@@ -123,6 +123,40 @@ def test_cosine_schedule_logs_decaying_lr(csvs, tmp_path):
     assert all(a["train_seconds"] <= b["train_seconds"] for a, b in zip(records, records[1:]))
 
 
+def test_planned_steps_rounds_a_fractional_epoch_to_a_step():
+    assert train_net.planned_steps(1, 3125) == 3125
+    assert train_net.planned_steps(1.2, 3125) == 3750  # 1.2 * 3125 is 3750.0000000000005 in floats
+    assert train_net.planned_steps(2.5, 5) == 12  # round half to even: 12.5 -> 12
+    assert train_net.planned_steps(0.01, 7) == 1  # never no step at all
+
+
+def test_a_fractional_epochs_run_ends_its_schedule_part_way_into_the_last_pass(csvs, tmp_path, capsys):
+    for bad in ("0", "-1.5", "nan", "1,2"):
+        err = fails(capsys, "--triplets", csvs[0], "--epochs", bad, "--output-dir", tmp_path / "bad", *TINY)
+        assert "error: argument --epochs: expected a positive number" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "bad").exists()
+    common = ["--triplets", csvs[0], "--epochs", "1.4", "--lr", "0.01", "--lr-schedule", "cosine",
+              "--log-every", 1, *TINY]
+    train(*common, "--output-dir", tmp_path / "whole")
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "train"]
+    per_epoch = len([r for r in steps if r["epoch"] == 1])
+    total = train_net.planned_steps(1.4, per_epoch)
+    assert per_epoch < total < 2 * per_epoch
+    assert [r["step"] for r in steps] == list(range(1, total + 1))
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [train_net.scheduled_lr(0.01, r["step"] - 1, total, "cosine", 0) for r in steps])
+    assert [(r["epoch"], r["step"]) for r in records if r["event"] == "epoch"] == [(1, per_epoch), (2, total)]
+    final = tmp_path / "whole" / "deepranknet.model"
+    assert checkpoint.load_checkpoint(final)["step"] == total
+    assert sorted(p.name for p in (tmp_path / "whole").glob("temp_*.model")) == ["temp_0.model", "temp_1.model"]
+    # stopped inside the partial epoch and resumed: the same weights as the run in one go
+    train(*common, "--max-steps", per_epoch + 1, "--output-dir", tmp_path / "cut")
+    train(*common, "--resume", tmp_path / "cut" / "temp_1.model", "--output-dir", tmp_path / "cut")
+    resumed, whole = state(tmp_path / "cut" / "deepranknet.model"), state(final)
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 def test_running_stats_average_each_key_over_the_steps_that_report_it():
     stats = RunningStats()
     t = torch.tensor

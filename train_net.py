@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -374,6 +375,8 @@ def train(run: Run) -> None:
         if reason is not None:
             return stop(run, reason)
         for epoch in range(run.epoch, run.planned_epochs):
+            if run.step >= run.total_steps:  # resumed past the end of a shorter --epochs: nothing left to train
+                break
             reason = train_one_epoch(run, epoch)
             if reason is None:
                 end_epoch(run, epoch)
@@ -397,7 +400,8 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
     image_cache.mark_in_use(run.images)  # an entry read for hours must not look unused to other stages' eviction
     run.sampler.set_epoch(epoch, run.step_in_epoch)
     total = run.steps_in_epoch(epoch)  # run.step_in_epoch of them done before a resume
-    bar = cli.progress(run.loader, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs:g}",
+    batches = itertools.islice(run.loader, total - run.step_in_epoch)  # a fractional --epochs' last pass ends early
+    bar = cli.progress(batches, total=total, initial=run.step_in_epoch, desc=f"epoch {epoch + 1}/{run.planned_epochs}",
                        unit="step", enabled=run.env.main and not args.no_progress, forecast=run.forecast,
                        left_label="left in epoch")
     t0, images_seen = time.perf_counter(), 0
@@ -410,14 +414,13 @@ def train_one_epoch(run: Run, epoch: int) -> str | None:
         run.window.add(stats)
         if run.step % args.log_every == 0:
             log_window(run, epoch, images_seen / max(time.perf_counter() - t0, 1e-9), bar)
-        if run.step_in_epoch >= total:  # a fractional --epochs' last epoch ends before the sampler does
-            break
-        reason = stop_reason(run)
-        if reason is not None:
-            bar.close()
-            return reason
-        if args.save_every and run.step % args.save_every == 0:
-            save_progress(run)
+        if run.step_in_epoch < total:
+            reason = stop_reason(run)
+            if reason is not None:
+                bar.close()
+                return reason
+            if args.save_every and run.step % args.save_every == 0:
+                save_progress(run)
     bar.close()
     check_finite(run)
     run.images_per_s = images_seen / max(time.perf_counter() - t0, 1e-9)
@@ -459,7 +462,6 @@ def training_step(run: Run, batch: torch.Tensor, order: torch.Tensor, epoch: int
 
 def end_epoch(run: Run, epoch: int) -> None:
     """Validation, the epoch's summary line and record, and its checkpoint."""
-    args = run.args
     if epoch + 1 == run.planned_epochs and run.window.sums:  # the last steps' record: the curves reach the end
         write_window(run, epoch, run.images_per_s)
     record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, **run.epoch_stats.means(),
@@ -468,7 +470,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     if run.data.val is not None and run.env.main:
         record.update(validate(run))
     if run.env.main:
-        msg = (f"epoch {epoch + 1}/{args.epochs:g}: step {run.step}, loss {record.get('loss', math.nan):.4f}, "
+        msg = (f"epoch {epoch + 1}/{run.planned_epochs}: step {run.step}, loss {record.get('loss', math.nan):.4f}, "
                f"D(q,p) {record.get('d_pos', math.nan):.3f}, D(q,n) {record.get('d_neg', math.nan):.3f}, "
                f"active {record.get('active_fraction', math.nan):.0%}")
         if "class_loss" in record:
@@ -700,6 +702,11 @@ def restore(run: Run, ckpt: dict) -> None:
     position = resume.restore(ckpt, run.args.resume, run.state(), run.steps_per_epoch)
     run.epoch, run.step, run.step_in_epoch = position.epoch, position.step, position.step_in_epoch
     run.seconds_before = position.train_seconds
+    if run.step < run.epoch * run.steps_per_epoch + run.step_in_epoch and run.step < run.total_steps:
+        # a fractional --epochs' end is saved as the next pass's start: the rest of its last pass is not kept
+        raise UserError(f"{run.args.resume} ends a run of --epochs {float(ckpt['args']['epochs']):g} part way into "
+                        f"pass {run.epoch} (step {run.step}), and a resume cannot train the rest of that pass: "
+                        f"start a new run for --epochs {run.args.epochs:g}")
     if run.env.main:
         print(f"resuming from {run.args.resume}: epoch {run.epoch + 1}, step {run.step}", file=sys.stderr)
 

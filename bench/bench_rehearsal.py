@@ -69,9 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=argtypes.positive_int, default=50)
     p.add_argument("--train-seconds", type=argtypes.positive_float, default=600.0,
                    help="--time-limit of the recipe's training run")
-    p.add_argument("--recipe-epochs", type=argtypes.positive_int, default=1,
-                   help="the recipe's --epochs here: its cosine schedule should end with the budget, and one pass "
-                        "over 100,000 triplets (3,125 steps) is about 10 minutes on 2 cores")
+    p.add_argument("--recipe-epochs", type=argtypes.positive_float, default=1,
+                   help="the recipe's --epochs here (a fraction ends the schedule part way into the last pass): its "
+                        "cosine schedule should end with the budget, and one pass over 100,000 triplets (3,125 "
+                        "steps) is about 10 minutes on 2 cores")
     p.add_argument("--r101-steps", type=argtypes.positive_int, default=3, help="ResNet-101 training steps")
     p.add_argument("--r101-probe", type=argtypes.positive_int, default=400,
                    help="val images ResNet-101 embeds (images/s gives the full set's time)")
@@ -170,7 +171,7 @@ class Rehearsal:
                    "--val-triplets", w / "val.csv", "--time-limit", a.train_seconds, "--seed", a.seed,
                    *self.flags("cache-budget"), "--output-dir", out, "--no-progress", outputs=[out],
                    note=f"{recipe_flag('--arch')} {recipe_flag('--image-size')} px, {recipe_flag('--embedding-dim')}-d, "
-                        f"--epochs {a.recipe_epochs}, --time-limit {a.train_seconds:.0f}")
+                        f"--epochs {a.recipe_epochs:g}, --time-limit {a.train_seconds:.0f}")
 
     def recipe_model(self) -> Path:
         return latest_checkpoint(self.work / "run_recipe")

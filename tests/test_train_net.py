@@ -157,6 +157,24 @@ def test_a_fractional_epochs_run_ends_its_schedule_part_way_into_the_last_pass(c
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def test_a_resume_neither_skips_the_rest_of_a_partial_pass_nor_trains_past_a_shorter_epochs(csvs, tmp_path, capsys):
+    common = ["--triplets", csvs[0], "--lr", "0.01", *TINY]  # a constant lr: --epochs may change on resume
+    train(*common, "--epochs", "1.4", "--log-every", 1, "--output-dir", tmp_path / "a")
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = next(r["step"] for r in records if r["event"] == "epoch")
+    final = tmp_path / "a" / "deepranknet.model"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    # its end is saved as the start of pass 3: going on would skip the rest of pass 2, so it is refused
+    err = fails(capsys, *common, "--epochs", 3, "--resume", final, "--output-dir", tmp_path / "a")
+    assert "ends a run of --epochs 1.4 part way into pass 2" in err and "start a new run for --epochs 3" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    # stopped 3 steps into pass 2 of --epochs 2, resumed with --epochs 1.4, which ends 2 steps into it: no more steps
+    train(*common, "--epochs", 2, "--max-steps", per_epoch + 3, "--output-dir", tmp_path / "b")
+    assert train_net.planned_steps(1.4, per_epoch) < per_epoch + 3
+    train(*common, "--epochs", "1.4", "--resume", tmp_path / "b" / "temp_1.model", "--output-dir", tmp_path / "b")
+    assert checkpoint.load_checkpoint(tmp_path / "b" / "deepranknet.model")["step"] == per_epoch + 3
+
+
 def test_running_stats_average_each_key_over_the_steps_that_report_it():
     stats = RunningStats()
     t = torch.tensor

@@ -65,11 +65,13 @@ OUR_RECIPE = [
     "--epochs", "11", "--lr-schedule", "cosine",
 ]
 # The recipe at TinyImageNet's size (100,000 triplets: the README's command), tuned on the 200-class tinted set
-# (seed 4, RESULTS.md section 10): the deep path alone, which beat the paper's shallow paths by 0.07 (0.844 against
-# 0.773 after 3,125 steps); 256-d for 200 classes (0.850 against 0.844 at 128-d); 1.2 passes (3,750 steps, about
-# 550 s on 2 cores) to spend the budget: one pass ended 140 s early, and 25 % more steps gave 0.863 against 0.847
-# (one thread each, same seed). resnet18, --lr 0.002 or 0.0007, --batch-size 24, P x K batches, hard-negative
-# mining, 512-d, the class loss's weight 2, scale 32 or margin 0.15 did no better.
+# (seed 4; RESULTS.md section 10, docs/results/fine_grained/tuning.md): the deep path alone, which beat the paper's
+# shallow paths by 0.07 (0.844 against 0.773 after 3,125 steps); 256-d for 200 classes (0.850 against 0.844 at
+# 128-d, two machines: not shown better); 1.2 passes (3,750 steps) to spend the budget: one pass ended 140 s early,
+# an epoch of 125,000 triplets gave 0.863 against 0.847 for 100,000 (one thread each) and 1.2 passes 0.858 (435 s;
+# 465-471 s on seeds 1-3, about 550 s at the slowest step time seen, 0.146 s). resnet18, --lr 0.002 or 0.0007,
+# --batch-size 24, P x K batches, hard-negative mining, 512-d, the class loss's weight 2, scale 32 or margin 0.15
+# did no better.
 RECIPE_100K = ["--epochs", "1.2", "--shallow", "none", "--embedding-dim", "256"]
 CLASSIC = dict(arch="resnet18", image_size=224, embedding_dim=4096, batch_size=25, lr=0.001, margin=1.0)
 

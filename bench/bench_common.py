@@ -170,7 +170,8 @@ def fashion_mnist(data: Path, source: str, train_per_class: int, val_per_class: 
     # counted by the listing the Evaluator scores
     from deepranking import image_data
     from deepranking.cli import UserError
-    n_classes = 10 * max(tints, 1)
+    from make_sample_data import FASHION_MNIST_CLASSES
+    n_classes = len(FASHION_MNIST_CLASSES) * max(tints, 1)  # the garments, each in --tints hues
     train, val = (image_data.list_class_folder(data / split) for split in ("train", "val"))
     held = (len(train.class_names), len(train.paths), len(val.paths))
     if held != (n_classes, n_classes * train_per_class, n_classes * val_per_class):

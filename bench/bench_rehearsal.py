@@ -56,6 +56,7 @@ from bench_common import latest_checkpoint, run_measured  # also puts the repo o
 from bench_time_to_quality import OUR_RECIPE
 
 from deepranking import argtypes, cli, file_io  # noqa: E402
+from make_sample_data import FASHION_MNIST_CLASSES  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -178,7 +179,7 @@ class Rehearsal:
 
     def search_stages(self) -> None:
         a, w = self.args, self.work
-        n_classes = 10 * a.tints  # Fashion-MNIST's 10 garments
+        n_classes = len(FASHION_MNIST_CLASSES) * a.tints  # each garment in --tints hues
         n_train, n_val = n_classes * a.train_per_class, n_classes * a.val_per_class
         model = self.recipe_model()
         train_emb, test_emb = self.train_emb, self.test_emb
